@@ -1,0 +1,1 @@
+"""Data stage: formats (readers, phantom generator) -> io -> preprocess/cache -> crops."""

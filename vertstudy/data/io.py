@@ -1,0 +1,161 @@
+"""Reading and writing images with the checks every reader shares.
+
+Every failure is an :class:`~vertstudy.errors.InputError` naming the file; nothing here
+leaves a half-written file behind (writes go to a temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from vertstudy.errors import InputError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def has_image_suffix(path: Path) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(s) for s in IMAGE_SUFFIXES)
+
+
+def strip_image_suffix(name: str) -> str:
+    low = name.lower()
+    for s in IMAGE_SUFFIXES:
+        if low.endswith(s):
+            return name[: -len(s)]
+    return name
+
+
+def validate_image(image: sitk.Image, path: str | Path) -> sitk.Image:
+    """Check that ``image`` is a usable 3-D scalar CT; return it unchanged.
+
+    Raises ``InputError`` for 2-D (or 4-D) images, vector pixels, zero or negative
+    spacing, a degenerate direction matrix, empty extent and NaN/inf voxels.
+    """
+    dim = image.GetDimension()
+    size = image.GetSize()
+    if dim != 3:
+        raise InputError(path, f"image is {dim}-D with size {size}; a 3-D CT volume is required")
+    if min(size) < 2:
+        raise InputError(path, f"image size {size} has an axis with fewer than 2 voxels; a 3-D volume is required")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            path, f"image has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar CT is required"
+        )
+    spacing = image.GetSpacing()
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(path, f"voxel spacing {tuple(spacing)} mm is not positive; every spacing must be > 0")
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    if not np.isfinite(direction).all() or abs(abs(np.linalg.det(direction)) - 1.0) > 1e-3:
+        raise InputError(path, f"direction matrix {tuple(np.round(direction.ravel(), 4))} is not orthonormal")
+    if not all(math.isfinite(o) for o in image.GetOrigin()):
+        raise InputError(path, f"origin {image.GetOrigin()} is not finite")
+    pixel_id = image.GetPixelID()
+    if pixel_id in (sitk.sitkFloat32, sitk.sitkFloat64):
+        arr = sitk.GetArrayViewFromImage(image)
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise InputError(path, f"image has {bad} NaN or infinite voxels; all voxels must be finite HU")
+    return image
+
+
+def read_image(path: str | Path) -> sitk.Image:
+    """Read one 3-D image file (NIfTI, NRRD, MHA...) with SimpleITK and validate it."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if path.is_dir():
+        return read_dicom_series(path)
+    if path.stat().st_size == 0:
+        raise InputError(path, "file is empty; expected a 3-D image (NIfTI, NRRD, MHA or a DICOM series folder)")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(path, f"cannot be read as an image ({_first_line(exc)}); "
+                         "expected NIfTI, NRRD, MHA or a DICOM series folder, complete and uncorrupted") from None
+    return validate_image(image, path)
+
+
+def read_dicom_series(folder: str | Path) -> sitk.Image:
+    """Read the largest DICOM series in ``folder`` (files sorted by SimpleITK/GDCM)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "not a folder; expected a DICOM series folder")
+    try:
+        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as exc:
+        raise InputError(folder, f"cannot list DICOM series ({_first_line(exc)})") from None
+    if not series_ids:
+        raise InputError(folder, "contains no DICOM series; expected a folder of DICOM slices")
+    best: list[str] = []
+    for sid in series_ids:
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid)
+        if len(files) > len(best):
+            best = list(files)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(best)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(folder, f"DICOM series cannot be read ({_first_line(exc)})") from None
+    return validate_image(image, folder)
+
+
+def write_image(image: sitk.Image, path: str | Path, compression_level: int = 1) -> Path:
+    """Write ``image`` atomically: to a temporary name in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = next((s for s in IMAGE_SUFFIXES if path.name.lower().endswith(s)), path.suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, True, compression_level)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (temporary name in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_points_inside(image: sitk.Image, points_mm: np.ndarray, names: list[str], path: str | Path) -> None:
+    """Raise ``InputError`` naming ``path`` if a physical point lies outside the image.
+
+    ``points_mm``: (N, 3) LPS (x, y, z) mm. A point is inside when its continuous index is
+    within half a voxel of the voxel grid on every axis.
+    """
+    size = np.array(image.GetSize(), dtype=np.float64)
+    for name, p in zip(names, points_mm):
+        idx = np.array(image.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in p)))
+        if (idx < -0.5).any() or (idx > size - 0.5).any():
+            raise InputError(
+                path,
+                f"landmark {name} at LPS {tuple(np.round(p, 1))} mm (voxel {tuple(np.round(idx, 1))}) lies outside "
+                f"the image of size {tuple(int(s) for s in size)}",
+            )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # SimpleITK messages start with a file:line location; the last line says what went wrong.
+    return lines[-1][:200] if lines else type(exc).__name__
