@@ -21,6 +21,9 @@ class InputError(VertstudyError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
+    def __reduce__(self):  # picklable across worker processes
+        return (type(self), (self.path, self.problem))
+
 
 class ConfigError(VertstudyError):
     """A bad configuration value: names the field, the bad value and what is accepted."""

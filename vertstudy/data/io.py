@@ -6,9 +6,12 @@ leaves a half-written file behind (writes go to a temporary name, then rename).
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +53,7 @@ def validate_image(image: sitk.Image, path: str | Path) -> sitk.Image:
         )
     spacing = image.GetSpacing()
     if not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise InputError(path, f"voxel spacing {tuple(spacing)} mm is not positive; every spacing must be > 0")
+        raise InputError(path, f"voxel spacing {_fmt(spacing)} mm is not positive; every spacing must be > 0")
     direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     if not np.isfinite(direction).all() or abs(abs(np.linalg.det(direction)) - 1.0) > 1e-3:
         raise InputError(path, f"direction matrix {tuple(np.round(direction.ravel(), 4))} is not orthonormal")
@@ -74,12 +77,107 @@ def read_image(path: str | Path) -> sitk.Image:
         return read_dicom_series(path)
     if path.stat().st_size == 0:
         raise InputError(path, "file is empty; expected a 3-D image (NIfTI, NRRD, MHA or a DICOM series folder)")
+    _check_header_spacing(path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        check_nifti_complete(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(path, f"cannot be read as an image ({_first_line(exc)}); "
                          "expected NIfTI, NRRD, MHA or a DICOM series folder, complete and uncorrupted") from None
     return validate_image(image, path)
+
+
+def _check_header_spacing(path: Path) -> None:
+    """Refuse a non-positive spacing in the file's header.
+
+    ITK silently turns a negative header spacing into a flipped direction (and refuses zero
+    spacing with a low-level message); other tools read such headers differently, so both
+    are an ``InputError`` here, naming the file.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # read_image reports unreadable files
+    spacing = reader.GetSpacing()
+    if not all(s > 0 for s in spacing):
+        raise InputError(
+            path, f"voxel spacing {_fmt(spacing)} mm in the header is not positive; every spacing must be > 0"
+        )
+
+
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Header + voxel bytes a NIfTI-1/2 file must hold, or ``None`` if the header is not NIfTI."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    voxels = 1
+    for d in dims[1 : ndim + 1]:
+        voxels *= max(int(d), 1)
+    return max(offset, 348) + voxels * bitpix // 8
+
+
+def _gzip_length(path: Path) -> int:
+    """Uncompressed length of a gzip file; ``EOFError``/``OSError``/``zlib.error`` if damaged."""
+    total = 0
+    with gzip.open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            total += len(chunk)
+    return total
+
+
+def check_nifti_complete(path: Path) -> None:
+    """Raise ``InputError`` when a NIfTI file holds fewer voxel bytes than its header promises.
+
+    ITK reads a truncated NIfTI without error (the missing voxels become 0), so this is checked
+    here. For ``.nii.gz`` the gzip trailer's length is compared first (cheap); only a mismatch
+    decompresses the file to tell a truncated file from a damaged one.
+    """
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        with gzip.open(path, "rb") if compressed else path.open("rb") as f:
+            header = f.read(540)
+    except (OSError, EOFError, zlib.error):
+        return  # not gzip / unreadable: read_image reports it
+    expected = _nifti_expected_bytes(header)
+    if expected is None:
+        return
+    if compressed:
+        with path.open("rb") as f:
+            f.seek(-4, 2)
+            trailer = struct.unpack("<I", f.read(4))[0]
+        if trailer == expected % (1 << 32):
+            return
+        try:
+            actual = _gzip_length(path)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise InputError(
+                path,
+                f"compressed NIfTI is truncated or damaged ({exc}); expected {expected} bytes of header and voxels",
+            ) from None
+    else:
+        actual = path.stat().st_size
+    if actual < expected:
+        raise InputError(
+            path,
+            f"NIfTI file is truncated: holds {actual} of the {expected} bytes its header promises "
+            f"({100 * actual / expected:.0f}%)",
+        )
 
 
 def read_dicom_series(folder: str | Path) -> sitk.Image:
@@ -150,12 +248,20 @@ def check_points_inside(image: sitk.Image, points_mm: np.ndarray, names: list[st
         if (idx < -0.5).any() or (idx > size - 0.5).any():
             raise InputError(
                 path,
-                f"landmark {name} at LPS {tuple(np.round(p, 1))} mm (voxel {tuple(np.round(idx, 1))}) lies outside "
+                f"landmark {name} at LPS {_fmt(p)} mm (voxel {_fmt(idx)}) lies outside "
                 f"the image of size {tuple(int(s) for s in size)}",
             )
 
 
+def _fmt(values) -> str:
+    """Numbers as a plain tuple with one decimal, e.g. ``(-14.7, 3.0, 120.5)``."""
+    return "(" + ", ".join(f"{float(v):.1f}" for v in values) + ")"
+
+
 def _first_line(exc: BaseException) -> str:
+    """The informative line of a SimpleITK error (they start with a source location)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    # SimpleITK messages start with a file:line location; the last line says what went wrong.
+    for ln in lines:
+        if "ERROR" in ln or "not read completely" in ln or "Could not" in ln:
+            return ln.split(":", 1)[-1].strip()[:200] if ln.startswith("ITK ERROR") else ln[:200]
     return lines[-1][:200] if lines else type(exc).__name__
