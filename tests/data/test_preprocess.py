@@ -11,11 +11,11 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.synth import blob_image
 from vertstudy.anatomy import INDEX
 from vertstudy.config import PrepConfig
 from vertstudy.data.case import Case, Landmark
 from vertstudy.data.preprocess import Geometry, canonical_geometry, normalize, preprocess
-from tests.synth import blob_image
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 

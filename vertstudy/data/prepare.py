@@ -1,0 +1,169 @@
+"""Prepare a data set: discover its cases, preprocess each into the cache in parallel, index it.
+
+``prepare_dataset`` is what ``vertstudy data prepare`` runs: bad cases are reported and
+skipped (or, with ``strict``, end the run with the first one, keeping the finished entries);
+the index of the prepared cases is written to ``<cache>/datasets/`` for studies to load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vertstudy.anatomy import NAMES, NUM_CLASSES
+from vertstudy.config import PrepConfig
+from vertstudy.data.cache import CachedCase, _atomic_json, get_or_prepare, load_entry
+from vertstudy.errors import InputError
+from vertstudy.progress import progress_counter
+
+
+@dataclass
+class PrepareResult:
+    """Outcome of one prepare run.
+
+    ``cases`` are the prepared entries in discovery order; ``skipped`` pairs a case id with
+    the one-line reason it was left out; ``hits`` counts entries found already cached.
+    """
+
+    cases: list[CachedCase]
+    skipped: list[tuple[str, str]]
+    hits: int
+    index_path: Path
+    extra_labels: Counter = field(default_factory=Counter)
+
+    def class_counts(self) -> np.ndarray:
+        """(26,) int: vertebrae per class over the prepared cases."""
+        counts = np.zeros(NUM_CLASSES, dtype=np.int64)
+        for case in self.cases:
+            np.add.at(counts, case.indices, 1)
+        return counts
+
+
+def _worker_init(threads: int) -> None:
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
+
+
+def _prepare_one(ref, cache_dir: Path, prep: PrepConfig) -> tuple[str, bool]:
+    """Worker task: returns (entry path, hit). InputError propagates to the parent."""
+    entry, hit = get_or_prepare(ref, cache_dir, prep)
+    return str(entry.path), hit
+
+
+def prepare_dataset(
+    root: Path,
+    cache_dir: Path,
+    fmt: str = "auto",
+    prep: PrepConfig | None = None,
+    workers: int = 1,
+    strict: bool = False,
+    progress: bool = True,
+) -> PrepareResult:
+    """Preprocess every case under ``root`` into ``cache_dir``; returns the result and writes the index.
+
+    Raises ``InputError`` when ``root`` holds no case, or (``strict``) on the first bad case.
+    """
+    from vertstudy.data.formats import discover
+
+    prep = prep or PrepConfig()
+    root, cache_dir = Path(root), Path(cache_dir)
+    refs = discover(root, fmt)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    done: dict[int, tuple[str, bool]] = {}
+    skipped: list[tuple[str, str]] = []
+
+    with progress_counter(progress, len(refs), "preprocessing") as advance:
+        if workers <= 1:
+            for i, ref in enumerate(refs):
+                try:
+                    done[i] = _prepare_one(ref, cache_dir, prep)
+                except InputError as exc:
+                    if strict:
+                        raise
+                    skipped.append((ref.case_id, str(exc)))
+                advance()
+        else:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(threads,)) as pool:
+                pending: dict[Future, int] = {
+                    pool.submit(_prepare_one, ref, cache_dir, prep): i for i, ref in enumerate(refs)
+                }
+                try:
+                    while pending:
+                        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            i = pending.pop(fut)
+                            try:
+                                done[i] = fut.result()
+                            except InputError as exc:
+                                if strict:
+                                    raise
+                                skipped.append((refs[i].case_id, str(exc)))
+                            advance()
+                finally:
+                    for fut in pending:
+                        fut.cancel()
+
+    cases = [load_entry(Path(done[i][0])) for i in sorted(done)]
+    extra: Counter = Counter()
+    for case in cases:
+        extra.update(case.extra_labels)
+    index_path = write_index(cache_dir, root, fmt, prep, cases, skipped)
+    return PrepareResult(cases, skipped, sum(hit for _, hit in done.values()), index_path, extra)
+
+
+def write_index(
+    cache_dir: Path, root: Path, fmt: str, prep: PrepConfig, cases: list[CachedCase], skipped: list[tuple[str, str]]
+) -> Path:
+    """Write ``<cache>/datasets/<root name>-<digest>.json`` listing the prepared entries."""
+    digest = hashlib.sha256(f"{Path(root).resolve()}\0{fmt}\0{prep.model_dump_json()}".encode()).hexdigest()[:10]
+    path = Path(cache_dir) / "datasets" / f"{Path(root).resolve().name}-{digest}.json"
+    _atomic_json(
+        path,
+        {
+            "root": str(Path(root).resolve()),
+            "format": fmt,
+            "prep": prep.model_dump(),
+            "cases": [{"case_id": c.case_id, "key": c.key, "path": os.path.relpath(c.path, cache_dir)} for c in cases],
+            "skipped": [{"case_id": cid, "reason": why} for cid, why in skipped],
+        },
+    )
+    return path
+
+
+def load_index(path: Path) -> list[CachedCase]:
+    """The cache entries listed by an index file written by :func:`prepare_dataset`."""
+    path = Path(path)
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "index file not found; run `vertstudy data prepare` first") from None
+    except ValueError as exc:
+        raise InputError(path, f"index file is not valid JSON ({exc})") from None
+    cache_dir = path.parent.parent
+    return [load_entry(cache_dir / c["path"]) for c in index["cases"]]
+
+
+def summary_rows(result: PrepareResult) -> list[tuple[str, str]]:
+    """Human-readable (label, value) rows of a prepare run, for the CLI's summary table."""
+    counts = result.class_counts()
+    rows = [
+        ("cases prepared", f"{len(result.cases)} ({len(result.cases) - result.hits} new, {result.hits} cached)"),
+        ("cases skipped", str(len(result.skipped))),
+        ("vertebrae", str(int(counts.sum()))),
+    ]
+    per_class = "  ".join(f"{NAMES[i]}:{int(c)}" for i, c in enumerate(counts))
+    rows.append(("per class", per_class))
+    if result.extra_labels:
+        extras = ", ".join(f"{k}: {v}" for k, v in sorted(result.extra_labels.items()))
+        rows.append(("outside the 26 classes (not relabelled)", extras))
+    rows.append(("index", str(result.index_path)))
+    return rows
