@@ -30,6 +30,7 @@ from filelock import FileLock
 
 from vertstudy.anatomy import NAMES
 from vertstudy.config import PrepConfig
+from vertstudy.data.case import Case
 from vertstudy.data.preprocess import Geometry, preprocess
 
 CACHE_VERSION = 1
@@ -151,37 +152,46 @@ def get_or_prepare(ref, cache_dir: Path, prep: PrepConfig) -> tuple[CachedCase, 
     with FileLock(str(cache_dir / "locks" / f"{key}.lock")):
         if (final / "meta.json").exists():  # another process finished it while we waited
             return load_entry(final), True
-        case = read_case(ref)
-        prepared = preprocess(case, prep)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
-        try:
-            np.save(tmp / "volume.npy", prepared.volume.astype(np.float16))
-            points = case.points_mm()
-            meta = {
-                "version": CACHE_VERSION,
-                "key": key,
-                "case_id": case.case_id,
-                "fmt": case.fmt,
-                "sources": [str(s) for s in case.sources],
-                "tags": case.tags,
-                "extra_labels": dict(case.extra_labels),
-                "prep": prep.model_dump(),
-                "geometry": prepared.geometry.to_dict(),
-                "hu_mean": prepared.hu_mean,
-                "hu_std": prepared.hu_std,
-                "pad_value": prepared.pad_value,
-                "landmarks": [
-                    {"index": int(i), "name": NAMES[int(i)], "zyx_vox": zyx.tolist(), "xyz_mm": xyz.tolist()}
-                    for i, zyx, xyz in zip(prepared.indices, prepared.zyx_vox, points)
-                ],
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            os.rename(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return load_entry(final), False
+        return write_entry(final, key, read_case(ref), prep), False
+
+
+def write_entry(final: Path, key: str, case: Case, prep: PrepConfig) -> CachedCase:
+    """Preprocess ``case`` and write its entry to the folder ``final`` atomically.
+
+    The entry is built in a temporary sibling folder and renamed into place, so ``final``
+    either does not exist or is complete.
+    """
+    final = Path(final)
+    prepared = preprocess(case, prep)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+    try:
+        np.save(tmp / "volume.npy", prepared.volume.astype(np.float16))
+        points = case.points_mm()
+        meta = {
+            "version": CACHE_VERSION,
+            "key": key,
+            "case_id": case.case_id,
+            "fmt": case.fmt,
+            "sources": [str(s) for s in case.sources],
+            "tags": case.tags,
+            "extra_labels": dict(case.extra_labels),
+            "prep": prep.model_dump(),
+            "geometry": prepared.geometry.to_dict(),
+            "hu_mean": prepared.hu_mean,
+            "hu_std": prepared.hu_std,
+            "pad_value": prepared.pad_value,
+            "landmarks": [
+                {"index": int(i), "name": NAMES[int(i)], "zyx_vox": zyx.tolist(), "xyz_mm": xyz.tolist()}
+                for i, zyx, xyz in zip(prepared.indices, prepared.zyx_vox, points)
+            ],
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_entry(final)
 
 
 def _atomic_json(path: Path, obj) -> None:
