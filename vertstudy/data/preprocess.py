@@ -119,8 +119,9 @@ def canonical_geometry(image: sitk.Image, spacing_mm: float) -> Geometry:
     )
     phys = orig.original_index_to_physical(corners)
     lo, hi = phys.min(axis=0), phys.max(axis=0)
-    # Round the extent to whole voxels (1e-6 guards against float noise adding a voxel).
-    shape_xyz = np.maximum(1, np.ceil((hi - lo) / spacing_mm - 1e-6)).astype(int)
+    # Round the extent up to whole voxels; the 1e-3 voxel tolerance absorbs float32 spacings
+    # in NIfTI headers (50 x 1.2 mm reads back as 60.0000024 mm) that would add a row of air.
+    shape_xyz = np.maximum(1, np.ceil((hi - lo) / spacing_mm - 1e-3)).astype(int)
     origin = lo + 0.5 * spacing_mm
     return Geometry(
         spacing_mm=float(spacing_mm),
