@@ -82,8 +82,14 @@ def load_config(values: dict[str, Any] | None = None, where: str = "config") -> 
             node[parts[-1]].update(value)
         else:
             node[parts[-1]] = value
+    return validated(Config, where, **nested)
+
+
+def validated(model: type[BaseModel], where: str, **values: Any) -> Any:
+    """``model(**values)``, with a validation failure turned into a one-line ``ConfigError``
+    naming ``where``, the field, the bad value and what is accepted."""
     try:
-        return Config.model_validate(nested)
+        return model.model_validate(values)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])

@@ -1,0 +1,46 @@
+"""The one typed config: dotted names, nested values, precise one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from vertstudy.config import Config, PrepConfig, load_config, validated
+from vertstudy.errors import ConfigError
+
+
+def test_defaults_follow_the_paper():
+    cfg = load_config()
+    assert cfg.data.prep.spacing_mm == 2.0 and cfg.data.prep.hu_min == -1000.0
+    assert cfg.data.crop.crop_size == (104, 80, 80)
+
+
+def test_dotted_and_nested_names_agree():
+    a = load_config({"data.prep.spacing_mm": 3, "data.crop.crop_size": [64, 48, 48]})
+    b = load_config({"data": {"prep": {"spacing_mm": 3.0}, "crop": {"crop_size": (64, 48, 48)}}})
+    assert a == b and isinstance(a, Config)
+    assert a.data.crop.crop_size == (64, 48, 48)
+
+
+@pytest.mark.parametrize(
+    "values, field, fragment",
+    [
+        ({"data.prep.spacng_mm": 3}, "data.prep.spacng_mm", "Extra inputs are not permitted"),
+        ({"data.prep.spacing_mm": -1}, "data.prep.spacing_mm", "greater than 0"),
+        ({"data.crop.crop_size": [4, 80, 80]}, "data.crop.crop_size", ">= 8 voxels"),
+        ({"data.augment.rotate_deg": "lots"}, "data.augment.rotate_deg", "valid number"),
+    ],
+)
+def test_errors_name_field_value_and_rule(values, field, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(values, where="study.yaml")
+    msg = str(info.value)
+    assert msg.startswith("study.yaml: field ") and repr(field) in msg and fragment in msg
+    assert "\n" not in msg
+    bad = next(iter(values.values()))
+    assert repr(bad) in msg
+
+
+def test_validated_wraps_any_model():
+    assert validated(PrepConfig, "--spacing-mm", spacing_mm=1.5).spacing_mm == 1.5
+    with pytest.raises(ConfigError, match="--spacing-mm: field 'spacing_mm' = 0"):
+        validated(PrepConfig, "--spacing-mm", spacing_mm=0)
