@@ -135,7 +135,21 @@ def canonical_geometry(image: sitk.Image, spacing_mm: float) -> Geometry:
 
 
 def _antialias(image: sitk.Image, spacing_mm: float) -> sitk.Image:
-    """Gaussian pre-smoothing along each axis that is downsampled (sigma = (s_out - s_in) / 2 mm)."""
+    """Low-pass ``image`` before downsampling to ``spacing_mm``; returns a float32 image.
+
+    Along each axis whose spacing fits k >= 2 times into ``spacing_mm``, voxels are first
+    averaged in bins of k (``BinShrink``, after padding the end by edge replication so no
+    voxel is dropped): a box filter that also cuts the work of what follows by k. What is
+    left of the band limit is a Gaussian with sigma = (s_out - s_in) / 2 mm along each axis
+    still finer than ``spacing_mm`` by more than half a voxel.
+    """
+    factors = [max(1, int(spacing_mm / s + 1e-6)) for s in image.GetSpacing()]
+    if max(factors) > 1:
+        pad = [(-n) % k for n, k in zip(image.GetSize(), factors)]
+        if any(pad):
+            image = sitk.ZeroFluxNeumannPad(image, [0, 0, 0], pad)
+        image = sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
+    image = sitk.Cast(image, sitk.sitkFloat32)
     for axis, s_in in enumerate(image.GetSpacing()):
         sigma = 0.5 * (spacing_mm - s_in)
         if sigma > 0.25 * s_in:
@@ -145,9 +159,7 @@ def _antialias(image: sitk.Image, spacing_mm: float) -> sitk.Image:
 
 def resample_canonical(image: sitk.Image, geometry: Geometry, prep: PrepConfig) -> np.ndarray:
     """Resample ``image`` (HU) onto the canonical grid; returns (D, H, W) float32 HU, (z, y, x)."""
-    image = sitk.Cast(image, sitk.sitkFloat32)
-    if prep.antialias:
-        image = _antialias(image, geometry.spacing_mm)
+    image = _antialias(image, geometry.spacing_mm) if prep.antialias else sitk.Cast(image, sitk.sitkFloat32)
     reference = sitk.Image([int(v) for v in geometry.shape_zyx[::-1]], sitk.sitkFloat32)
     reference.SetSpacing([geometry.spacing_mm] * 3)
     reference.SetOrigin(geometry.origin_xyz_mm)
@@ -159,8 +171,8 @@ def resample_canonical(image: sitk.Image, geometry: Geometry, prep: PrepConfig) 
 def normalize(volume_hu: np.ndarray, hu_min: float) -> tuple[np.ndarray, float, float]:
     """Clamp HU below ``hu_min`` and z-score in place; returns (volume, mean HU, std HU)."""
     np.maximum(volume_hu, hu_min, out=volume_hu)
-    mean = float(volume_hu.mean(dtype=np.float64))
-    std = float(volume_hu.std(dtype=np.float64))
+    mean = float(volume_hu.mean())  # numpy's pairwise float32 sums: ~1e-6 relative error
+    std = float(volume_hu.std())
     std = std if std > 1e-6 else 1.0
     volume_hu -= mean
     volume_hu /= std
