@@ -18,12 +18,13 @@ import SimpleITK as sitk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.paths import SHARED_DATA
 from vertstudy.anatomy import INDEX
 from vertstudy.data.case import Landmark
 from vertstudy.data.formats import discover, read_any, read_case, verse
 from vertstudy.errors import InputError
 
-REAL_CT = Path("/work/shared/data/totalseg-example/ct.nii.gz")
+REAL_CT = SHARED_DATA / "totalseg-example" / "ct.nii.gz"
 
 
 def small_image(pixel=sitk.sitkInt16) -> sitk.Image:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,13 +10,14 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.paths import SHARED_DATA
 from tests.synth import blob_image
 from vertstudy.anatomy import INDEX
 from vertstudy.config import PrepConfig
 from vertstudy.data.case import Case, Landmark
 from vertstudy.data.preprocess import Geometry, canonical_geometry, normalize, preprocess
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHARED = SHARED_DATA
 
 
 def _case(image: sitk.Image, points: list[tuple[str, tuple]]) -> Case:

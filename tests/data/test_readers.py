@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from tests.paths import SHARED_DATA
 from vertstudy.anatomy import INDEX
 from vertstudy.data.case import Case, Landmark
 from vertstudy.data.formats import CaseRef, csi2014, discover, generic, read_any, read_case, verse
 from vertstudy.errors import InputError
 
-DATA = Path("/work/shared/data")
+DATA = SHARED_DATA
 
 # --- the synthetic case --------------------------------------------------------------------------
 

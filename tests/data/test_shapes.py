@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import gzip
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.paths import SHARED_DATA
 from vertstudy.anatomy import INDEX, NUM_CLASSES
 from vertstudy.data.shapes import SHAPES_RESOURCE, build_shape_table, load_shapes, sample_centreline
 
-SOURCE_CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "spine-keypoints" / "bodies.csv"
+SOURCE_CSV = SHARED_DATA / "spine-keypoints" / "bodies.csv"
 
 
 @pytest.fixture(scope="module")
