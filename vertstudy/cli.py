@@ -68,8 +68,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     for label, value in summary_rows(result):
         table.add_row(label, value)
     console.print(table)
-    for case_id, why in result.skipped:
-        console.print(f"[yellow]skipped[/] {case_id}: {why}", highlight=False)
+    for case_id, why in result.skipped:  # plain print: one unwrapped line per case, easy to grep
+        print(f"skipped {case_id}: {why}")
     if not result.cases:
         print(f"error: no case under {args.root} could be prepared", file=sys.stderr)
         return 2
