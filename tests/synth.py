@@ -45,3 +45,14 @@ def write_generic_case(folder: Path, case_id: str, image: sitk.Image, named_poin
     points = [{"label": k, "x": v[0], "y": v[1], "z": v[2]} for k, v in named_points.items()]
     (folder / f"{case_id}.json").write_text(json.dumps(points))
     return path
+
+
+AXIS_PERMUTATIONS = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+
+
+def signed_permutation(perm, signs) -> np.ndarray:
+    """(3, 3) direction matrix whose column ``axis`` is ``signs[axis]`` times world axis ``perm[axis]``."""
+    direction = np.zeros((3, 3))
+    for axis, (world, sign) in enumerate(zip(perm, signs)):
+        direction[world, axis] = sign
+    return direction

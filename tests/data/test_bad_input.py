@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.paths import SHARED_DATA
+from tests.synth import AXIS_PERMUTATIONS, signed_permutation
 from vertstudy.anatomy import INDEX
 from vertstudy.data.case import Landmark
 from vertstudy.data.formats import discover, read_any, read_case, verse
@@ -309,16 +310,10 @@ def test_extras_are_counted_not_relabelled(tmp_path):
 
 # --- property: VerSe ctd write -> read under random orientations and spacings -------------------------
 
-_PERMUTATIONS = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
-
-
 @st.composite
 def oriented_images(draw):
-    perm = draw(st.sampled_from(_PERMUTATIONS))
-    signs = draw(st.tuples(*[st.sampled_from([-1.0, 1.0])] * 3))
-    direction = np.zeros((3, 3))
-    for axis, (world, sign) in enumerate(zip(perm, signs)):
-        direction[world, axis] = sign
+    perm = draw(st.sampled_from(AXIS_PERMUTATIONS))
+    direction = signed_permutation(perm, draw(st.tuples(*[st.sampled_from([-1.0, 1.0])] * 3)))
     size = draw(st.tuples(*[st.integers(3, 24)] * 3))
     spacing = draw(st.tuples(*[st.floats(0.25, 6.0)] * 3))
     origin = draw(st.tuples(*[st.floats(-500.0, 500.0)] * 3))

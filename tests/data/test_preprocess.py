@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.paths import SHARED_DATA
-from tests.synth import blob_image
+from tests.synth import AXIS_PERMUTATIONS, blob_image, signed_permutation
 from vertstudy.anatomy import INDEX
 from vertstudy.config import PrepConfig
 from vertstudy.data.case import Case, Landmark
@@ -78,16 +78,10 @@ def test_pad_value_is_zscored_air():
     assert prepared.volume.min() == pytest.approx(prepared.pad_value, abs=1e-3)
 
 
-_PERMS = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
-
-
 @st.composite
 def geometries(draw):
-    perm = draw(st.sampled_from(_PERMS))
-    signs = draw(st.tuples(*[st.sampled_from([-1.0, 1.0])] * 3))
-    direction = np.zeros((3, 3))
-    for col, (row, sign) in enumerate(zip(perm, signs)):
-        direction[row, col] = sign
+    perm = draw(st.sampled_from(AXIS_PERMUTATIONS))
+    direction = signed_permutation(perm, draw(st.tuples(*[st.sampled_from([-1.0, 1.0])] * 3)))
     if draw(st.booleans()):  # an oblique acquisition: a small rotation about z
         a = np.deg2rad(draw(st.floats(-20, 20)))
         rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])

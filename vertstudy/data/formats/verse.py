@@ -96,30 +96,33 @@ def parse_axis_codes(value, path: Path) -> tuple[str, str, str]:
     return codes  # type: ignore[return-value]
 
 
-def ctd_to_index(xyz: Point, codes: tuple[str, str, str], image: sitk.Image) -> Point:
-    """Point in voxel units of the image reoriented to ``codes`` -> continuous index (x, y, z)
-    of ``image`` itself (permutation, and ``c -> size - 1 - c`` on a flipped axis)."""
+def _axis_map(codes: tuple[str, str, str], image: sitk.Image) -> list[tuple[int, int, bool]]:
+    """For each ctd axis ``j``: (j, the image's own axis ``i`` along the same world axis, flipped?)."""
     own = axis_codes(image)
-    size = image.GetSize()
-    index = [0.0, 0.0, 0.0]
+    out = []
     for j, code in enumerate(codes):
         world, sign = _CODES[code]
         i = next(k for k, c in enumerate(own) if _CODES[c][0] == world)
-        c = float(xyz[j])
-        index[i] = c if _CODES[own[i]][1] == sign else size[i] - 1 - c
+        out.append((j, i, _CODES[own[i]][1] != sign))
+    return out
+
+
+def ctd_to_index(xyz: Point, codes: tuple[str, str, str], image: sitk.Image) -> Point:
+    """Point in voxel units of the image reoriented to ``codes`` -> continuous index (x, y, z)
+    of ``image`` itself (permutation, and ``c -> size - 1 - c`` on a flipped axis)."""
+    size = image.GetSize()
+    index = [0.0, 0.0, 0.0]
+    for j, i, flipped in _axis_map(codes, image):
+        index[i] = size[i] - 1 - float(xyz[j]) if flipped else float(xyz[j])
     return tuple(index)  # type: ignore[return-value]
 
 
 def index_to_ctd(index: Point, codes: tuple[str, str, str], image: sitk.Image) -> Point:
     """Inverse of :func:`ctd_to_index`."""
-    own = axis_codes(image)
     size = image.GetSize()
     out = [0.0, 0.0, 0.0]
-    for j, code in enumerate(codes):
-        world, sign = _CODES[code]
-        i = next(k for k, c in enumerate(own) if _CODES[c][0] == world)
-        c = float(index[i])
-        out[j] = c if _CODES[own[i]][1] == sign else size[i] - 1 - c
+    for j, i, flipped in _axis_map(codes, image):
+        out[j] = size[i] - 1 - float(index[i]) if flipped else float(index[i])
     return tuple(out)  # type: ignore[return-value]
 
 
