@@ -7,7 +7,7 @@ the typed parts it needs. Units: millimetres, voxels, Hounsfield units, as named
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -57,10 +57,72 @@ class DataConfig(_Strict):
     augment: AugmentConfig = AugmentConfig()
 
 
+class ModelConfig(_Strict):
+    """The network (paper II-A, Fig. 3-4) and its ablation variants (paper tables I-III).
+
+    Channel widths are the defaults documented in ``vertstudy.model.network`` times ``width``.
+    """
+
+    width: float = Field(1.0, gt=0, le=4, description="multiplies every channel width")
+    groups: int = Field(4, ge=1, description="GroupNorm groups (paper: 4)")
+    loc_head: Literal["integral", "heatmap", "fc"] = "integral"
+    classifier: Literal["bilstm", "none-lstm"] = "bilstm"
+    tasks: Literal["loc", "loc+cls"] = "loc+cls"
+    lstm_hidden: int = Field(128, ge=1, description="hidden states per LSTM direction (paper: 128)")
+    lstm_layers: int = Field(3, ge=1, description="stacked bidirectional LSTMs (paper: 3)")
+    heatmap_sigma_vox: float = Field(2.0, gt=0, description="Gaussian target sigma of the heatmap head, voxels")
+
+
+class LossConfig(_Strict):
+    """Paper eq. 1-4: L = L_cls + L_reg."""
+
+    balance_b: float = Field(3.0, gt=0, description="balance factor B of the positive terms (paper: 2-4)")
+    reg_lambda: float = Field(0.4, ge=0, description="weight lambda of the smooth-L1 regression (paper: 0.4)")
+
+
+class ScheduleConfig(_Strict):
+    """Learning-rate schedule: the paper's plateau schedule, or cosine / step for the search."""
+
+    kind: Literal["plateau", "cosine", "step"] = "plateau"
+    factor: float = Field(0.4, gt=0, lt=1, description="plateau: lr multiplier when the validation loss stalls")
+    patience: int = Field(5, ge=0, description="plateau: epochs without improvement before reducing")
+    min_lr: float = Field(1e-6, ge=0, description="floor of every schedule")
+    step_size: int = Field(10, ge=1, description="step: epochs between reductions")
+    gamma: float = Field(0.5, gt=0, lt=1, description="step: lr multiplier per step")
+
+
+class TrainConfig(_Strict):
+    """Trainer (paper III-B): Adam, batch 2, weight decay, a schedule on the validation loss."""
+
+    lr: float = Field(0.01, gt=0, description="initial learning rate (paper: 0.01)")
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(2, ge=1)
+    epochs: int = Field(50, ge=1)
+    schedule: ScheduleConfig = ScheduleConfig()
+    val_crops_per_case: int = Field(2, ge=1, description="fixed validation crops per held-out case")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    grad_clip: float | None = Field(None, gt=0, description="max gradient norm, or None")
+
+
+class InferConfig(_Strict):
+    """Whole-CT inference (paper III-B, test phase)."""
+
+    stride: tuple[int, int, int] = Field((52, 40, 40), description="tile stride (z, y, x) voxels")
+    batch_size: int = Field(4, ge=1)
+    threshold: float = Field(0.5, gt=0, lt=1, description="class probability to keep a crop's coordinate")
+    min_votes: int = Field(1, ge=1, description="crops that must vote for a class before it is predicted")
+
+
 class Config(_Strict):
     """Top-level configuration: one field per pipeline stage."""
 
     data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    infer: InferConfig = InferConfig()
     seed: int = 0
 
 
