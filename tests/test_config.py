@@ -14,6 +14,11 @@ def test_defaults_follow_the_paper():
     assert cfg.data.crop.crop_size == (104, 80, 80)
 
 
+def test_every_section_takes_dotted_names():
+    cfg = load_config({"model.width": 0.5, "loss.balance_b": 2.5, "train.schedule.kind": "cosine", "seed": 3})
+    assert (cfg.model.width, cfg.loss.balance_b, cfg.train.schedule.kind, cfg.seed) == (0.5, 2.5, "cosine", 3)
+
+
 def test_dotted_and_nested_names_agree():
     a = load_config({"data.prep.spacing_mm": 3, "data.crop.crop_size": [64, 48, 48]})
     b = load_config({"data": {"prep": {"spacing_mm": 3.0}, "crop": {"crop_size": (64, 48, 48)}}})

@@ -147,11 +147,11 @@ def load_config(values: dict[str, Any] | None = None, where: str = "config") -> 
     return validated(Config, where, **nested)
 
 
-def validated(model: type[BaseModel], where: str, **values: Any) -> Any:
-    """``model(**values)``, with a validation failure turned into a one-line ``ConfigError``
+def validated(schema: type[BaseModel], where: str, /, **values: Any) -> Any:
+    """``schema(**values)``, with a validation failure turned into a one-line ``ConfigError``
     naming ``where``, the field, the bad value and what is accepted."""
     try:
-        return model.model_validate(values)
+        return schema.model_validate(values)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
