@@ -1,0 +1,508 @@
+"""The trainer (paper section III-B): Adam, batch 2, a learning-rate schedule on the validation loss.
+
+:func:`train` fits the network of ``config.model`` on random crops of ``train_cases`` and
+evaluates it after every epoch on fixed validation crops of ``val_cases``. Every value it
+uses is a field of the one :class:`~vertstudy.config.Config` (no subclass per variant); it
+knows nothing of Ray — a trial adapter passes ``on_epoch`` to report and ``resume`` to restore.
+
+Per epoch, ``on_epoch`` receives one flat dict (also kept in ``TrainResult.history``):
+
+- ``epoch`` (1-based), ``lr`` (the learning rate used during the epoch);
+- ``loss``, ``loss_cls``, ``loss_reg``: mean training losses over the epoch's batches;
+- ``val_loss``: mean total loss over the validation crops;
+- ``val_loc_error_mm``, ``val_id_rate``, ``val_map``: *crop-level* metrics of
+  :func:`vertstudy.train.metrics.crop_metrics` on the validation crops —
+  ``train.val_crops_per_case`` unaugmented crops per held-out case, centred at evenly spaced
+  points along its spine, the same crops every epoch (NaN when there are no validation cases;
+  the whole-CT metrics of the paper come from :mod:`vertstudy.train.inference`);
+- the same validation metrics per region, ``val_loc_error_mm_<region>``, ``val_id_rate_<region>``,
+  ``val_map_<region>`` (regions of :data:`vertstudy.anatomy.REGIONS`);
+- ``wall_s``: seconds for the epoch (training and validation, not the checkpoint writes);
+  ``crops_per_s``: training crops per second of the training part.
+
+Schedules (``train.schedule.kind``), stepped once per epoch:
+
+- ``plateau`` (paper): multiply the lr by ``factor`` (0.4) when the validation loss (the
+  training loss when there is no validation case) has not improved for ``patience`` epochs,
+  never below ``min_lr``;
+- ``cosine``: ``min_lr + (lr - min_lr) (1 + cos(pi e / epochs)) / 2`` in epoch ``e + 1``;
+- ``step``: ``max(lr * gamma ** (e // step_size), min_lr)`` in epoch ``e + 1``.
+
+A non-finite training or validation loss ends training with status ``diverged``; no
+checkpoint is written for that epoch, so ``last.pt`` and ``best.pt`` hold the last good state.
+
+Checkpoints (``last.pt`` every epoch, ``best.pt`` at the lowest validation loss) are written
+atomically and hold only tensors and plain Python values, so :func:`load_checkpoint` reads
+them with ``torch.load(..., weights_only=True)``. They include the optimizer, scheduler and
+random-number states: resuming from ``last.pt`` (in this or a fresh process) continues the
+run bit for bit on CPU, because every crop is drawn from ``(seed, epoch, index)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from vertstudy.anatomy import REGIONS
+from vertstudy.config import Config, ModelConfig, TrainConfig, load_config
+from vertstudy.data.cache import CachedCase
+from vertstudy.data.crops import CropDataset, make_loader
+from vertstudy.errors import ConfigError, InputError
+
+CHECKPOINT_FORMAT = "vertstudy-checkpoint-v1"
+EPOCH_KEYS = (
+    "epoch",
+    "loss",
+    "loss_cls",
+    "loss_reg",
+    "val_loss",
+    "val_loc_error_mm",
+    "val_id_rate",
+    "val_map",
+    "lr",
+    "wall_s",
+    "crops_per_s",
+)
+_CROP_METRICS = [f"{m}{r}" for m in ("loc_error_mm", "id_rate", "map") for r in ("", *(f"_{n}" for n in REGIONS))]
+TIMING_KEYS = ("wall_s", "crops_per_s")  # the only per-epoch values that differ between identical runs
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`.
+
+    ``epochs`` counts finished epochs (including those of a resumed checkpoint); ``best_epoch``
+    and ``best_metrics`` are the epoch with the lowest validation loss and its record (None /
+    empty before the first finished epoch); ``message`` says why a run diverged.
+    """
+
+    status: Literal["completed", "diverged"]
+    epochs: int
+    best_epoch: int | None
+    best_metrics: dict[str, float]
+    history: list[dict[str, float]]
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+    device: str
+    message: str = ""
+
+
+class Diverged(Exception):
+    """A loss that is not finite (internal: turned into status ``diverged``)."""
+
+
+# -- devices, seeds, random states -----------------------------------------------------------
+def select_device(kind: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU. ``cuda`` without a GPU is a ConfigError."""
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels
+    return torch.device("cuda")
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA when ``amp``; a no-op context on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random states (torch CPU and CUDA, numpy, python) as tensors and plain types."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": int(version), "state": [int(v) for v in mt], "gauss_next": gauss_next},
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+# -- optimizer and schedule ------------------------------------------------------------------
+def make_optimizer(model: torch.nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam with ``train.lr`` and ``train.weight_decay`` (paper: 0.01, 1e-4)."""
+    return torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig):
+    """The epoch-wise schedule of ``train.schedule`` (see the module docstring).
+
+    Step it once per epoch with :func:`step_scheduler`.
+    """
+    s = train_cfg.schedule
+    if s.kind == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=s.factor, patience=s.patience, min_lr=s.min_lr
+        )
+    if s.kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train_cfg.epochs, eta_min=s.min_lr)
+    floor = s.min_lr / train_cfg.lr
+    # A plain function (not a callable object), so the scheduler's state_dict stays plain.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: max(s.gamma ** (e // s.step_size), floor))
+
+
+def step_scheduler(scheduler, monitored_loss: float) -> None:
+    """Advance the schedule by one epoch; the plateau schedule watches ``monitored_loss``."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(monitored_loss)
+    else:
+        scheduler.step()
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+def _cpu(obj):
+    """``obj`` with every tensor moved to the CPU (so a checkpoint loads on any machine)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(_cpu(state), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`train` (tensors on the CPU).
+
+    Only ``weights_only=True`` loading is used, so a checkpoint cannot run code. Raises
+    ``InputError`` naming the file when it is missing or not a vertstudy checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a truncated or foreign file
+        raise InputError(path, f"not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(path, f"not a vertstudy checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    return state
+
+
+def checkpoint_config(state: dict[str, Any], path: Path) -> Config:
+    """The validated :class:`Config` stored in a checkpoint ``state`` read from ``path``."""
+    return load_config(state["config"], where=f"{path} (stored config)")
+
+
+def load_model(checkpoint_path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
+    """The network of a checkpoint, in eval mode on ``device`` (``"auto"``: CUDA when present),
+    and its configuration."""
+    from vertstudy.model.network import build_model
+
+    if device in ("auto", "cpu", "cuda"):
+        device = select_device(str(device))
+    state = load_checkpoint(checkpoint_path)
+    cfg = checkpoint_config(state, checkpoint_path)
+    model = build_model(cfg.model)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg
+
+
+# -- one epoch -------------------------------------------------------------------------------
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _check_finite(losses: dict[str, torch.Tensor], where: str) -> None:
+    total = losses["total"]
+    if not bool(torch.isfinite(total.detach()).all()):
+        raise Diverged(f"{where}: loss is {float(total.detach()):g}")
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    loader: Iterable[dict],
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    device: torch.device,
+    advance: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns mean ``loss``, ``loss_cls``, ``loss_reg`` and ``crops``.
+
+    Raises :class:`Diverged` at the first non-finite loss, before the optimizer step.
+    """
+    from vertstudy.losses import total_loss
+
+    model.train()
+    sums = {"total": 0.0, "cls": 0.0, "reg": 0.0}
+    batches = crops = 0
+    for batch in loader:
+        batch = _to_device(batch, device)
+        with autocast(device, cfg.train.amp):
+            out = model(batch["image"])
+        losses = total_loss(_float32(out), batch, cfg.loss, cfg.model)
+        _check_finite(losses, f"training batch {batches}")
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if cfg.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        for k in sums:
+            sums[k] += float(losses[k].detach())
+        batches += 1
+        crops += int(batch["image"].shape[0])
+        advance()
+    n = max(batches, 1)
+    return {"loss": sums["total"] / n, "loss_cls": sums["cls"] / n, "loss_reg": sums["reg"] / n, "crops": crops}
+
+
+def _float32(out: dict) -> dict:
+    """Network outputs in float32 (they may be bf16 under autocast); None stays None."""
+    return {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in out.items()}
+
+
+@torch.no_grad()
+def evaluate_crops(
+    model: torch.nn.Module, loader: Iterable[dict], cfg: Config, device: torch.device, spacing_mm: float
+) -> dict[str, float]:
+    """Mean total loss and crop-level metrics on fixed validation crops.
+
+    Returns ``val_loss`` and ``val_loc_error_mm`` / ``val_id_rate`` / ``val_map`` (and per region,
+    ``val_map_lumbar``, ...) from :func:`vertstudy.train.metrics.crop_metrics` over all crops at
+    once (NaN without crops).
+    """
+    from vertstudy.losses import total_loss
+    from vertstudy.train.metrics import crop_metrics
+
+    model.eval()
+    loss_sum, n = 0.0, 0
+    preds, trues, present, probs = [], [], [], []
+    for batch in loader:
+        batch = _to_device(batch, device)
+        with autocast(device, cfg.train.amp):
+            out = model(batch["image"])
+        out = _float32(out)
+        losses = total_loss(out, batch, cfg.loss, cfg.model)
+        _check_finite(losses, "validation")
+        b = int(batch["image"].shape[0])
+        loss_sum += float(losses["total"]) * b
+        n += b
+        preds.append(out["coords"].cpu())
+        trues.append(batch["coords"].cpu())
+        present.append(batch["present"].cpu())
+        if out.get("logits") is not None:
+            probs.append(torch.sigmoid(out["logits"]).cpu())
+    if n == 0:
+        return {"val_loss": math.nan, **{f"val_{k}": math.nan for k in _CROP_METRICS}}
+    metrics = crop_metrics(
+        torch.cat(preds).numpy(),
+        torch.cat(trues).numpy(),
+        torch.cat(present).numpy(),
+        torch.cat(probs).numpy() if probs else None,
+        spacing_mm,
+    )
+    return {"val_loss": loss_sum / n, **{f"val_{k}": float(v) for k, v in metrics.items()}}
+
+
+# -- the training loop -----------------------------------------------------------------------
+@dataclass
+class _State:
+    """What a checkpoint restores besides the model, optimizer and scheduler."""
+
+    epoch: int = 0
+    best_epoch: int | None = None
+    best_loss: float = math.inf
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _loaders(cfg: Config, train_cases: list[CachedCase], val_cases: list[CachedCase], device: torch.device):
+    """Training loader (random augmented crops) and validation loader (fixed crops), one set of
+    workers each for the whole run."""
+    train_set = CropDataset(train_cases, cfg.data.crop, cfg.data.augment, seed=cfg.seed, train=True)
+    val_crop = cfg.data.crop.model_copy(update={"crops_per_case": cfg.train.val_crops_per_case})
+    val_set = CropDataset(val_cases, val_crop, cfg.data.augment, seed=cfg.seed, train=False)
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_set, cfg.train.batch_size, cfg.train.workers, pin_memory=pin)
+    val_loader = make_loader(val_set, cfg.train.batch_size, cfg.train.workers, pin_memory=pin) if val_cases else []
+    return train_set, train_loader, val_loader
+
+
+def _checkpoint_state(model, optimizer, scheduler, st: _State, cfg: Config) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": st.epoch,
+        "best_epoch": st.best_epoch,
+        "best_loss": st.best_loss,
+        "history": st.history,
+        "config": cfg.model_dump(),
+        "rng": rng_states(),
+    }
+
+
+def _restore(path: Path, cfg: Config, model, optimizer, scheduler) -> _State:
+    state = load_checkpoint(path)
+    saved_model = ModelConfig.model_validate(state["config"]["model"])
+    if saved_model != cfg.model:
+        raise ConfigError(f"{path}: resume with model config {cfg.model!r}, but the checkpoint has {saved_model!r}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_states(state["rng"])
+    return _State(state["epoch"], state["best_epoch"], float(state["best_loss"]), list(state["history"]))
+
+
+def run_epoch(
+    epoch: int,
+    model: torch.nn.Module,
+    train_loader: Iterable[dict],
+    val_loader: Iterable[dict],
+    optimizer: torch.optim.Optimizer,
+    cfg: Config,
+    device: torch.device,
+    spacing_mm: float,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Train one epoch and validate; returns the epoch's record (module docstring). Raises
+    :class:`Diverged` on a non-finite loss."""
+    t0 = time.perf_counter()
+    lr = current_lr(optimizer)
+    with _epoch_bar(progress, len(train_loader), epoch, cfg.train.epochs) as advance:
+        fit = train_epoch(model, train_loader, optimizer, cfg, device, advance)
+    t_train = time.perf_counter() - t0
+    val = evaluate_crops(model, val_loader, cfg, device, spacing_mm)
+    record = {
+        "epoch": epoch,
+        "loss": fit["loss"],
+        "loss_cls": fit["loss_cls"],
+        "loss_reg": fit["loss_reg"],
+        **val,
+        "lr": lr,
+        "crops_per_s": fit["crops"] / max(t_train, 1e-9),
+        "wall_s": time.perf_counter() - t0,
+    }
+    return _ordered(record)
+
+
+def _ordered(record: dict[str, Any]) -> dict[str, float]:
+    """The epoch record with ``EPOCH_KEYS`` first, then the per-region metrics; floats but ``epoch``."""
+    keys = [*EPOCH_KEYS, *sorted(k for k in record if k not in EPOCH_KEYS)]
+    return {k: int(record[k]) if k == "epoch" else float(record[k]) for k in keys}
+
+
+def _epoch_bar(progress: bool, total: int, epoch: int, epochs: int):
+    """A rich progress bar over one epoch's batches, or a no-op."""
+    from vertstudy.progress import progress_counter
+
+    return progress_counter(progress, total, f"epoch {epoch}/{epochs}")
+
+
+def train(
+    config: Config,
+    train_cases: list[CachedCase],
+    val_cases: list[CachedCase],
+    out_dir: Path,
+    on_epoch: Callable[[dict], None] | None = None,
+    resume: Path | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``config.model`` for ``config.train.epochs`` epochs (in total, counting a resumed
+    checkpoint's); write ``last.pt`` / ``best.pt`` into ``out_dir``; call ``on_epoch`` with each
+    epoch's record (see the module docstring). Returns the :class:`TrainResult`.
+
+    ``resume``: a ``last.pt`` of the same model config; training continues after its epoch
+    (the other sections of ``config`` apply from there on). An exception raised by ``on_epoch``
+    (e.g. a pruner stopping the trial) propagates, after that epoch's checkpoints are written.
+    """
+    cfg = config
+    if not train_cases:
+        raise ConfigError("train: no training cases")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    device = select_device(cfg.train.device)
+
+    from vertstudy.model.network import build_model
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model).to(device)
+    optimizer = make_optimizer(model, cfg.train)
+    scheduler = make_scheduler(optimizer, cfg.train)
+    st = _restore(Path(resume), cfg, model, optimizer, scheduler) if resume is not None else _State()
+    train_set, train_loader, val_loader = _loaders(cfg, train_cases, val_cases, device)
+    spacing_mm = float(train_cases[0].geometry.spacing_mm)
+
+    status, message = "completed", ""
+    while st.epoch < cfg.train.epochs:
+        epoch = st.epoch + 1
+        train_set.set_epoch(epoch)
+        try:
+            record = run_epoch(epoch, model, train_loader, val_loader, optimizer, cfg, device, spacing_mm, progress)
+        except Diverged as exc:
+            status, message = "diverged", f"epoch {epoch}: {exc}"
+            break
+        monitored = record["val_loss"] if val_cases else record["loss"]
+        step_scheduler(scheduler, monitored)
+        st.epoch = epoch
+        improved = monitored < st.best_loss
+        if improved:
+            st.best_loss, st.best_epoch = monitored, epoch
+        st.history.append(record)
+        state = _checkpoint_state(model, optimizer, scheduler, st, cfg)
+        save_checkpoint(last_path, state)
+        if improved:
+            save_checkpoint(best_path, state)
+        if on_epoch is not None:
+            on_epoch(dict(record))
+
+    best = next((dict(h) for h in st.history if h["epoch"] == st.best_epoch), {})
+    return TrainResult(
+        status=status,
+        epochs=st.epoch,
+        best_epoch=st.best_epoch,
+        best_metrics=best,
+        history=[dict(h) for h in st.history],
+        last_checkpoint=last_path if last_path.exists() else None,
+        best_checkpoint=best_path if best_path.exists() else None,
+        device=device.type,
+        message=message,
+    )
