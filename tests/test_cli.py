@@ -25,6 +25,8 @@ ALL_COMMANDS = list(_commands(build_parser()))
 def test_every_command_is_listed():
     assert ("data", "phantom") in ALL_COMMANDS and ("data", "prepare") in ALL_COMMANDS
     assert ("data", "show") in ALL_COMMANDS and ("bench", "prep") in ALL_COMMANDS
+    assert ("predict",) in ALL_COMMANDS
+    assert {("bench", b) for b in ("train", "learn", "infer")} <= set(ALL_COMMANDS)
 
 
 @pytest.mark.parametrize("command", ALL_COMMANDS, ids=lambda c: " ".join(c) or "vertstudy")

@@ -88,7 +88,54 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- predict -------------------------------------------------------------------------------
+def cmd_predict(args: argparse.Namespace) -> int:
+    from vertstudy.predict import format_summary, predict
+
+    summary = predict(
+        Path(args.image), Path(args.checkpoint), Path(args.out), png=Path(args.png) if args.png else None,
+        fmt=args.format, truth=Path(args.truth) if args.truth else None, device=args.device,
+    )
+    print(json.dumps(summary) if args.json else format_summary(summary))
+    return 0
+
+
 # -- bench ---------------------------------------------------------------------------------
+def cmd_bench_infer(args: argparse.Namespace) -> int:
+    from vertstudy.bench.infer import bench_infer, format_table
+
+    figures = bench_infer(
+        width=args.width, resolution=args.resolution, batch_size=args.batch_size, repeats=args.repeats,
+        seed=args.seed, workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
+    )
+    print(json.dumps(figures) if args.json else format_table(figures))
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from vertstudy.bench.train import bench_train, format_table
+
+    figures = bench_train(
+        width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm, workers=args.workers,
+        threads=args.threads, steps=args.steps, memory=not args.no_memory, seed=args.seed,
+        workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
+    )
+    print(json.dumps(figures) if args.json else format_table(figures))
+    return 0
+
+
+def cmd_bench_learn(args: argparse.Namespace) -> int:
+    from vertstudy.bench.learn import bench_learn, format_table
+
+    figures = bench_learn(
+        train_cases=args.train_cases, val_cases=args.val_cases, test_cases=args.test_cases, minutes=args.minutes,
+        width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm, lr=args.lr, seed=args.seed,
+        workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
+    )
+    print(json.dumps(figures) if args.json else format_table(figures))
+    return 0
+
+
 def cmd_bench_prep(args: argparse.Namespace) -> int:
     from vertstudy.bench.prep import bench_prep, format_table
 
@@ -148,6 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing-mm", type=_positive_float, default=2.0, help="display resampling spacing (default 2.0)")
     p.set_defaults(func=cmd_data_show)
 
+    p = top.add_parser("predict", help="label the vertebrae of one CT with a trained checkpoint",
+                       description="Tile the CT with overlapping crops, cluster each class's votes (paper III-B) "
+                                   "and write the centroids in the image's own space: VerSe ctd JSON or a 3D "
+                                   "Slicer markups file, and optionally a sagittal/coronal picture.")
+    p.add_argument("image", metavar="IMAGE_OR_DICOM_DIR", help="image file (NIfTI, NRRD, MHA) or DICOM series folder")
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by the trainer (best.pt or last.pt)")
+    p.add_argument("--out", required=True, help="output JSON (*_ctd.json for verse, *.mrk.json for slicer)")
+    p.add_argument("--png", help="also draw sagittal and coronal views with the centroids")
+    p.add_argument("--format", choices=("verse", "slicer"), default="verse", help="output format (default verse)")
+    p.add_argument("--truth", help="landmark file of the same image: drawn in blue, errors in the summary")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default auto)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=cmd_predict)
+
     bench = top.add_parser("bench", help="measure the figures the issues ask for",
                            description="Benchmarks: each prints a table, or one JSON object with --json.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -163,6 +224,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="folder for the phantoms and caches (default: a temporary folder, removed)")
     p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     p.set_defaults(func=cmd_bench_prep)
+
+    p = bench_sub.add_parser("infer", help="seconds to label one whole phantom CT, batched versus batch 1",
+                             description="Label one phantom CT with the configured inference batch size and with "
+                                         "batch 1, side by side; an untrained network of the given width (timing "
+                                         "does not depend on the weights).")
+    p.add_argument("--width", type=_positive_float, default=1.0, help="network width multiplier (default 1.0)")
+    p.add_argument("--resolution", choices=("clinical", "coarse"), default="coarse", help="phantom preset")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="batched run's size (default: config)")
+    p.add_argument("--repeats", type=_positive_int, default=1, help="timed runs per batch size (default 1)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="phantom and weight seed (default 0)")
+    p.add_argument("--workdir", help="folder for the phantom (default: a temporary folder, removed)")
+    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    p.set_defaults(func=cmd_bench_infer)
+
+    p = bench_sub.add_parser("train", help="training crops/s through the DataLoader versus in-memory, FLOPs, memory",
+                             description="Side by side in one run: crops/s of real training steps fed by the "
+                                         "DataLoader from the cache and fed by pre-made in-memory tensors, their "
+                                         "ratio, FLOPs per step against the measured float32 matmul FLOP/s, and the "
+                                         "peak memory of one step of the default network (CPU) with a GPU estimate.")
+    p.add_argument("--width", type=_positive_float, default=0.25, help="network width for throughput (default 0.25)")
+    p.add_argument("--crop", type=_positive_int, nargs=3, default=(64, 48, 48), metavar=("Z", "Y", "X"),
+                   help="crop size in voxels (default 64 48 48)")
+    p.add_argument("--spacing-mm", type=_positive_float, default=2.0, help="voxel spacing (default 2.0)")
+    p.add_argument("--workers", type=_nonneg_int, default=1, help="DataLoader workers (default 1)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    p.add_argument("--steps", type=_positive_int, default=16, help="timed steps per path (default 16)")
+    p.add_argument("--no-memory", action="store_true", help="skip the (slow) default-network memory measurement")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed (default 0)")
+    p.add_argument("--workdir", help="folder for phantoms and cache (default: a temporary folder, removed)")
+    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    p.set_defaults(func=cmd_bench_train)
+
+    p = bench_sub.add_parser("learn", help="train a CPU-sized network, score whole CTs against the mean baseline",
+                             description="Write and prepare coarse phantoms, train for a fixed time budget, and "
+                                         "report held-out whole-CT localization error and identification rate "
+                                         "against predicting each class's mean position.")
+    p.add_argument("--train-cases", type=_positive_int, default=24, help="training phantoms (default 24)")
+    p.add_argument("--val-cases", type=_positive_int, default=4, help="validation phantoms (default 4)")
+    p.add_argument("--test-cases", type=_positive_int, default=6, help="held-out phantoms (default 6)")
+    p.add_argument("--minutes", type=_positive_float, default=8.0, help="training budget in minutes (default 8)")
+    p.add_argument("--width", type=_positive_float, default=0.25, help="network width (default 0.25)")
+    p.add_argument("--crop", type=_positive_int, nargs=3, default=(48, 32, 32), metavar=("Z", "Y", "X"),
+                   help="crop size in voxels (default 48 32 32)")
+    p.add_argument("--spacing-mm", type=_positive_float, default=4.0, help="voxel spacing (default 4.0)")
+    p.add_argument("--lr", type=_positive_float, default=0.003, help="initial learning rate (default 0.003)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed (default 0)")
+    p.add_argument("--workdir", help="folder for phantoms, cache and checkpoints (default: temporary, removed)")
+    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    p.set_defaults(func=cmd_bench_learn)
     return parser
 
 
