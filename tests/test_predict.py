@@ -109,7 +109,7 @@ def ct(tmp_path_factory) -> Path:
 def test_verse_output_reads_back_to_the_same_lps_points(ct, checkpoint, tmp_path):
     out = tmp_path / "case7_ctd.json"
     summary = predict(ct, checkpoint, out, fmt="verse")
-    entries = json.loads(out.read_text())
+    entries = json.loads(out.read_text(encoding="utf-8"))
     image = sitk.ReadImage(str(ct))
     assert entries[0] == {"direction": list(axis_codes(image))}
     assert summary["n_predicted"] > 0 and summary["tiles"] >= 1
@@ -130,7 +130,7 @@ def test_verse_output_reads_back_to_the_same_lps_points(ct, checkpoint, tmp_path
 def test_slicer_markups_structure(ct, checkpoint, tmp_path):
     out = tmp_path / "case7.mrk.json"
     summary = predict(ct, checkpoint, out, fmt="slicer")
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text(encoding="utf-8"))
     jsonschema.validate(doc, MARKUPS_SCHEMA)
     assert doc["@schema"] == SLICER_SCHEMA and "markups-schema-v1.0.3.json" in doc["@schema"]
     (markup,) = doc["markups"]

@@ -69,7 +69,7 @@ def test_key_follows_content_and_parameters(tmp_path):
     assert cache_key(ref.case_id, ref.fmt, sources, PrepConfig(spacing_mm=3.0), tmp_path / "cache") != k
     os.utime(ref.image, ns=(time.time_ns(), time.time_ns() + 10**9))  # touched, same content
     assert cache_key(ref.case_id, ref.fmt, sources, PrepConfig(), tmp_path / "cache") == k
-    ref.landmarks.write_text(ref.landmarks.read_text().replace("300.0", "301.0"))
+    ref.landmarks.write_text(ref.landmarks.read_text(encoding="utf-8").replace("300.0", "301.0"))
     assert cache_key(ref.case_id, ref.fmt, sources, PrepConfig(), tmp_path / "cache") != k
 
 

@@ -40,7 +40,7 @@ def test_totalseg_centroids_survive_round_trip():
     from vertstudy.data.formats import read_any
 
     ct = SHARED / "totalseg-example" / "ct.nii.gz"
-    truth = json.loads((SHARED / "totalseg-example" / "centroids.json").read_text())["centroids"]
+    truth = json.loads((SHARED / "totalseg-example" / "centroids.json").read_text(encoding="utf-8"))["centroids"]
     case = read_any(ct, landmarks=SHARED / "totalseg-example" / "centroids.json")
     prepared = preprocess(case, PrepConfig())
     by_name = {c["label"]: c for c in truth}

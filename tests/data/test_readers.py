@@ -91,7 +91,7 @@ def write_csi(case: Case, out: Path) -> Path:
 
 def write_verse(case: Case, out: Path) -> Path:
     paths = verse.write_case(case, out)
-    ctd = json.loads(paths[1].read_text())
+    ctd = json.loads(paths[1].read_text(encoding="utf-8"))
     for name, p in extra_points(case.image).items():
         x, y, z = case.image.TransformPhysicalPointToContinuousIndex(p)
         ctd.append({"label": verse.NAME_TO_VERSE[name], "X": x, "Y": y, "Z": z})
@@ -285,7 +285,7 @@ def test_totalsegmentator_example_generic():
     ct, centroids = DATA / "totalseg-example" / "ct.nii.gz", DATA / "totalseg-example" / "centroids.json"
     case = read_any(ct)
     assert case.fmt == "generic" and case.sources == [ct, centroids]
-    entries = json.loads(centroids.read_text())["centroids"]
+    entries = json.loads(centroids.read_text(encoding="utf-8"))["centroids"]
     by_name = {lm.name: lm for lm in case.landmarks}
     assert sorted(by_name) == sorted(e["label"] for e in entries)
     for e in entries:

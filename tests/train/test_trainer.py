@@ -294,7 +294,7 @@ from vertstudy.config import Config
 from vertstudy.data.prepare import load_index
 from vertstudy.train.trainer import train
 torch.set_num_threads(1)
-cfg = Config.model_validate_json(Path(sys.argv[1]).read_text())
+cfg = Config.model_validate_json(Path(sys.argv[1]).read_text(encoding="utf-8"))
 cases = load_index(Path(sys.argv[2]))
 result = train(cfg, cases[:2], cases[2:], Path(sys.argv[3]), resume=Path(sys.argv[4]))
 assert result.status == "completed", result
@@ -349,7 +349,7 @@ def test_torch_load_is_only_called_with_weights_only_true():
     package = Path(vertstudy.__file__).parent
     calls = 0
     for path in sorted(package.rglob("*.py")):
-        source = path.read_text()
+        source = path.read_text(encoding="utf-8")
         tree = ast.parse(source, filename=str(path))
         for node in ast.walk(tree):  # no aliasing of torch.load that the check below would miss
             if isinstance(node, ast.ImportFrom) and node.module == "torch":

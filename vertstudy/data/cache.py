@@ -55,7 +55,7 @@ def file_digest(path: Path, cache_dir: Path | None = None) -> str:
     if cache_dir is not None:
         memo = Path(cache_dir) / "hashes" / (hashlib.sha1(str(path.resolve()).encode()).hexdigest() + ".json")
         try:
-            saved = json.loads(memo.read_text())
+            saved = json.loads(memo.read_text(encoding="utf-8"))
             if saved["size"] == st.st_size and saved["mtime_ns"] == st.st_mtime_ns:
                 return saved["sha256"]
         except (OSError, ValueError, KeyError):
@@ -116,7 +116,7 @@ def entry_dir(cache_dir: Path, key: str) -> Path:
 def load_entry(path: Path) -> CachedCase:
     """Load the metadata of a cache entry folder (the volume stays on disk)."""
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
     lms = meta["landmarks"]
     return CachedCase(
         key=meta["key"],
@@ -186,7 +186,7 @@ def write_entry(final: Path, key: str, case: Case, prep: PrepConfig) -> CachedCa
                 for i, zyx, xyz in zip(prepared.indices, prepared.zyx_vox, points)
             ],
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         os.rename(tmp, final)
     finally:
         if tmp.exists():
@@ -198,7 +198,7 @@ def _atomic_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f)
         os.replace(tmp, path)
     except BaseException:

@@ -143,7 +143,7 @@ def load_index(path: Path) -> list[CachedCase]:
     """The cache entries listed by an index file written by :func:`prepare_dataset`."""
     path = Path(path)
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(path, "index file not found; run `vertstudy data prepare` first") from None
     except ValueError as exc:

@@ -84,7 +84,7 @@ def _read_bodies(src: Path) -> tuple[dict[str, dict[int, np.ndarray]], dict[str,
     spines: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
     sources: dict[str, str] = {}
     order: list[str] = []
-    with open(src, newline="") as f:
+    with open(src, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             sid = row["spine"]
             if sid not in sources:
