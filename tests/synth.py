@@ -56,3 +56,16 @@ def signed_permutation(perm, signs) -> np.ndarray:
     for axis, (world, sign) in enumerate(zip(perm, signs)):
         direction[world, axis] = sign
     return direction
+
+
+def prepared_short_phantoms(root: Path, cases: int, seed: int, spacing_mm: float = 4.0):
+    """``cases`` short-view coarse phantoms without metal, prepared at ``spacing_mm``: the PrepareResult."""
+    from vertstudy.config import PrepConfig
+    from vertstudy.data.phantom import PhantomConfig, write_phantoms
+    from vertstudy.data.prepare import prepare_dataset
+
+    config = PhantomConfig.preset("coarse", p_fov_full=0.0, p_fov_short=1.0, p_metal=0.0)
+    write_phantoms(root / "phantoms", cases=cases, seed=seed, config=config, progress=False)
+    result = prepare_dataset(root / "phantoms", root / "cache", prep=PrepConfig(spacing_mm=spacing_mm), progress=False)
+    assert len(result.cases) == cases
+    return result

@@ -20,13 +20,7 @@ VARIANTS = list(itertools.product(LOC_HEADS, CLASSIFIERS, TASKS))
 CROPS = [(24, 16, 16), (32, 24, 16)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is faster than two on a shared 2-core CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is faster
 
 
 def tiny(**fields) -> ModelConfig:

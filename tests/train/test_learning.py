@@ -16,11 +16,9 @@ from ~0.1 to ~0.9 (asserted: >= 0.75). About 40-65 s on a 2-core machine, busy o
 from __future__ import annotations
 
 import pytest
-import torch
 
-from vertstudy.config import Config, PrepConfig
-from vertstudy.data.phantom import PhantomConfig, write_phantoms
-from vertstudy.data.prepare import prepare_dataset
+from tests.synth import prepared_short_phantoms
+from vertstudy.config import Config
 from vertstudy.train.trainer import train
 
 pytestmark = pytest.mark.slow
@@ -28,15 +26,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("learning-data")
-    config = PhantomConfig.preset("coarse", p_fov_full=0.0, p_fov_short=1.0, p_metal=0.0)
-    write_phantoms(root / "phantoms", cases=3, seed=1, config=config, progress=False)
-    result = prepare_dataset(root / "phantoms", root / "cache", prep=PrepConfig(spacing_mm=4.0), progress=False)
-    assert len(result.cases) == 3
-    return result.cases
+    return prepared_short_phantoms(tmp_path_factory.mktemp("learning-data"), cases=3, seed=1).cases
 
 
-def test_real_network_fits_a_few_phantoms(cases, tmp_path):
+def test_real_network_fits_a_few_phantoms(cases, tmp_path, one_torch_thread):
     cfg = Config.model_validate(
         {
             "model": {"width": 0.25, "lstm_hidden": 32, "lstm_layers": 1},
@@ -49,12 +42,7 @@ def test_real_network_fits_a_few_phantoms(cases, tmp_path):
             "seed": 0,
         }
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # reproducible, and not slowed down by oversubscription on a busy machine
-    try:
-        result = train(cfg, cases, cases, tmp_path)
-    finally:
-        torch.set_num_threads(threads)
+    result = train(cfg, cases, cases, tmp_path)
     assert result.status == "completed"
     first, last = result.history[0], result.history[-1]
     assert last["loss"] < first["loss"] / 4

@@ -16,10 +16,9 @@ import pytest
 import torch
 
 import vertstudy
+from tests.synth import prepared_short_phantoms
 from vertstudy.anatomy import REGIONS
-from vertstudy.config import Config, PrepConfig, TrainConfig
-from vertstudy.data.phantom import PhantomConfig, write_phantoms
-from vertstudy.data.prepare import prepare_dataset
+from vertstudy.config import Config, TrainConfig
 from vertstudy.errors import ConfigError, InputError
 from vertstudy.train.trainer import (
     EPOCH_KEYS,
@@ -35,24 +34,14 @@ from vertstudy.train.trainer import (
 REGION_KEYS = {f"val_{m}_{r}" for m in ("loc_error_mm", "id_rate", "map") for r in REGIONS}
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # bit-reproducible runs
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Four short-view coarse phantoms prepared at 4 mm: (cases, index path)."""
-    root = tmp_path_factory.mktemp("trainer-data")
-    config = PhantomConfig.preset("coarse", p_fov_full=0.0, p_fov_short=1.0, p_metal=0.0)
-    write_phantoms(root / "phantoms", cases=4, seed=3, config=config, progress=False)
-    result = prepare_dataset(root / "phantoms", root / "cache", prep=PrepConfig(spacing_mm=4.0), progress=False)
-    assert len(result.cases) == 4
+    result = prepared_short_phantoms(tmp_path_factory.mktemp("trainer-data"), cases=4, seed=3)
     return result.cases, result.index_path
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: runs are bit-reproducible and not slowed by oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(**sections) -> Config:
@@ -256,16 +245,17 @@ def _resume_cfg() -> Config:
     return tiny(train={"epochs": 3}, data={"augment": {"enabled": True}})
 
 
+def _straight_and_first_epoch(cfg: Config, cases, tmp_path: Path, part_dir: str):
+    """The full run of ``cfg`` and, in ``tmp_path / part_dir``, a run of its first epoch only."""
+    straight = train(cfg, cases[:2], cases[2:], tmp_path / "straight")
+    one_epoch = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})})
+    return straight, train(one_epoch, cases[:2], cases[2:], tmp_path / part_dir)
+
+
 def test_resume_reproduces_the_straight_run_bit_for_bit(prepared, tmp_path):
     cases, _ = prepared
     cfg = _resume_cfg()
-    straight = train(cfg, cases[:2], cases[2:], tmp_path / "straight")
-    part = train(
-        cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})}),
-        cases[:2],
-        cases[2:],
-        tmp_path / "resumed",
-    )
+    straight, part = _straight_and_first_epoch(cfg, cases, tmp_path, "resumed")
     seen: list[dict] = []
     resumed = train(cfg, cases[:2], cases[2:], tmp_path / "resumed", on_epoch=seen.append, resume=part.last_checkpoint)
     assert [r["epoch"] for r in seen] == [2, 3]  # only the new epochs are reported
@@ -304,13 +294,7 @@ assert result.status == "completed", result
 def test_resume_in_a_fresh_process_reproduces_the_straight_run(prepared, tmp_path):
     cases, index = prepared
     cfg = _resume_cfg()
-    straight = train(cfg, cases[:2], cases[2:], tmp_path / "straight")
-    part = train(
-        cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})}),
-        cases[:2],
-        cases[2:],
-        tmp_path / "part",
-    )
+    straight, part = _straight_and_first_epoch(cfg, cases, tmp_path, "part")
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
     subprocess.run(
         [
