@@ -148,6 +148,13 @@ def cmd_bench_prep(args: argparse.Namespace) -> int:
 
 
 # -- parser --------------------------------------------------------------------------------
+def _bench_common(p: argparse.ArgumentParser, seed_help: str, workdir_help: str) -> None:
+    """The options every benchmark shares: --seed, --workdir, --json."""
+    p.add_argument("--seed", type=_nonneg_int, default=0, help=seed_help)
+    p.add_argument("--workdir", help=workdir_help)
+    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vertstudy",
@@ -220,9 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image size in voxels (default 512 512 300)")
     p.add_argument("--spacing", type=_positive_float, nargs=3, default=(0.8, 0.8, 1.5), metavar=("X", "Y", "Z"),
                    help="voxel spacing in mm (default 0.8 0.8 1.5)")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="phantom seed (default 0)")
-    p.add_argument("--workdir", help="folder for the phantoms and caches (default: a temporary folder, removed)")
-    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    _bench_common(
+        p, seed_help="phantom seed (default 0)",
+        workdir_help="folder for the phantoms and caches (default: a temporary folder, removed)")
     p.set_defaults(func=cmd_bench_prep)
 
     p = bench_sub.add_parser("infer", help="seconds to label one whole phantom CT, batched versus batch 1",
@@ -233,9 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", choices=("clinical", "coarse"), default="coarse", help="phantom preset")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="batched run's size (default: config)")
     p.add_argument("--repeats", type=_positive_int, default=1, help="timed runs per batch size (default 1)")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="phantom and weight seed (default 0)")
-    p.add_argument("--workdir", help="folder for the phantom (default: a temporary folder, removed)")
-    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    _bench_common(
+        p, seed_help="phantom and weight seed (default 0)",
+        workdir_help="folder for the phantom (default: a temporary folder, removed)")
     p.set_defaults(func=cmd_bench_infer)
 
     p = bench_sub.add_parser("train", help="training crops/s through the DataLoader versus in-memory, FLOPs, memory",
@@ -251,9 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
     p.add_argument("--steps", type=_positive_int, default=16, help="timed steps per path (default 16)")
     p.add_argument("--no-memory", action="store_true", help="skip the (slow) default-network memory measurement")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed (default 0)")
-    p.add_argument("--workdir", help="folder for phantoms and cache (default: a temporary folder, removed)")
-    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    _bench_common(
+        p, seed_help="seed (default 0)",
+        workdir_help="folder for phantoms and cache (default: a temporary folder, removed)")
     p.set_defaults(func=cmd_bench_train)
 
     p = bench_sub.add_parser("learn", help="train a CPU-sized network, score whole CTs against the mean baseline",
@@ -269,9 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crop size in voxels (default 48 32 32)")
     p.add_argument("--spacing-mm", type=_positive_float, default=4.0, help="voxel spacing (default 4.0)")
     p.add_argument("--lr", type=_positive_float, default=0.003, help="initial learning rate (default 0.003)")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed (default 0)")
-    p.add_argument("--workdir", help="folder for phantoms, cache and checkpoints (default: temporary, removed)")
-    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    _bench_common(
+        p, seed_help="seed (default 0)",
+        workdir_help="folder for phantoms, cache and checkpoints (default: temporary, removed)")
     p.set_defaults(func=cmd_bench_learn)
     return parser
 
