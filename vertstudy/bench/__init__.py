@@ -6,6 +6,8 @@ table or, with ``--json``, as one JSON object. Ratios are measured side by side 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def format_figures(title: str, figures: dict) -> str:
     """A plain two-column table of ``figures`` under ``title``."""
@@ -15,3 +17,21 @@ def format_figures(title: str, figures: dict) -> str:
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
         lines.append(f"{key:<{width}}  {text}")
     return "\n".join(lines)
+
+
+def prepared_phantoms(work: Path, cases: int, seed: int, spacing_mm: float, progress: bool) -> list:
+    """Coarse phantoms under ``work/phantoms`` (written once), prepared into ``work/cache`` at
+    ``spacing_mm``: the cached cases, sorted by case id. Not timed by any benchmark."""
+    from vertstudy.config import PrepConfig
+    from vertstudy.data.phantom import PhantomConfig, write_phantoms
+    from vertstudy.data.prepare import prepare_dataset
+
+    if not (work / "phantoms").exists():
+        write_phantoms(
+            work / "phantoms", cases=cases, seed=seed, config=PhantomConfig.preset("coarse"), workers=2,
+            progress=progress,
+        )
+    result = prepare_dataset(
+        work / "phantoms", work / "cache", prep=PrepConfig(spacing_mm=spacing_mm), workers=2, progress=progress
+    )
+    return sorted(result.cases, key=lambda c: c.case_id)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from vertstudy.anatomy import NUM_CLASSES
-from vertstudy.bench import format_figures
+from vertstudy.bench import format_figures, prepared_phantoms
 from vertstudy.config import Config
 from vertstudy.data.cache import CachedCase
 
@@ -91,26 +91,6 @@ def whole_ct_rows(checkpoint: Path, test: list[CachedCase]) -> tuple[list, float
     return rows, (time.perf_counter() - t0) / max(len(test), 1)
 
 
-def _prepare(work: Path, cases: int, seed: int, spacing_mm: float, progress: bool) -> list[CachedCase]:
-    from vertstudy.config import PrepConfig
-    from vertstudy.data.phantom import PhantomConfig, write_phantoms
-    from vertstudy.data.prepare import prepare_dataset
-
-    if not (work / "phantoms").exists():
-        write_phantoms(
-            work / "phantoms",
-            cases=cases,
-            seed=seed,
-            config=PhantomConfig.preset("coarse"),
-            workers=2,
-            progress=progress,
-        )
-    result = prepare_dataset(
-        work / "phantoms", work / "cache", prep=PrepConfig(spacing_mm=spacing_mm), workers=2, progress=progress
-    )
-    return sorted(result.cases, key=lambda c: c.case_id)
-
-
 def _train_for(cfg: Config, train: list, val: list, out: Path, minutes: float, max_epochs: int, progress: bool):
     """Train one epoch, then resume up to the epochs that fit ``minutes`` in total."""
     from vertstudy.train.trainer import train as run
@@ -155,7 +135,7 @@ def bench_learn(
     own = workdir is None
     work = Path(tempfile.mkdtemp(prefix="vertstudy-bench-learn-")) if own else Path(workdir)
     try:
-        cases = _prepare(work, train_cases + test_cases, seed, spacing_mm, progress)
+        cases = prepared_phantoms(work, train_cases + test_cases, seed, spacing_mm, progress)
         pool, test = cases[:train_cases], cases[train_cases:]
         train, val = pool[: train_cases - val_cases], pool[train_cases - val_cases :]
         cfg = learn_config(width, crop_size, spacing_mm, lr, workers, seed)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from vertstudy.bench import format_figures
+from vertstudy.bench import format_figures, prepared_phantoms
 from vertstudy.config import Config
 
 _MB = 1024.0**2
@@ -184,21 +184,6 @@ def bench_config(
     )
 
 
-def _prepare_cases(work: Path, cases: int, seed: int, spacing_mm: float, progress: bool):
-    from vertstudy.config import PrepConfig
-    from vertstudy.data.phantom import PhantomConfig, write_phantoms
-    from vertstudy.data.prepare import prepare_dataset
-
-    if not (work / "phantoms").exists():
-        write_phantoms(
-            work / "phantoms", cases=cases, seed=seed, config=PhantomConfig.preset("coarse"), progress=progress
-        )
-    result = prepare_dataset(
-        work / "phantoms", work / "cache", prep=PrepConfig(spacing_mm=spacing_mm), progress=progress
-    )
-    return result.cases
-
-
 def bench_train(
     width: float = 0.25,
     crop_size: tuple[int, int, int] = (64, 48, 48),
@@ -256,7 +241,7 @@ def _bench_train(
     work = Path(tempfile.mkdtemp(prefix="vertstudy-bench-train-")) if own else Path(workdir)
     try:
         cfg = bench_config(width, crop_size, spacing_mm, batch_size, workers, seed)
-        cached = _prepare_cases(work, cases, seed, spacing_mm, progress)
+        cached = prepared_phantoms(work, cases, seed, spacing_mm, progress)
         dataset = CropDataset(cached, cfg.data.crop, cfg.data.augment, seed=seed, train=True)
         loader = make_loader(dataset, batch_size, workers, drop_last=True)
         batches = _endless(loader, dataset)

@@ -39,6 +39,7 @@ from vertstudy.data.phantom_draw import Grid, Material, paint
 from vertstudy.data.phantom_tissue import Habitus, render_tissue
 from vertstudy.data.shapes import SpineShapes, load_shapes, sample_centreline
 from vertstudy.errors import ConfigError
+from vertstudy.progress import progress_counter
 
 GENERATOR_VERSION = "1"
 HU_RANGE = (-1024.0, 3071.0)  # a 12-bit CT's range; metal saturates near the top
@@ -465,19 +466,16 @@ def write_phantoms(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[int, list[Path]] = {}
-    from rich.progress import Progress
-
-    with Progress(disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"phantoms -> {out}", total=cases)
+    with progress_counter(progress, cases, f"phantoms -> {out}") as advance:
         if workers == 1:
             for i in range(cases):
                 results[i] = _generate_and_write(i, seed, config, fmt, out)[1]
-                bar.advance(task)
+                advance()
         else:
             with ProcessPoolExecutor(max_workers=min(workers, max(cases, 1))) as pool:
                 futures = [pool.submit(_generate_and_write, i, seed, config, fmt, out) for i in range(cases)]
                 for fut in as_completed(futures):
                     i, paths, _ = fut.result()
                     results[i] = paths
-                    bar.advance(task)
+                    advance()
     return [p for i in range(cases) for p in results[i]]
