@@ -23,13 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from vertstudy.anatomy import NUM_CLASSES
 from vertstudy.bench import format_figures, prepared_phantoms
 from vertstudy.config import Config
 from vertstudy.data.cache import CachedCase
+from vertstudy.train.evaluate import baseline_case_rows, checkpoint_case_rows
 
 
 def learn_config(
@@ -47,48 +46,15 @@ def learn_config(
     )
 
 
-def truth_mm(case: CachedCase) -> dict[int, np.ndarray]:
-    """``{class: (3,) canonical (z, y, x) mm}`` of a cached case's centroids."""
-    spacing = case.geometry.spacing_mm
-    return {int(i): np.asarray(p, dtype=np.float64) * spacing for i, p in zip(case.indices, case.zyx_vox)}
-
-
-def mean_positions_mm(cases: list[CachedCase]) -> dict[int, np.ndarray]:
-    """Per class, the mean canonical (z, y, x) position in mm over the cases that contain it."""
-    sums, counts = np.zeros((NUM_CLASSES, 3)), np.zeros(NUM_CLASSES)
-    for case in cases:
-        for label, point in truth_mm(case).items():
-            sums[label] += point
-            counts[label] += 1
-    return {k: sums[k] / counts[k] for k in range(NUM_CLASSES) if counts[k]}
-
-
 def baseline_rows(train: list[CachedCase], test: list[CachedCase]) -> list:
-    """Rows of the mean-position baseline on ``test`` (every class in the truth is predicted)."""
-    from vertstudy.train.metrics import match_case
-
-    means = mean_positions_mm(train)
-    rows = []
-    for case in test:
-        truth = truth_mm(case)
-        rows += match_case({k: means[k] for k in truth if k in means}, truth)
-    return rows
+    """Rows of the mean-position baseline on ``test``."""
+    return [r for _, rows in baseline_case_rows(train, test) for r in rows]
 
 
 def whole_ct_rows(checkpoint: Path, test: list[CachedCase]) -> tuple[list, float]:
     """Rows of the whole-CT predictions of ``checkpoint`` on ``test``, and seconds per case."""
-    from vertstudy.train.inference import predict_volume
-    from vertstudy.train.metrics import match_case
-    from vertstudy.train.trainer import load_model
-
-    model, cfg = load_model(checkpoint)
-    rows, t0 = [], time.perf_counter()
-    for case in test:
-        spacing = case.geometry.spacing_mm
-        volume = np.asarray(case.volume(mmap=False), dtype=np.float32)
-        pred = predict_volume(model, volume, case.pad_value, cfg.data.crop.crop_size, cfg.infer, spacing_mm=spacing)
-        rows += match_case({k: np.asarray(v, dtype=np.float64) * spacing for k, v in pred.items()}, truth_mm(case))
-    return rows, (time.perf_counter() - t0) / max(len(test), 1)
+    per_case, seconds = checkpoint_case_rows(checkpoint, test)
+    return [r for _, rows in per_case for r in rows], seconds
 
 
 def _train_for(cfg: Config, train: list, val: list, out: Path, minutes: float, max_epochs: int, progress: bool):

@@ -1,0 +1,63 @@
+"""Whole-CT evaluation of a checkpoint on held-out cached cases, and the mean-position baseline.
+
+Held-out cases are labelled on the *whole* CT by :mod:`vertstudy.train.inference` and scored by
+:func:`vertstudy.train.metrics.match_case` in canonical millimetres (``zyx_vox * spacing_mm``,
+axis order (z, y, x)); the mapping to the scanner's space is rigid per case, so distances are
+the same. Baseline: every class present in a case is predicted at that class's mean canonical
+position (mm) over the training cases that contain it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vertstudy.anatomy import NUM_CLASSES
+from vertstudy.data.cache import CachedCase
+from vertstudy.train.metrics import VertebraRow, match_case
+
+
+def truth_mm(case: CachedCase) -> dict[int, np.ndarray]:
+    """``{class: (3,) canonical (z, y, x) mm}`` of a cached case's centroids."""
+    spacing = case.geometry.spacing_mm
+    return {int(i): np.asarray(p, dtype=np.float64) * spacing for i, p in zip(case.indices, case.zyx_vox)}
+
+
+def mean_positions_mm(cases: list[CachedCase]) -> dict[int, np.ndarray]:
+    """Per class, the mean canonical (z, y, x) position in mm over the cases that contain it."""
+    sums, counts = np.zeros((NUM_CLASSES, 3)), np.zeros(NUM_CLASSES)
+    for case in cases:
+        for label, point in truth_mm(case).items():
+            sums[label] += point
+            counts[label] += 1
+    return {k: sums[k] / counts[k] for k in range(NUM_CLASSES) if counts[k]}
+
+
+def baseline_case_rows(train: list[CachedCase], test: list[CachedCase]) -> list[tuple[CachedCase, list[VertebraRow]]]:
+    """Per test case, the rows of the mean-position baseline (every class in the truth is predicted)."""
+    means = mean_positions_mm(train)
+    out = []
+    for case in test:
+        truth = truth_mm(case)
+        out.append((case, match_case({k: means[k] for k in truth if k in means}, truth)))
+    return out
+
+
+def checkpoint_case_rows(
+    checkpoint: Path, test: list[CachedCase], device: str = "cpu"
+) -> tuple[list[tuple[CachedCase, list[VertebraRow]]], float]:
+    """Per test case, the rows of ``checkpoint``'s whole-CT predictions; and seconds per case."""
+    from vertstudy.train.inference import predict_volume
+    from vertstudy.train.trainer import load_model
+
+    model, cfg = load_model(checkpoint, device=device)
+    out, t0 = [], time.perf_counter()
+    for case in test:
+        spacing = case.geometry.spacing_mm
+        volume = np.asarray(case.volume(mmap=False), dtype=np.float32)
+        pred = predict_volume(model, volume, case.pad_value, cfg.data.crop.crop_size, cfg.infer, spacing_mm=spacing)
+        out.append((case, match_case({k: np.asarray(v, dtype=np.float64) * spacing for k, v in pred.items()},
+                                     truth_mm(case))))
+    return out, (time.perf_counter() - t0) / max(len(test), 1)
