@@ -155,5 +155,7 @@ def validated(schema: type[BaseModel], where: str, /, **values: Any) -> Any:
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
+        if not field:  # a whole-model check names its fields itself
+            raise ConfigError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
         bad = err.get("input")
         raise ConfigError(f"{where}: field {field!r} = {bad!r}: {err['msg']}") from None

@@ -269,6 +269,9 @@ def validate_spec(raw: Any, where: str) -> StudySpec:
     """A :class:`StudySpec` from parsed YAML, every value checked (``ConfigError`` on the first bad one)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: a study file must be a mapping of fields, got {type(raw).__name__}")
+    bad = [k for k in raw if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{where}: field names must be text, got {bad[0]!r}")
     spec = validated(StudySpec, where, **raw)
     load_config(spec.config, where=f"{where}: config")
     load_config({**spec.config, **spec.smoke}, where=f"{where}: smoke")
@@ -288,7 +291,10 @@ def load_study(path: str | Path) -> StudySpec:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise InputError(path, f"not valid YAML ({str(exc).splitlines()[0]})") from None
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(path, f"not valid YAML{at} ({problem})") from None
     return validate_spec(raw, str(path))
 
 
@@ -316,8 +322,13 @@ def smoke(spec: StudySpec) -> StudySpec:
     GPU per trial, plus the study's own ``smoke`` overrides. Parameters that the smoke settings
     fix are dropped from the space."""
     overrides = {**SMOKE_CONFIG, **spec.smoke}
-    space = {k: v for k, v in spec.space.items() if k not in overrides}
-    space = {k: v for k, v in space.items() if not (v.when and any(c not in space for c in v.when))}
+    space: dict[str, Param] = {}
+    for k, v in spec.space.items():  # file order: a condition always precedes what it conditions
+        if k not in overrides and all(c in space for c in v.when or {}):
+            space[k] = v
+    if not space and spec.repeats == 1:
+        raise ConfigError(f"study {spec.name!r}: --smoke fixes every searched parameter ({', '.join(spec.space)}); "
+                          "add a 'smoke' override or a parameter --smoke does not fix")
     repeats = 1 if space else min(spec.repeats, 2)
     phantom_seed = spec.data.phantoms.seed if spec.data.phantoms else 0
     data = DataSpec(

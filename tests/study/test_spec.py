@@ -1,0 +1,238 @@
+"""The study-file schema, its smoke scaling, the Optuna/Tune spaces and their decoding (no Ray cluster)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+
+from vertstudy.config import load_config
+from vertstudy.errors import ConfigError, InputError
+from vertstudy.study.space import decode, define_by_run, grid_space
+from vertstudy.study.spec import load_study, smoke, validate_spec
+
+STUDIES = Path(__file__).resolve().parents[2] / "studies"
+STUDY_FILES = sorted(STUDIES.glob("*.yaml"))
+
+#: The parameters each schedule kind owns in search.yaml (sampled only with that kind).
+SCHEDULE_PARAMS = {
+    "plateau": {"train.schedule.factor", "train.schedule.patience"},
+    "step": {"train.schedule.step_size", "train.schedule.gamma"},
+    "cosine": {"train.schedule.min_lr"},
+}
+
+
+def test_the_paper_studies_exist():
+    names = {p.name for p in STUDY_FILES}
+    assert {"quickstart.yaml", "search.yaml", *(f"table{i}.yaml" for i in range(1, 5))} <= names
+
+
+@pytest.mark.parametrize("path", STUDY_FILES, ids=lambda p: p.stem)
+def test_every_study_loads_and_its_smoke_version_is_small_and_valid(path):
+    spec = load_study(path)
+    small = smoke(spec)
+    again = validate_spec(small.model_dump(), f"{path} (smoke)")
+    assert again.name == f"{spec.name}-smoke"
+    if small.search.algorithm == "grid":
+        points = math.prod(len(p.values) for p in small.space.values())
+        assert points * small.repeats * small.num_samples <= 3
+    else:
+        assert small.num_samples <= 2
+    cfg = load_config(small.config)
+    assert cfg.model.width == 0.125
+    assert cfg.train.device == "cpu"
+    assert small.resources.gpus == 0
+    assert small.data.phantoms is not None and small.data.root is None
+
+
+def test_quickstart_searches_b_lambda_schedule_and_crop_two_at_a_time():
+    spec = load_study(STUDIES / "quickstart.yaml")
+    assert {"loss.balance_b", "loss.reg_lambda", "train.schedule.kind", "data.crop.crop_size"} <= set(spec.space)
+    assert spec.concurrency == 2
+    assert spec.search.algorithm == "optuna-tpe"
+    assert spec.data.phantoms is not None and spec.resources.gpus == 0
+
+
+def test_search_is_gpu_scale_and_leaves_the_stride_to_the_runner():
+    spec = load_study(STUDIES / "search.yaml")
+    cfg = load_config(spec.config)
+    assert spec.data.root and spec.data.split.val < 1 and spec.data.split.test < 1
+    assert (cfg.model.width, cfg.data.prep.spacing_mm, cfg.data.crop.crop_size) == (1.0, 2.0, (104, 80, 80))
+    assert cfg.train.device == "cuda" and cfg.train.amp
+    assert spec.resources.gpus == 0.5 and spec.scheduler.kind == "asha"
+    assert spec.scheduler.grace_period < cfg.train.epochs
+    assert "data.crop.crop_size" in spec.space and "infer.stride" not in spec.config
+
+
+def test_search_space_is_conditional_on_the_schedule_kind():
+    spec = load_study(STUDIES / "search.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = define_by_run(spec)
+    kinds, crops = set(), set()
+    for _ in range(40):
+        trial = study.ask()
+        space(trial)
+        params = set(trial.params)
+        kind = trial.params["train.schedule.kind"]
+        kinds.add(kind)
+        owned = set().union(*SCHEDULE_PARAMS.values())
+        assert params & owned == SCHEDULE_PARAMS[kind], (kind, sorted(params))
+        assert {"loss.balance_b", "loss.reg_lambda", "train.lr", "data.crop.crop_size"} <= params
+        values = decode(spec, trial.params)
+        crop = values["data.crop.crop_size"]
+        assert isinstance(crop, (list, tuple)) and len(crop) == 3 and all(c % 8 == 0 for c in crop)
+        crops.add(tuple(crop))
+        assert 2.0 <= values["loss.balance_b"] <= 4.0
+        load_config({**spec.config, **values})  # every sampled point is a valid config
+        study.tell(trial, 1.0)
+    assert kinds == set(SCHEDULE_PARAMS)
+    assert len(crops) > 1
+
+
+@pytest.mark.parametrize(
+    "name, param, values",
+    [
+        ("table1", "model.loc_head", ["integral", "heatmap", "fc"]),
+        ("table2", "model.classifier", ["bilstm", "none-lstm"]),
+        ("table3", "model.tasks", ["loc", "loc+cls"]),
+        ("table4", None, None),
+    ],
+)
+def test_table_grids_and_their_seeds(name, param, values):
+    spec = load_study(STUDIES / f"{name}.yaml")
+    assert spec.search.algorithm == "grid" and spec.scheduler.kind == "none"
+    assert spec.resources.gpus == 0.5
+    grid = grid_space(spec)
+    assert grid["seed"] == {"grid_search": [0, 1, 2]}
+    if param is None:
+        assert set(grid) == {"seed"}
+        cfg = load_config(spec.config)
+        assert (cfg.loss.balance_b, cfg.loss.reg_lambda, cfg.train.lr) == (3.0, 0.4, 0.01)
+        assert cfg.train.schedule.kind == "plateau"
+    else:
+        assert set(grid) == {param, "seed"}
+        assert grid[param] == {"grid_search": values}
+    if name == "table1":
+        assert load_config(spec.config).model.tasks == "loc"
+
+
+def test_decode_maps_labels_back_and_rejects_unknown_ones():
+    spec = load_study(STUDIES / "quickstart.yaml")
+    values = decode(spec, {"data.crop.crop_size": "56x40x40", "train.schedule.kind": "step",
+                           "train.schedule.step_size": 5.0, "loss.balance_b": 3, "seed": "2"})
+    assert values == {"data.crop.crop_size": [56, 40, 40], "train.schedule.kind": "step",
+                      "train.schedule.step_size": 5, "loss.balance_b": 3.0, "seed": 2}
+    assert isinstance(values["train.schedule.step_size"], int) and isinstance(values["loss.balance_b"], float)
+    with pytest.raises(ConfigError, match="64x64x64"):
+        decode(spec, {"data.crop.crop_size": "64x64x64"})
+    with pytest.raises(ConfigError, match="loss.balnce_b"):
+        decode(spec, {"loss.balnce_b": 3.0})
+
+
+# --- bad files ---------------------------------------------------------------------------------
+
+BASE: dict[str, Any] = {
+    "name": "bad",
+    "data": {"phantoms": {"count": 5}},
+    "config": {"model.width": 0.125},
+    "space": {"loss.balance_b": {"type": "float", "low": 2.0, "high": 4.0}},
+}
+
+
+def _space(**params: Any):
+    return lambda d: d["space"].update(params)
+
+
+BAD = {
+    "unknown-param": (
+        _space(**{"loss.balnce_b": {"type": "float", "low": 2.0, "high": 4.0}}),
+        ["'loss.balnce_b'", "space", "accepted"],
+    ),
+    "num-samples-type": (lambda d: d.update(num_samples="many"), ["num_samples", "'many'", "valid integer"]),
+    "choice-rejected": (
+        _space(**{"model.loc_head": {"type": "choice", "values": ["integral", "softmax"]}}),
+        ["model.loc_head", "'softmax'", "'integral', 'heatmap' or 'fc'"],
+    ),
+    "empty-space": (lambda d: d.update(space={}), ["search space is empty", "space"]),
+    "low-not-below-high": (
+        _space(**{"loss.balance_b": {"type": "float", "low": 4.0, "high": 2.0}}),
+        ["space.loss.balance_b", "low=4.0", "'low' must be below 'high'"],
+    ),
+    "logfloat-low-zero": (
+        _space(**{"train.lr": {"type": "logfloat", "low": 0.0, "high": 0.1}}),
+        ["space.train.lr", "logfloat", "low > 0"],
+    ),
+    "when-non-choice": (
+        _space(**{"train.lr": {"type": "logfloat", "low": 1e-3, "high": 0.1, "when": {"loss.balance_b": 3.0}}}),
+        ["space.train.lr.when", "'loss.balance_b'", "must be a choice parameter listed before it"],
+    ),
+    "when-later": (
+        _space(**{
+            "train.schedule.gamma": {"type": "float", "low": 0.2, "high": 0.6, "when": {"train.schedule.kind": "step"}},
+            "train.schedule.kind": {"type": "choice", "values": ["plateau", "step"]},
+        }),
+        ["space.train.schedule.gamma.when", "'train.schedule.kind'", "listed before it"],
+    ),
+    "when-unknown-value": (
+        _space(**{
+            "train.schedule.kind": {"type": "choice", "values": ["plateau", "step"]},
+            "train.schedule.gamma": {"type": "float", "low": 0.2, "high": 0.6, "when": {"train.schedule.kind": "cos"}},
+        }),
+        ["space.train.schedule.gamma.when", "'cos'", "'plateau', 'step'"],
+    ),
+    "repeats-with-tpe": (lambda d: d.update(repeats=3), ["repeats", "'grid'", "'optuna-tpe'"]),
+    "asha-with-multi": (
+        lambda d: d.update(search={"algorithm": "optuna-multi"}, scheduler={"kind": "asha"}),
+        ["'asha'", "optuna-multi", "kind: none"],
+    ),
+    "phantoms-and-root": (lambda d: d["data"].update(root="/data/verse"), ["data", "/data/verse", "exactly one of"]),
+    "grid-with-float": (
+        lambda d: d.update(search={"algorithm": "grid"}),
+        ["space.loss.balance_b", "grid search takes choice parameters only", "'float'"],
+    ),
+}
+
+
+def _message(exc_type: type[Exception], path: Path) -> str:
+    with pytest.raises(exc_type) as info:
+        load_study(path)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert str(path) in message, message
+    return message
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_study_gives_one_line_naming_file_field_value_and_what_is_accepted(tmp_path, case):
+    change, must = BAD[case]
+    study = copy.deepcopy(BASE)
+    validate_spec(copy.deepcopy(study), "base")  # the base itself is fine
+    change(study)
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
+    message = _message(ConfigError, path)
+    for text in must:
+        assert text in message, (text, message)
+
+
+@pytest.mark.parametrize(
+    "case, text, exc_type, must",
+    [
+        ("missing", None, InputError, ["not found"]),
+        ("invalid-yaml", "name: [bad\nspace: {\n", InputError, ["not valid YAML"]),
+        ("a-list", "- name: bad\n- space: {}\n", ConfigError, ["must be a mapping", "list"]),
+        ("empty-file", "", ConfigError, ["must be a mapping", "NoneType"]),
+    ],
+)
+def test_unreadable_study_files(tmp_path, case, text, exc_type, must):
+    path = tmp_path / f"{case}.yaml"
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
+    message = _message(exc_type, path)
+    for part in must:
+        assert part in message, (part, message)
