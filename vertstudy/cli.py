@@ -100,6 +100,90 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- study -------------------------------------------------------------------------------
+def _print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    Console().print(table)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "nan" if value != value else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _print_result(result) -> None:
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items())) or "no trial ended"
+    print(f"study directory: {result.study_dir}")
+    print(f"trials: {counts}; wall time {result.wall_s:.0f} s" + (" (interrupted)" if result.interrupted else ""))
+    best, base = result.best, result.baseline
+    if best:
+        print(f"best trial {best['trial_id']}: validation crops {_cell(best.get('best_val_loc_error_mm'))} mm, "
+              f"id rate {_cell(best.get('best_val_id_rate'))}; held-out whole CTs "
+              f"{_cell(best.get('test_loc_error_mm_mean'))} mm, id rate {_cell(best.get('test_id_rate'))}")
+    if base:
+        print(f"mean-position baseline on the held-out CTs: {_cell(base.get('loc_error_mm_mean'))} mm, "
+              f"id rate {_cell(base.get('id_rate'))}")
+    if result.interrupted:
+        print(f"continue with: vertstudy study resume {result.study_dir}")
+
+
+def cmd_study_run(args: argparse.Namespace) -> int:
+    from vertstudy.study.runner import run_study
+    from vertstudy.study.spec import load_study, smoke, validate_spec
+
+    spec = load_study(args.study)
+    overrides = {}
+    if args.storage:
+        overrides["storage"] = args.storage
+    if args.wandb:
+        overrides["wandb"] = {"mode": args.wandb}
+    if overrides:
+        spec = validate_spec({**spec.model_dump(), **overrides}, f"{args.study} (with command-line options)")
+    if args.smoke:
+        spec = smoke(spec)
+    result = run_study(spec, address=args.address, progress=not args.no_progress)
+    _print_result(result)
+    return 130 if result.interrupted else 0
+
+
+def cmd_study_resume(args: argparse.Namespace) -> int:
+    from vertstudy.study.runner import resume_study
+
+    result = resume_study(args.dir, address=args.address, progress=not args.no_progress)
+    _print_result(result)
+    return 130 if result.interrupted else 0
+
+
+def cmd_study_status(args: argparse.Namespace) -> int:
+    from vertstudy.study.runner import STATUS_COLUMNS, study_status
+
+    spec, rows, baseline = study_status(args.dir)
+    if args.json:
+        print(json.dumps({"study": spec.name, "trials": rows, "baseline": baseline}, default=str))
+        return 0
+    _print_table(f"study {spec.name}: {len(rows)} trials", rows, [*STATUS_COLUMNS, *spec.space])
+    if baseline:
+        print(f"mean-position baseline on the held-out CTs: {_cell(baseline.get('loc_error_mm_mean'))} mm, "
+              f"id rate {_cell(baseline.get('id_rate'))}")
+    return 0
+
+
+def cmd_study_export(args: argparse.Namespace) -> int:
+    from vertstudy.study.runner import export_tables
+
+    outcomes = export_tables(args.dir)
+    print(f"wrote trials.parquet, epochs.parquet, vertebrae.parquet for {len(outcomes)} ended trials in {args.dir}")
+    return 0
+
+
 # -- bench ---------------------------------------------------------------------------------
 def cmd_bench_infer(args: argparse.Namespace) -> int:
     from vertstudy.bench.infer import bench_infer, format_table
@@ -130,6 +214,17 @@ def cmd_bench_learn(args: argparse.Namespace) -> int:
     figures = bench_learn(
         train_cases=args.train_cases, val_cases=args.val_cases, test_cases=args.test_cases, minutes=args.minutes,
         width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm, lr=args.lr, seed=args.seed,
+        workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
+    )
+    print(json.dumps(figures) if args.json else format_table(figures))
+    return 0
+
+
+def cmd_bench_study(args: argparse.Namespace) -> int:
+    from vertstudy.bench.study import bench_study, format_table
+
+    figures = bench_study(
+        trials=args.trials, concurrency=args.concurrency, epochs=args.epochs, wandb=args.wandb,
         workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
     )
     print(json.dumps(figures) if args.json else format_table(figures))
@@ -216,6 +311,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=cmd_predict)
 
+    study = top.add_parser("study", help="run, resume, inspect and export hyperparameter studies on Ray",
+                           description="Hyperparameter and ablation studies: Ray Tune + Optuna + W&B + Parquet.")
+    study_sub = study.add_subparsers(dest="study_command", required=True, metavar="COMMAND")
+    p = study_sub.add_parser("run", help="run a study file on a Ray cluster (or a local one)",
+                             description="Run STUDY.yaml: trials on Ray, Optuna search, W&B runs, Parquet tables.")
+    p.add_argument("study", help="the study file (studies/*.yaml)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local cluster, or RAY_ADDRESS)")
+    p.add_argument("--storage", help="results directory or URI (overrides the study's storage)")
+    p.add_argument("--wandb", choices=("offline", "online", "disabled"),
+                   help="W&B mode (overrides the study's; online reads WANDB_API_KEY from the environment)")
+    p.add_argument("--smoke", action="store_true", help="run the study at CPU scale (tiny data, network, epochs)")
+    p.add_argument("--no-progress", action="store_true", help="no live trials table")
+    p.set_defaults(func=cmd_study_run)
+
+    p = study_sub.add_parser("resume", help="continue an interrupted study from its directory",
+                             description="Ended trials are kept, running ones continue from their checkpoints.")
+    p.add_argument("dir", help="the study directory (<storage>/<study name>)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local cluster, or RAY_ADDRESS)")
+    p.add_argument("--no-progress", action="store_true", help="no live trials table")
+    p.set_defaults(func=cmd_study_resume)
+
+    p = study_sub.add_parser("status", help="print the trials table of a study",
+                             description="Ended trials from trials.parquet, then pending and running ones.")
+    p.add_argument("dir", help="the study directory (<storage>/<study name>)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_study_status)
+
+    p = study_sub.add_parser("export", help="rebuild the Parquet tables from Ray's results",
+                             description="Rebuild trials/epochs/vertebrae.parquet from the study's Ray results.")
+    p.add_argument("dir", help="the study directory (<storage>/<study name>)")
+    p.set_defaults(func=cmd_study_export)
+
     bench = top.add_parser("bench", help="measure the figures the issues ask for",
                            description="Benchmarks: each prints a table, or one JSON object with --json.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -280,6 +407,17 @@ def build_parser() -> argparse.ArgumentParser:
         p, seed_help="seed (default 0)",
         workdir_help="folder for phantoms, cache and checkpoints (default: temporary, removed)")
     p.set_defaults(func=cmd_bench_learn)
+    p = bench_sub.add_parser("study", help="wall time of identical trials through the platform versus plain Optuna",
+                             description="Identical short trials through Ray Tune + W&B + tables versus Optuna alone "
+                                         "in one process, same concurrency; the platform's overhead per trial.")
+    p.add_argument("--trials", type=_positive_int, default=8, help="identical trials (default 8)")
+    p.add_argument("--concurrency", type=_positive_int, default=2, help="trials at once, both ways (default 2)")
+    p.add_argument("--epochs", type=_positive_int, default=4, help="epochs per trial: its fixed compute (default 4)")
+    p.add_argument("--wandb", choices=("offline", "disabled"), default="offline", help="W&B on the platform side")
+    p.add_argument("--workdir", help="keep phantoms, cache and results here (default: a temporary directory)")
+    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    p.set_defaults(func=cmd_bench_study)
+
     return parser
 
 

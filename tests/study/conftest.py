@@ -1,0 +1,65 @@
+"""One real local Ray cluster per test module, a short storage directory, and tiny study files.
+
+Ray's socket paths must be short, so the cluster and the storage live under ``/tmp/vs-*``
+rather than pytest's ``tmp_path``. Every study here is CPU-sized (the ``--smoke`` settings):
+5 coarse phantoms at 8 mm, a width-0.125 network on 16^3 crops.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vertstudy.study.spec import SMOKE_CONFIG, StudySpec, validate_spec
+
+
+@pytest.fixture(scope="module")
+def short_dir():
+    path = Path(tempfile.mkdtemp(prefix="vs-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(short_dir):
+    """A real 2-CPU local Ray cluster shared by the module; yields its address."""
+    import ray
+
+    ray.init(num_cpus=2, _temp_dir=str(short_dir / "ray"), include_dashboard=False, log_to_driver=False,
+             object_store_memory=150 * 1024 * 1024)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def storage(short_dir) -> Path:
+    """Results of every study of the module (phantoms and cache are shared between them)."""
+    path = short_dir / "st"
+    path.mkdir()
+    return path
+
+
+def tiny_study(name: str, storage: Path, **fields: Any) -> dict[str, Any]:
+    """A valid study dict: Optuna TPE over B, 2 trials 2 at a time, 2 epochs, no scheduler."""
+    config = {**SMOKE_CONFIG, **fields.pop("config", {})}
+    study = {
+        "name": name,
+        "data": {"phantoms": {"count": 5, "seed": 0}, "split": {"val": 1, "test": 1}},
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+        "space": {"loss.balance_b": {"type": "float", "low": 2.0, "high": 4.0}},
+        "search": {"algorithm": "optuna-tpe"},
+        "scheduler": {"kind": "none"},
+        "num_samples": 2,
+        "concurrency": 2,
+        "storage": str(storage),
+    }
+    study.update(fields)
+    return study
+
+
+def tiny_spec(name: str, storage: Path, **fields: Any) -> StudySpec:
+    return validate_spec(tiny_study(name, storage, **fields), name)

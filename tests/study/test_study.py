@@ -1,0 +1,149 @@
+"""Studies end to end on a real local Ray cluster, with a real Optuna storage, real W&B offline
+runs and the real network: tables, resume after faults, every shipped study at --smoke."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+
+from tests.study.conftest import tiny_spec
+from vertstudy.study.runner import export_tables, run_study, study_status
+from vertstudy.study.spec import load_study, smoke
+from vertstudy.study.tracking import read_offline_runs
+
+STUDIES = Path(__file__).resolve().parents[2] / "studies"
+STATUSES = {"completed", "pruned", "error", "diverged"}
+
+pytestmark = pytest.mark.slow
+
+
+def table(study_dir, name):
+    return pq.read_table(Path(study_dir) / f"{name}.parquet").to_pylist()
+
+
+def results_of(study_dir, trial_id):
+    text = (Path(study_dir) / "ray" / trial_id / "result.json").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def check_consistent(study_dir, spec, expected_trials: int) -> list[dict]:
+    """The three tables agree with each other, with Ray's trial directories and with Optuna."""
+    trials = table(study_dir, "trials")
+    ids = [t["trial_id"] for t in trials]
+    assert len(ids) == len(set(ids)) == expected_trials
+    assert set(ids) == {p.name for p in (Path(study_dir) / "ray").iterdir() if p.is_dir()}
+    assert {t["status"] for t in trials} <= STATUSES
+    epochs = table(study_dir, "epochs")
+    keys = [(e["trial_id"], e["epoch"]) for e in epochs]
+    assert len(keys) == len(set(keys))
+    for t in trials:
+        mine = sorted(e["epoch"] for e in epochs if e["trial_id"] == t["trial_id"])
+        assert mine == list(range(1, t["epochs"] + 1))
+    split = json.loads((Path(study_dir) / "split.json").read_text())
+    test_cases = {Path(p).name for p in split["test"]}
+    verts = table(study_dir, "vertebrae")
+    for t in trials:
+        rows = [v for v in verts if v["trial_id"] == t["trial_id"]]
+        if t["status"] == "completed":
+            assert len(rows) == 26 * len(test_cases)
+            assert not math.isnan(t["test_id_rate"])
+            assert (Path(t["checkpoint"]) / "best.pt").exists()
+    if spec.search.algorithm != "grid":
+        study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{study_dir}/optuna.db")
+        states = [tr.state for tr in study.get_trials()]
+        assert optuna.trial.TrialState.RUNNING not in states
+        assert len(states) == expected_trials
+    return trials
+
+
+def test_quickstart_smoke_writes_tables_wandb_and_optuna(ray_cluster, storage):
+    spec = smoke(load_study(STUDIES / "quickstart.yaml")).model_copy(update={"storage": str(storage)})
+    result = run_study(spec, progress=False)
+    trials = check_consistent(result.study_dir, spec, expected_trials=2)
+    assert sum(result.counts.values()) == 2
+    assert any(t["status"] == "completed" for t in trials)
+    # the sampled values are in the table, and are the ones Optuna recorded for the trial
+    for t in trials:
+        assert 2.0 <= t["cfg.loss.balance_b"] <= 4.0
+        assert t["cfg.train.schedule.kind"] in ("plateau", "cosine", "step")
+        assert t["node"] and t["device"] == "cpu" or t["status"] != "completed"
+    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{result.study_dir}/optuna.db")
+    assert sorted(round(tr.params["loss.balance_b"], 9) for tr in study.trials) == sorted(
+        round(t["cfg.loss.balance_b"], 9) for t in trials
+    )
+    # one W&B offline run per trial, grouped by study, with its per-epoch history
+    runs = {r.run_id: r for r in read_offline_runs(Path(result.study_dir) / "wandb")}
+    assert {t["wandb_run"] for t in trials} == set(runs)
+    for t in trials:
+        run = runs[t["wandb_run"]]
+        assert run.group == spec.name
+        assert run.config["loss.balance_b"] == pytest.approx(t["cfg.loss.balance_b"])
+        assert sorted(h["epoch"] for h in run.history if "epoch" in h) == list(range(1, t["epochs"] + 1))
+    # the baseline sits beside the tables, and status lists every trial
+    assert len(table(result.study_dir, "baseline")) == 26
+    _, rows, baseline = study_status(result.study_dir)
+    assert {r["trial_id"] for r in rows} == {t["trial_id"] for t in trials}
+    assert baseline["n_truth"] > 0
+
+    # export rebuilds the same tables from Ray's results alone
+    before = {name: table(result.study_dir, name) for name in ("trials", "epochs", "vertebrae")}
+    for name in before:
+        (Path(result.study_dir) / f"{name}.parquet").unlink()
+    export_tables(result.study_dir)
+    after = {name: table(result.study_dir, name) for name in before}
+    assert json.dumps(after, sort_keys=True, default=str) == json.dumps(before, sort_keys=True, default=str)
+
+
+def test_trial_failing_once_resumes_from_its_checkpoint(ray_cluster, storage):
+    spec = tiny_spec("fault-once", storage, num_samples=1, inject_failure_at_epoch=1)
+    result = run_study(spec, progress=False)
+    (trial,) = check_consistent(result.study_dir, spec, expected_trials=1)
+    assert trial["status"] == "completed" and trial["epochs"] == 2
+    reports = results_of(result.study_dir, trial["trial_id"])
+    # epoch 1 was reported once: the retry continued from its checkpoint instead of starting over
+    assert [r["epoch"] for r in reports if r.get("phase") == "epoch"] == [1, 2]
+    assert "fault drill" in (Path(result.study_dir) / "ray" / trial["trial_id"] / "error.txt").read_text()
+
+
+def test_diverging_trial_ends_diverged_and_the_study_goes_on(ray_cluster, storage):
+    spec = tiny_spec(
+        "diverge", storage, num_samples=1, search={"algorithm": "grid"},
+        space={"train.lr": {"type": "choice", "values": [0.003, 1.0e30]}},
+    )
+    result = run_study(spec, progress=False)
+    trials = check_consistent(result.study_dir, spec, expected_trials=2)
+    status = {t["cfg.train.lr"]: t["status"] for t in trials}
+    assert status == {0.003: "completed", 1.0e30: "diverged"}
+    diverged = next(t for t in trials if t["status"] == "diverged")
+    assert "non-finite" in diverged["message"] or "nan" in diverged["message"].lower()
+
+
+@pytest.mark.parametrize("name", ["search", "table1", "table2", "table3", "table4"])
+def test_every_gpu_study_runs_at_smoke_scale(ray_cluster, storage, name):
+    spec = smoke(load_study(STUDIES / f"{name}.yaml")).model_copy(update={"storage": str(storage)})
+    if spec.search.algorithm == "grid":
+        expected = math.prod(len(p.values) for p in spec.space.values()) * spec.repeats * spec.num_samples
+    else:
+        expected = spec.num_samples
+    result = run_study(spec, progress=False)
+    trials = check_consistent(result.study_dir, spec, expected_trials=expected)
+    if spec.scheduler.kind == "none":
+        assert {t["status"] for t in trials} == {"completed"}
+    for pname, p in spec.space.items():
+        if p.type == "choice" and spec.search.algorithm == "grid":
+            seen = {json.dumps(t[f"cfg.{pname}"]) for t in trials}
+            assert len(seen) == len(p.values)
+
+
+@pytest.mark.parametrize("algorithm", ["random", "optuna-multi"])
+def test_random_and_multi_objective_searches(ray_cluster, storage, algorithm):
+    spec = tiny_spec(f"algo-{algorithm}", storage, search={"algorithm": algorithm})
+    result = run_study(spec, progress=False)
+    check_consistent(result.study_dir, spec, expected_trials=2)
+    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{result.study_dir}/optuna.db")
+    assert len(study.directions) == (2 if algorithm == "optuna-multi" else 1)

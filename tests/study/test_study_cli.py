@@ -1,0 +1,139 @@
+"""The ``vertstudy study`` commands: bad input stops before any trial with one clear line, and a
+driver killed with SIGKILL mid-study is resumed with every trial exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.study.conftest import tiny_study
+from vertstudy.cli import main
+
+STUDIES = Path(__file__).resolve().parents[2] / "studies"
+
+
+def write_study(path: Path, study: dict) -> Path:
+    path.write_text(yaml.safe_dump(study), encoding="utf-8")
+    return path
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    return code, err
+
+
+def one_clear_line(err: str, *must: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    for text in must:
+        assert text in lines[0], (text, lines[0])
+
+
+@pytest.mark.parametrize(
+    "change, must",
+    [
+        ({"space": {"loss.balnce_b": {"type": "float", "low": 2, "high": 4}}}, ["loss.balnce_b", "unknown parameter"]),
+        ({"space": {}}, ["search space is empty"]),
+        ({"num_samples": "many"}, ["num_samples", "'many'"]),
+        ({"space": {"model.loc_head": {"type": "choice", "values": ["integral", "softmax"]}}},
+         ["model.loc_head", "softmax"]),
+        ({"space": {"loss.balance_b": {"type": "float", "low": 4, "high": 2}}}, ["low", "high"]),
+        ({"search": {"algorithm": "annealing"}}, ["search.algorithm", "annealing", "optuna-tpe"]),
+        ({"storage": "/dev/null/results"}, ["storage", "/dev/null/results", "cannot be written"]),
+    ],
+)
+def test_bad_study_files_stop_before_any_trial(tmp_path, capsys, change, must):
+    study = {**tiny_study("bad", tmp_path / "st"), **change}
+    path = write_study(tmp_path / "bad.yaml", study)
+    code, err = run_cli(capsys, "study", "run", str(path), "--no-progress")
+    assert code == 2
+    one_clear_line(err, *must)
+    assert not (tmp_path / "st" / "bad").exists()
+
+
+def test_unreadable_and_invalid_files(tmp_path, capsys):
+    code, err = run_cli(capsys, "study", "run", str(tmp_path / "missing.yaml"))
+    assert code == 2
+    one_clear_line(err, "missing.yaml", "not found")
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n", encoding="utf-8")
+    code, err = run_cli(capsys, "study", "run", str(tmp_path / "broken.yaml"))
+    assert code == 2
+    one_clear_line(err, "broken.yaml", "YAML")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n", encoding="utf-8")
+    code, err = run_cli(capsys, "study", "run", str(tmp_path / "list.yaml"))
+    assert code == 2
+    one_clear_line(err, "list.yaml", "mapping")
+    for command in ("resume", "status", "export"):
+        code, err = run_cli(capsys, "study", command, str(tmp_path))
+        assert code == 2
+        one_clear_line(err, str(tmp_path), "not a study directory")
+
+
+def test_cli_options_override_the_study(tmp_path, capsys):
+    path = write_study(tmp_path / "s.yaml", tiny_study("s", tmp_path / "st"))
+    code, err = run_cli(capsys, "study", "run", str(path), "--storage", "/dev/null/x", "--wandb", "disabled")
+    assert code == 2
+    one_clear_line(err, "/dev/null/x")
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_study_then_resumed(ray_cluster, storage, tmp_path):
+    """SIGKILL the driver after the first trial ended; `study resume` finishes the study with
+    every trial exactly once in trials.parquet and no Optuna trial left RUNNING."""
+    study = tiny_study("killed", storage, num_samples=4, config={"train.epochs": 3})
+    path = write_study(tmp_path / "killed.yaml", study)
+    study_dir = storage / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "vertstudy.cli", "study", "run", str(path), "--address", ray_cluster, "--no-progress"]
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            trials = study_dir / "trials.parquet"
+            if trials.exists() and pq.read_table(trials).num_rows >= 1:
+                break
+            assert driver.poll() is None, driver.stdout.read().decode()
+            time.sleep(0.5)
+        else:
+            pytest.fail("no trial ended within 240 s")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    ended_before = pq.read_table(study_dir / "trials.parquet").to_pylist()
+    assert 1 <= len(ended_before) < 4
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "vertstudy.cli", "study", "resume", str(study_dir), "--address", ray_cluster,
+         "--no-progress"], env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    trials = pq.read_table(study_dir / "trials.parquet").to_pylist()
+    ids = [t["trial_id"] for t in trials]
+    assert len(ids) == len(set(ids)) == 4
+    assert set(ids) == {p.name for p in (study_dir / "ray").iterdir() if p.is_dir()}
+    # trials that had ended before the kill were not run again
+    for before in ended_before:
+        after = next(t for t in trials if t["trial_id"] == before["trial_id"])
+        assert after["wall_s"] == before["wall_s"] and after["status"] == before["status"]
+        reports = (study_dir / "ray" / before["trial_id"] / "result.json").read_text().splitlines()
+        assert sum(json.loads(r).get("phase") == "final" for r in reports) <= 1
+    epochs = pq.read_table(study_dir / "epochs.parquet").to_pylist()
+    assert len({(e["trial_id"], e["epoch"]) for e in epochs}) == len(epochs)
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{study_dir}/optuna.db")
+    assert optuna.trial.TrialState.RUNNING not in [t.state for t in study.get_trials()]
+    status = subprocess.run([sys.executable, "-m", "vertstudy.cli", "study", "status", str(study_dir), "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert {r["trial_id"] for r in json.loads(status.stdout)["trials"]} == set(ids)

@@ -1,0 +1,101 @@
+"""A study's data: phantoms written (once) or a data set root, preprocessed into the
+content-addressed cache, and split into train / validation / held-out test cases.
+
+Runs once in the driver before any trial starts. The split (case ids and cache entries) is
+written to ``<study dir>/split.json``; a resumed study reads it back, so its trials see the
+same cases. Trials receive the cache entry paths through ``tune.with_parameters``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vertstudy.config import Config, PrepConfig
+from vertstudy.data.cache import CachedCase, load_entry
+from vertstudy.errors import ConfigError, InputError
+from vertstudy.study.spec import DataSpec
+
+
+@dataclass(frozen=True)
+class StudyData:
+    """Absolute cache entry directories of each part of the split, and the split's case ids."""
+
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+    spacing_mm: float
+
+    def cases(self, part: str) -> list[CachedCase]:
+        """The cached cases (metadata; volumes stay on disk) of ``part`` (train / val / test)."""
+        return [load_entry(Path(p)) for p in getattr(self, part)]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> StudyData:
+        raw = json.loads(text)
+        return cls(tuple(raw["train"]), tuple(raw["val"]), tuple(raw["test"]), float(raw["spacing_mm"]))
+
+
+def _phantom_root(data: DataSpec, work: Path, progress: bool) -> Path:
+    """Write the study's phantoms under ``work/_phantoms/<preset>-s<seed>-n<count>`` once; a
+    finished set is reused by every study on the same storage."""
+    from vertstudy.data.phantom import PhantomConfig, write_phantoms
+
+    ph = data.phantoms
+    root = work / "_phantoms" / f"{ph.preset}-s{ph.seed}-n{ph.count}"
+    if (root / ".complete").exists():
+        return root
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_phantoms(tmp, cases=ph.count, seed=ph.seed, config=PhantomConfig.preset(ph.preset), workers=2,
+                   progress=progress)
+    (tmp / ".complete").write_text("done\n", encoding="utf-8")
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return root
+
+
+def split_cases(case_ids: list[str], val: int, test: int, seed: int) -> tuple[list[int], list[int], list[int]]:
+    """Indices into ``case_ids`` of (train, val, test): sorted by id, shuffled with ``seed``;
+    the first ``test`` are held out, the next ``val`` validate, the rest train."""
+    order = sorted(range(len(case_ids)), key=lambda i: case_ids[i])
+    order = [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
+    return order[test + val:], order[test:test + val], order[:test]
+
+
+def materialize(data: DataSpec, config: Config, work: Path, progress: bool = True) -> StudyData:
+    """Phantoms or the data set, prepared into ``data.cache_dir`` (default ``work/_cache``) with
+    the study's preprocessing, and split. ``ConfigError`` when too few cases remain."""
+    from vertstudy.data.prepare import prepare_dataset
+
+    work = Path(work)
+    if data.phantoms is not None:
+        root, fmt = _phantom_root(data, work, progress), "auto"
+    else:
+        root, fmt = Path(data.root).expanduser(), data.format
+        if not root.is_dir():
+            raise InputError(root, "data.root: not a directory; give the folder that holds the data set's cases")
+    cache = Path(data.cache_dir).expanduser() if data.cache_dir else work / "_cache"
+    prep: PrepConfig = config.data.prep
+    result = prepare_dataset(root, cache, fmt=fmt, prep=prep, workers=2, progress=progress)
+    cases = result.cases
+    n_val, n_test = data.split.counts(len(cases))
+    if len(cases) < n_val + n_test + 1:
+        raise ConfigError(
+            f"data.split: {len(cases)} usable cases in {root} cannot give {n_val} validation, {n_test} test and at "
+            "least 1 training case; lower data.split.val / data.split.test or add cases"
+        )
+    ids = [c.case_id for c in cases]
+    tr, va, te = split_cases(ids, n_val, n_test, data.split.seed)
+    paths = [str(Path(c.path).resolve()) for c in cases]
+    return StudyData(
+        train=tuple(paths[i] for i in tr), val=tuple(paths[i] for i in va), test=tuple(paths[i] for i in te),
+        spacing_mm=float(prep.spacing_mm),
+    )

@@ -1,0 +1,122 @@
+"""Driver-side Tune callbacks: rebuild the tables when a trial ends, and a live trials table.
+
+Both are pickled into Ray's ``tuner.pkl``; the rich display is created lazily and never pickled.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ray import tune
+
+from vertstudy.study.spec import StudySpec
+
+
+class TablesCallback(tune.Callback):
+    """Calls ``refresh({trial_id: "complete" | "error"})`` after every trial that ends."""
+
+    def __init__(self, refresh: Callable[[dict[str, str]], Any]):
+        self._refresh = refresh
+        self._ended: dict[str, str] = {}
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended[trial.trial_id] = "complete"
+        self._refresh(dict(self._ended))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended[trial.trial_id] = "error"
+        self._refresh(dict(self._ended))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if not math.isfinite(v) else f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+class LiveTable(tune.Callback):
+    """A rich table of the trials (status, epoch, metric, best, sampled values) refreshed while
+    the study runs; on stderr, so stdout stays clean for scripts."""
+
+    MAX_ROWS = 24
+
+    def __init__(self, spec: StudySpec):
+        self._name = spec.name
+        self._metric = spec.search.metric
+        self._mode = spec.search.mode
+        self._space = list(spec.space)
+        self._last: dict[str, dict] = {}
+        self._status: dict[str, str] = {}
+        self._params: dict[str, dict] = {}
+        self._best: dict[str, float] = {}
+        self._live = None
+        self._t0 = time.time()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_live"] = None
+        return state
+
+    def _render(self):
+        from rich.table import Table
+
+        done = sum(s != "RUNNING" for s in self._status.values())
+        table = Table(title=f"study {self._name}: {done}/{len(self._status)} trials ended, "
+                            f"{time.time() - self._t0:.0f} s", title_justify="left")
+        short = self._metric.replace("val_", "").replace("_mm", " mm")
+        for col in ("trial", "status", "epoch", short, f"best {short}", *(p.split(".")[-1] for p in self._space)):
+            table.add_column(col, no_wrap=True)
+        for tid in list(self._status)[-self.MAX_ROWS:]:
+            last = self._last.get(tid, {})
+            params = self._params.get(tid, {})
+            table.add_row(tid, self._status[tid], _fmt(last.get("epoch")), _fmt(last.get(self._metric)),
+                          _fmt(self._best.get(tid)), *(_fmt(params.get(p, "-")) for p in self._space))
+        return table
+
+    def _update(self) -> None:
+        if self._live is None:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live(self._render(), console=Console(stderr=True, width=160), refresh_per_second=2,
+                              transient=False)
+            self._live.start()
+        else:
+            self._live.update(self._render())
+
+    def _see(self, trial, status: str) -> None:
+        self._status[trial.trial_id] = status
+        self._params[trial.trial_id] = dict(trial.config or {})
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._see(trial, "RUNNING")
+        self._update()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._see(trial, "RUNNING")
+        self._last[trial.trial_id] = result
+        value = result.get(self._metric)
+        if isinstance(value, (int, float)) and math.isfinite(value) and result.get("phase") == "epoch":
+            old = self._best.get(trial.trial_id)
+            better = old is None or (value < old if self._mode == "min" else value > old)
+            self._best[trial.trial_id] = value if better else old
+        self._update()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        final = self._last.get(trial.trial_id, {})
+        self._see(trial, str(final.get("status", "pruned")) if final.get("phase") == "final" else "pruned")
+        self._update()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._see(trial, "error")
+        self._update()
+
+    def on_experiment_end(self, trials, **info):
+        if self._live is not None:
+            self._live.update(self._render())
+            self._live.stop()
+            self._live.console.print()
+            self._live = None

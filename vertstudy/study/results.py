@@ -1,0 +1,142 @@
+"""Reading a study's Ray results back: the ended trials (:class:`TrialOutcome`) from the trial
+directories Ray wrote (``result.json``, ``params.json``, checkpoints) and the experiment state.
+
+Used by the driver after each trial ends, by ``study export`` and by ``study status``; the
+tables are a function of these files only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vertstudy.study import storage
+from vertstudy.study.spec import StudySpec
+from vertstudy.study.tables import TrialOutcome, outcome_status, split_results
+
+EXPERIMENT = "ray"  # Ray's experiment directory inside the study directory
+
+
+def experiment_dir(study_dir: str) -> str:
+    return storage.uri_join(study_dir, EXPERIMENT)
+
+
+def _read_json_lines(text: str) -> list[dict[str, Any]]:
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line cut by a killed driver: the rest is still good
+            continue
+    return out
+
+
+def trial_dirs(study_dir: str) -> dict[str, str]:
+    """``{trial_id: trial directory}``: the trial directories are named by trial id."""
+    import pyarrow.fs as pafs
+
+    fs, base = storage.resolve(experiment_dir(study_dir))
+    if fs.get_file_info(base).type == pafs.FileType.NotFound:
+        return {}
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
+    return {
+        Path(i.path).name: i.path for i in infos
+        if i.type == pafs.FileType.Directory and not Path(i.path).name.startswith((".", "_"))
+    }
+
+
+def _latest_checkpoint(fs, trial_dir: str) -> str | None:
+    import pyarrow.fs as pafs
+
+    names = sorted(
+        i.path for i in fs.get_file_info(pafs.FileSelector(trial_dir, recursive=False))
+        if i.type == pafs.FileType.Directory and Path(i.path).name.startswith("checkpoint_")
+    )
+    return names[-1] if names else None
+
+
+def read_trial(study_dir: str, trial_id: str) -> tuple[dict[str, Any], list[dict[str, Any]], str | None]:
+    """(sampled params, results in report order, latest checkpoint path) of one trial."""
+    import pyarrow.fs as pafs
+
+    fs, base = storage.resolve(experiment_dir(study_dir))
+    tdir = storage.join(base, trial_id)
+
+    def text(name: str) -> str:
+        path = storage.join(tdir, name)
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return ""
+        with fs.open_input_stream(path) as f:
+            return f.read().decode("utf-8", errors="replace")
+
+    params_text = text("params.json")
+    params = json.loads(params_text) if params_text.strip() else {}
+    return params, _read_json_lines(text("result.json")), _latest_checkpoint(fs, tdir)
+
+
+def experiment_states(study_dir: str) -> dict[str, str]:
+    """``{trial_id: Ray status}`` (PENDING, RUNNING, PAUSED, TERMINATED, ERROR) from the latest
+    saved experiment state; empty before the first save."""
+    import pyarrow.fs as pafs
+
+    fs, base = storage.resolve(experiment_dir(study_dir))
+    if fs.get_file_info(base).type == pafs.FileType.NotFound:
+        return {}
+    states = sorted(
+        i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=False))
+        if Path(i.path).name.startswith("experiment_state") and i.path.endswith(".json")
+    )
+    if not states:
+        return {}
+    with fs.open_input_stream(states[-1]) as f:
+        raw = json.loads(f.read().decode("utf-8"))
+    out = {}
+    for entry in raw.get("trial_data", []):
+        trial = json.loads(entry[0]) if isinstance(entry, list) else entry
+        if isinstance(trial, dict) and "trial_id" in trial:
+            out[str(trial["trial_id"])] = str(trial.get("status", ""))
+    return out
+
+
+def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error: str = "") -> TrialOutcome:
+    """The :class:`TrialOutcome` of an ended trial (``ended_by``: ``complete`` or ``error``)."""
+    from vertstudy.study.trial import flat_config, trial_config
+
+    params, results, checkpoint = read_trial(study_dir, trial_id)
+    epochs, final = split_results(results)
+    try:
+        config = flat_config(trial_config(spec, params))
+    except Exception as exc:  # a trial whose config cannot be rebuilt still gets its row
+        config = {"_invalid": str(exc)}
+    return TrialOutcome(
+        trial_id=trial_id, status=outcome_status(ended_by, final), config=config, epochs=epochs, final=final,
+        checkpoint=checkpoint, error=error,
+    )
+
+
+def ended_outcomes(spec: StudySpec, study_dir: str, ended: dict[str, str] | None = None) -> list[TrialOutcome]:
+    """Every ended trial of the study. ``ended``: ``{trial_id: complete|error}`` known to the
+    caller (the driver's own events); otherwise a trial counts as ended when it sent its final
+    result, or when the saved experiment state says TERMINATED / ERROR."""
+    ended = dict(ended or {})
+    states = experiment_states(study_dir)
+    out = []
+    for trial_id in sorted(trial_dirs(study_dir)):
+        how = ended.get(trial_id)
+        if how is None:
+            state = states.get(trial_id, "")
+            if state == "ERROR":
+                how = "error"
+            elif state == "TERMINATED":
+                how = "complete"
+        o = None
+        if how is None:
+            o = outcome(spec, study_dir, trial_id, "complete")
+            if not o.final:
+                continue  # still running, pending or interrupted: not in the tables yet
+        out.append(o or outcome(spec, study_dir, trial_id, how))
+    return out

@@ -1,0 +1,390 @@
+"""Running a study on a Ray cluster: the Tuner is built here, in one place.
+
+``run_study`` checks everything first (storage writable, study not already there), prepares the
+data once, then runs Ray Tune with the trial adapter (:mod:`vertstudy.study.trial`), Optuna
+(persistent storage in the study directory, so ``optuna-dashboard sqlite:///<dir>/optuna.db``
+opens it) or a grid, ASHA, a concurrency limit, checkpoints (best k kept) and trial retries.
+After every trial ends, the Parquet tables are rebuilt from Ray's results and written
+atomically. ``resume_study`` continues an interrupted study from its directory.
+
+Study directory ``<storage>/<name>/``::
+
+    study.json       the validated study (what resume and export read)
+    split.json       the cache entries of the train / val / test cases
+    trials.parquet epochs.parquet vertebrae.parquet baseline.parquet
+    optuna.db        Optuna's storage (Optuna searches)
+    ray/<trial_id>/  Ray's trial directories: params.json, result.json, checkpoint_*/
+    wandb/           W&B offline runs (one per trial; ``wandb sync`` uploads them)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vertstudy.config import load_config
+from vertstudy.errors import ConfigError
+from vertstudy.study import storage
+from vertstudy.study.dataset import StudyData, materialize
+from vertstudy.study.results import EXPERIMENT, ended_outcomes, experiment_dir
+from vertstudy.study.spec import StudySpec, validate_spec
+from vertstudy.study.tables import build_tables, to_table, write_table, write_tables
+from vertstudy.study.tracking import WandbSettings
+
+
+@dataclass
+class StudyResult:
+    """What a run or resume ended with."""
+
+    study_dir: str
+    counts: dict[str, int] = field(default_factory=dict)  # trials per status
+    best: dict[str, Any] = field(default_factory=dict)  # the best ended trial's row
+    baseline: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+    interrupted: bool = False
+
+
+def study_dir_of(spec: StudySpec) -> str:
+    return storage.uri_join(spec.storage, spec.name)
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _meta(spec: StudySpec) -> dict[str, Any]:
+    from vertstudy import __version__
+    from vertstudy.study.trial import wandb_run_of
+
+    return {"vertstudy_version": __version__, "git_sha": _git_sha(), "wandb_runs": _WandbRuns(spec, wandb_run_of)}
+
+
+class _WandbRuns(dict):
+    """``{trial_id: run id}`` computed on demand (for trials that ended without a final report)."""
+
+    def __init__(self, spec: StudySpec, fn):
+        super().__init__()
+        self._spec, self._fn = spec, fn
+
+    def get(self, trial_id, default=None):  # noqa: D401 - dict protocol
+        return self._fn(self._spec, trial_id)
+
+
+def _work_dir(spec: StudySpec) -> Path:
+    """Local directory for phantoms and the default cache: the storage itself when it is local."""
+    if storage.is_local(spec.storage):
+        return storage.local_path(spec.storage)
+    return Path.home() / ".cache" / "vertstudy"
+
+
+def _wandb_settings(spec: StudySpec, study_dir: str) -> WandbSettings:
+    wdir = storage.local_path(study_dir) if storage.is_local(study_dir) else None
+    return WandbSettings(mode=spec.wandb.mode, project=spec.wandb.project, entity=spec.wandb.entity, dir=wdir)
+
+
+def optuna_storage_url(spec: StudySpec, study_dir: str) -> str:
+    if spec.search.optuna_storage:
+        return spec.search.optuna_storage
+    if not storage.is_local(study_dir):
+        raise ConfigError(
+            f"search.optuna_storage: not set, and storage {spec.storage!r} is not a local directory; "
+            "give a database URL (e.g. postgresql://host/db) for Optuna"
+        )
+    return f"sqlite:///{storage.local_path(study_dir) / 'optuna.db'}"
+
+
+def _searcher(spec: StudySpec, study_dir: str):
+    """Tune's search algorithm (None for grid: Tune's own grid expansion)."""
+    if spec.search.algorithm == "grid":
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from vertstudy.study.space import define_by_run
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    store = optuna.storages.RDBStorage(optuna_storage_url(spec, study_dir))
+    seed = spec.search.seed
+    if spec.search.algorithm == "random":
+        sampler, metric, mode = optuna.samplers.RandomSampler(seed=seed), spec.search.metric, spec.search.mode
+    elif spec.search.algorithm == "optuna-multi":
+        sampler = optuna.samplers.TPESampler(seed=seed)
+        metric, mode = list(spec.search.metrics), list(spec.search.modes)
+    else:
+        sampler, metric, mode = optuna.samplers.TPESampler(seed=seed), spec.search.metric, spec.search.mode
+    return OptunaSearch(
+        space=define_by_run(spec), metric=metric, mode=mode, sampler=sampler, study_name=spec.name, storage=store
+    )
+
+
+def _scheduler(spec: StudySpec):
+    if spec.scheduler.kind == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # max_t beyond the last epoch: ASHA stops a trial that reaches max_t, which would cut off
+    # its final report (evaluation on the held-out cases); trials end by themselves instead.
+    epochs = load_config(spec.config).train.epochs
+    return ASHAScheduler(
+        time_attr="epoch", max_t=max(epochs, spec.scheduler.grace_period) + 1,
+        grace_period=spec.scheduler.grace_period,
+        reduction_factor=spec.scheduler.reduction_factor,
+    )
+
+
+def trial_dirname(trial) -> str:
+    """Trial directories are named by trial id (the tables' key)."""
+    return str(trial.trial_id)
+
+
+def _ensure_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:  # an embedded local cluster; cap the object store (it claims 30% of RAM by default)
+        ray.init(include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024 * 1024)
+
+
+def _quiet_ray() -> None:
+    # Save Ray's experiment state at every step, so a driver killed at any time never re-runs a
+    # finished trial on resume (the default period is about 10 s).
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for name in ("ray.tune", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _trainable(spec: StudySpec, data: StudyData, study_dir: str):
+    from ray import tune
+
+    from vertstudy.study.trial import TrialSetup, run_trial
+
+    setup = TrialSetup(spec=spec, data=data, wandb=_wandb_settings(spec, study_dir))
+    return tune.with_resources(
+        tune.with_parameters(run_trial, setup=setup), {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+    )
+
+
+def _callbacks(spec: StudySpec, study_dir: str, meta: dict, progress: bool) -> list:
+    from vertstudy.study.live import LiveTable, TablesCallback
+
+    tables = TablesCallback(lambda ended: refresh_tables(spec, study_dir, meta, ended))
+    return [tables, LiveTable(spec)] if progress else [tables]
+
+
+def refresh_tables(spec: StudySpec, study_dir: str, meta: dict, ended: dict[str, str] | None = None) -> list:
+    """Rebuild and write the three tables from the study's Ray results; returns the outcomes."""
+    outcomes = ended_outcomes(spec, study_dir, ended)
+    write_tables(study_dir, build_tables(spec.name, outcomes, meta))
+    return outcomes
+
+
+def _fit(tuner, spec: StudySpec, study_dir: str, meta: dict, t0: float) -> StudyResult:
+    interrupted = False
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:
+        interrupted = True
+    outcomes = refresh_tables(spec, study_dir, meta)
+    reconcile_optuna(spec, study_dir)
+    return summarize_study(spec, study_dir, outcomes, time.perf_counter() - t0, interrupted)
+
+
+def _tuner(spec: StudySpec, data: StudyData, study_dir: str, meta: dict, progress: bool):
+    from ray import tune
+
+    from vertstudy.study.space import grid_space
+
+    one_metric = spec.search.algorithm != "optuna-multi"
+    metric = spec.search.metric if one_metric else None
+    mode = spec.search.mode if one_metric else None
+    return tune.Tuner(
+        _trainable(spec, data, study_dir),
+        param_space=grid_space(spec) if spec.search.algorithm == "grid" else {},
+        tune_config=tune.TuneConfig(
+            metric=metric, mode=mode, search_alg=_searcher(spec, study_dir), scheduler=_scheduler(spec),
+            num_samples=spec.num_samples, max_concurrent_trials=spec.concurrency, reuse_actors=True,
+            trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT, storage_path=study_dir, verbose=0, callbacks=_callbacks(spec, study_dir, meta, progress),
+            failure_config=tune.FailureConfig(max_failures=spec.max_retries),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=spec.keep_checkpoints, checkpoint_score_attribute=spec.search.metric,
+                checkpoint_score_order=spec.search.mode,
+            ),
+        ),
+    )
+
+
+def write_baseline(spec: StudySpec, study_dir: str, data: StudyData) -> dict[str, float]:
+    """``baseline.parquet``: the mean-position baseline on the held-out cases (trained on the
+    train + validation cases); returns its summary."""
+    from vertstudy.study.trial import _vertebra_rows
+    from vertstudy.train.evaluate import baseline_case_rows
+    from vertstudy.train.metrics import summarize
+
+    per_case = baseline_case_rows(data.cases("train") + data.cases("val"), data.cases("test"))
+    rows = [{"study": spec.name, "trial_id": "baseline", **r} for r in _vertebra_rows(per_case)]
+    write_table(study_dir, "baseline", to_table(rows))
+    return {k: float(v) for k, v in summarize([r for _, rs in per_case for r in rs]).items()}
+
+
+def prepare_study(spec: StudySpec, progress: bool = True) -> tuple[str, StudyData]:
+    """Every check that can fail before a trial starts, then the data; returns (study dir, data)."""
+    study_dir = study_dir_of(spec)
+    storage.check_writable(spec.storage)
+    if storage.exists(storage.uri_join(study_dir, EXPERIMENT)) or storage.exists(storage.uri_join(study_dir,
+                                                                                                   "study.json")):
+        raise ConfigError(
+            f"storage: {study_dir} already holds study {spec.name!r}; continue it with `vertstudy study resume "
+            f"{study_dir}`, or give another name or --storage"
+        )
+    if spec.search.algorithm != "grid":
+        optuna_storage_url(spec, study_dir)
+    storage.check_writable(study_dir)
+    data = materialize(spec.data, load_config(spec.config), _work_dir(spec), progress=progress)
+    storage.write_text(storage.uri_join(study_dir, "split.json"), data.to_json())
+    storage.write_text(storage.uri_join(study_dir, "study.json"), spec.model_dump_json(indent=1))
+    return study_dir, data
+
+
+def run_study(spec: StudySpec, address: str | None = None, progress: bool = True) -> StudyResult:
+    """Run a validated study from scratch (see the module docstring)."""
+    t0 = time.perf_counter()
+    study_dir, data = prepare_study(spec, progress=progress)
+    write_baseline(spec, study_dir, data)
+    meta = _meta(spec)
+    _quiet_ray()
+    _ensure_ray(address)
+    write_tables(study_dir, build_tables(spec.name, [], meta))
+    return _fit(_tuner(spec, data, study_dir, meta, progress), spec, study_dir, meta, t0)
+
+
+def load_study_dir(study_dir: str) -> tuple[StudySpec, StudyData]:
+    """The study and split saved in a study directory; ``ConfigError`` if it is not one."""
+    import json
+
+    path = storage.uri_join(study_dir, "study.json")
+    if not storage.exists(path):
+        raise ConfigError(f"{study_dir}: not a study directory (no study.json); give <storage>/<study name>")
+    spec = validate_spec(json.loads(storage.read_text(path)), path)
+    data = StudyData.from_json(storage.read_text(storage.uri_join(study_dir, "split.json")))
+    return spec, data
+
+
+def resume_study(study_dir: str, address: str | None = None, progress: bool = True) -> StudyResult:
+    """Continue an interrupted study: ended trials are kept, unfinished ones continue from their
+    latest checkpoint, errored ones are retried, and new trials are sampled up to ``num_samples``."""
+    from ray import tune
+
+    from vertstudy.study.trial import run_trial  # noqa: F401 - the trainable must be importable
+
+    t0 = time.perf_counter()
+    study_dir = str(study_dir) if storage.is_uri(str(study_dir)) else str(storage.local_path(str(study_dir)))
+    spec, data = load_study_dir(study_dir)
+    exp = experiment_dir(study_dir)
+    meta = _meta(spec)
+    _quiet_ray()
+    _ensure_ray(address)
+    if not tune.Tuner.can_restore(exp):
+        # killed before Ray saved its first state: nothing ran yet, start the trials afresh
+        return _fit(_tuner(spec, data, study_dir, meta, progress), spec, study_dir, meta, t0)
+    from vertstudy.study.space import grid_space
+
+    tuner = tune.Tuner.restore(
+        exp, trainable=_trainable(spec, data, study_dir), resume_unfinished=True, resume_errored=True,
+        param_space=grid_space(spec) if spec.search.algorithm == "grid" else {},
+    )
+    # the restored run config carries the callbacks pickled by the killed driver: use fresh ones
+    tuner._local_tuner.get_run_config().callbacks = _callbacks(spec, study_dir, meta, progress)
+    return _fit(tuner, spec, study_dir, meta, t0)
+
+
+def reconcile_optuna(spec: StudySpec, study_dir: str) -> int:
+    """Mark Optuna trials left RUNNING by a killed driver as FAIL (their Ray trials were resumed
+    as the same Ray trial, or re-sampled); returns how many. Nothing for grid studies."""
+    if spec.search.algorithm == "grid":
+        return 0
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=optuna_storage_url(spec, study_dir))
+    except KeyError:
+        return 0
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for t in stale:
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    return len(stale)
+
+
+def summarize_study(spec: StudySpec, study_dir: str, outcomes, wall_s: float, interrupted: bool) -> StudyResult:
+    from vertstudy.study.tables import read_table
+
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    rows = read_table(study_dir, "trials").to_pylist()
+    metric, sign = spec.search.metric, (1 if spec.search.mode == "min" else -1)
+    scored = [r for r in rows if r.get("status") == "completed" and r.get(f"best_{metric}") is not None
+              and r[f"best_{metric}"] == r[f"best_{metric}"]]
+    best = min(scored, key=lambda r: sign * r[f"best_{metric}"]) if scored else {}
+    base = read_table(study_dir, "baseline").to_pylist()
+    baseline = {}
+    if base:
+        from vertstudy.train.metrics import summarize
+
+        baseline = {k: float(v) for k, v in summarize(base).items()}
+    return StudyResult(study_dir, counts, best, baseline, wall_s, interrupted)
+
+
+def export_tables(study_dir: str) -> list:
+    """``study export``: rebuild the three tables from Ray's results in the study directory."""
+    study_dir = str(study_dir) if storage.is_uri(str(study_dir)) else str(storage.local_path(str(study_dir)))
+    spec, _ = load_study_dir(study_dir)
+    return refresh_tables(spec, study_dir, _meta(spec))
+
+
+STATUS_COLUMNS = ("trial_id", "status", "epochs", "best_epoch", "best_val_loc_error_mm", "best_val_id_rate",
+                  "test_loc_error_mm_mean", "test_id_rate", "wall_s")
+
+
+def study_status(study_dir: str) -> tuple[StudySpec, list[dict[str, Any]], dict[str, float]]:
+    """(study, one row per trial: ended trials from ``trials.parquet`` with their sampled values,
+    then trials still pending or running per Ray's saved state, baseline summary)."""
+    from vertstudy.study.results import experiment_states, read_trial
+    from vertstudy.study.tables import read_table
+
+    study_dir = str(study_dir) if storage.is_uri(str(study_dir)) else str(storage.local_path(str(study_dir)))
+    spec, _ = load_study_dir(study_dir)
+    rows = []
+    for r in read_table(study_dir, "trials").to_pylist():
+        row = {k: r.get(k) for k in STATUS_COLUMNS}
+        row.update({p: r.get(f"cfg.{p}") for p in spec.space})
+        rows.append(row)
+    ended = {r["trial_id"] for r in rows}
+    for trial_id, state in sorted(experiment_states(study_dir).items()):
+        if trial_id in ended:
+            continue
+        params, results, _ = read_trial(study_dir, trial_id)
+        last = results[-1] if results else {}
+        row = {"trial_id": trial_id, "status": state.lower(), "epochs": last.get("epoch")}
+        row.update({p: params.get(p) for p in spec.space})
+        rows.append(row)
+    summary = summarize_study(spec, study_dir, [], 0.0, False)
+    return spec, rows, summary.baseline

@@ -1,0 +1,167 @@
+"""The study's Parquet tables (``trials``, ``epochs``, ``vertebrae``; schemas in DESIGN.md), built
+from what the trials reported to Ray and written atomically through pyarrow's filesystems.
+
+A trial reports one result per epoch (``phase: "epoch"``, the trainer's record) and, when it
+ends normally, one ``phase: "final"`` result: its status (``completed`` / ``diverged``), best
+epoch and metrics, the held-out evaluation (``test_*`` and the vertebra rows as JSON), where it
+ran and its W&B run. A trial that Ray stopped early (ASHA) has no final result: ``pruned``; a
+trial that failed past its retries: ``error``. Only ended trials enter the tables, so a study
+that is running or was killed always has consistent tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from vertstudy.study.storage import join, resolve
+
+TABLES = ("trials", "epochs", "vertebrae")
+EPOCH_KEYS_DROPPED = {"phase", "vertebrae"}
+#: Ray's own bookkeeping keys in every result; kept out of our tables.
+RAY_KEYS = {
+    "timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration", "trial_id", "date",
+    "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
+    "iterations_since_restore", "experiment_tag",
+}
+
+
+@dataclass
+class TrialOutcome:
+    """One ended trial: what the tables are made of."""
+
+    trial_id: str
+    status: str  # completed | pruned | error | diverged
+    config: dict[str, Any]  # flat dotted config values of the trial (the whole Config)
+    epochs: list[dict[str, Any]] = field(default_factory=list)  # one per epoch, latest report of each epoch
+    final: dict[str, Any] = field(default_factory=dict)  # the final report (empty if pruned / error)
+    checkpoint: str | None = None
+    error: str = ""
+
+
+def split_results(results: list[dict[str, Any]]) -> tuple[list[dict], dict]:
+    """(per-epoch records, final record) from a trial's results in report order. A trial
+    restored from a checkpoint re-reports nothing twice, but a retried epoch may appear twice:
+    the last report of an epoch wins."""
+    by_epoch: dict[int, dict] = {}
+    final: dict = {}
+    for r in results:
+        clean = {k: v for k, v in r.items() if k not in RAY_KEYS}
+        if clean.get("phase") == "final":
+            final = clean
+        elif "epoch" in clean:
+            by_epoch[int(clean["epoch"])] = {k: v for k, v in clean.items() if k not in EPOCH_KEYS_DROPPED}
+    return [by_epoch[e] for e in sorted(by_epoch)], final
+
+
+def outcome_status(ended_by: str, final: dict) -> str:
+    """``ended_by``: ``complete`` (the function returned or Ray stopped it) or ``error``."""
+    if ended_by == "error":
+        return "error"
+    return str(final.get("status", "pruned")) if final else "pruned"
+
+
+def _number(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return float("nan")
+    return v
+
+
+def trial_row(study: str, o: TrialOutcome, meta: dict[str, Any]) -> dict[str, Any]:
+    """One ``trials.parquet`` row: ids, status, ``cfg.*``, final (``val_*``) and best
+    (``best_val_*``) validation metrics, held-out ``test_*`` metrics, provenance."""
+    last = o.epochs[-1] if o.epochs else {}
+    row: dict[str, Any] = {"study": study, "trial_id": o.trial_id, "status": o.status}
+    row.update({f"cfg.{k}": (json.dumps(v) if isinstance(v, (list, tuple, dict)) else v) for k, v in o.config.items()})
+    for k, v in last.items():
+        if k.startswith("val_") or k in ("loss", "loss_cls", "loss_reg", "lr"):
+            row[k] = _number(v)
+    best_epoch = o.final.get("best_epoch")
+    if best_epoch is None and o.epochs:
+        best_epoch = min(o.epochs, key=lambda e: e.get("val_loss", math.inf))["epoch"]
+    best = next((e for e in o.epochs if e.get("epoch") == best_epoch), {})
+    for k, v in best.items():
+        if k.startswith("val_"):
+            row[f"best_{k}"] = _number(v)
+    row.update({k: _number(v) for k, v in o.final.items() if k.startswith("test_") or k.startswith("baseline_")})
+    row["best_epoch"] = int(best_epoch) if best_epoch is not None else -1
+    row["epochs"] = int(last.get("epoch", 0))
+    row["wall_s"] = float(o.final.get("wall_s", sum(float(e.get("wall_s", 0.0)) for e in o.epochs)))
+    row["node"] = str(o.final.get("node", ""))
+    row["hostname"] = str(o.final.get("hostname", ""))
+    row["device"] = str(o.final.get("device", ""))
+    row["seed"] = int(o.config.get("seed", 0))
+    row["checkpoint"] = o.checkpoint or ""
+    row["wandb_run"] = str(o.final.get("wandb_run", meta.get("wandb_runs", {}).get(o.trial_id, "")))
+    row["message"] = str(o.final.get("message", o.error))[:500]
+    row["vertstudy_version"] = meta.get("vertstudy_version", "")
+    row["git_sha"] = meta.get("git_sha", "")
+    return row
+
+
+def epoch_rows(study: str, o: TrialOutcome) -> list[dict[str, Any]]:
+    return [{"study": study, "trial_id": o.trial_id, **{k: _number(v) for k, v in e.items()}} for e in o.epochs]
+
+
+def vertebra_rows(study: str, o: TrialOutcome) -> list[dict[str, Any]]:
+    rows = json.loads(o.final.get("vertebrae", "[]") or "[]")
+    return [{"study": study, "trial_id": o.trial_id, **r} for r in rows]
+
+
+FIRST = ["study", "trial_id", "status", "case", "epoch"]
+
+
+def to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts, columns may differ) as one table; fixed key columns first, then sorted."""
+    names = sorted({k for r in rows for k in r}, key=lambda k: (FIRST.index(k) if k in FIRST else len(FIRST), k))
+    if not rows:
+        return pa.table({n: pa.array([], pa.string()) for n in ("study", "trial_id")})
+    return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows])
+
+
+def build_tables(study: str, outcomes: list[TrialOutcome], meta: dict[str, Any]) -> dict[str, pa.Table]:
+    """The three tables of ``outcomes`` (ended trials, one each), ordered by trial id."""
+    outcomes = sorted(outcomes, key=lambda o: o.trial_id)
+    return {
+        "trials": to_table([trial_row(study, o, meta) for o in outcomes]),
+        "epochs": to_table([r for o in outcomes for r in epoch_rows(study, o)]),
+        "vertebrae": to_table([r for o in outcomes for r in vertebra_rows(study, o)]),
+    }
+
+
+def write_table(study_dir: str, name: str, table: pa.Table) -> str:
+    """Write ``<study_dir>/<name>.parquet`` atomically (temporary name, then a rename)."""
+    fs, base = resolve(study_dir)
+    final = join(base, f"{name}.parquet")
+    tmp = join(base, f".{name}.parquet.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        pq.write_table(table, tmp, filesystem=fs)
+        fs.move(tmp, final)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except (OSError, FileNotFoundError):
+            pass
+        raise
+    return final
+
+
+def write_tables(study_dir: str, tables: dict[str, pa.Table]) -> None:
+    for name in TABLES:
+        write_table(study_dir, name, tables[name])
+
+
+def read_table(study_dir: str, name: str) -> pa.Table:
+    """``<study_dir>/<name>.parquet``; an empty table when the study has none yet."""
+    fs, base = resolve(study_dir)
+    path = join(base, f"{name}.parquet")
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return to_table([])
+    return pq.read_table(path, filesystem=fs)

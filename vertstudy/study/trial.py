@@ -1,0 +1,178 @@
+"""The thin trial adapter: one Ray Tune trial = the plain trainer on one sampled config.
+
+``run_trial(params, setup=...)`` builds the trial's :class:`Config` (study defaults + sampled
+values), trains with :func:`vertstudy.train.trainer.train`, and after every epoch reports the
+trainer's record to Tune with a checkpoint (``last.pt`` + ``best.pt``) and logs it to W&B. A
+retried or resumed trial continues from Tune's latest checkpoint. At the end the best checkpoint
+labels the held-out cases on the whole CT, and one ``phase: "final"`` result carries the status,
+best metrics, held-out metrics and vertebra rows (see :mod:`vertstudy.study.tables`).
+Nothing here knows how the search works; the trainer knows nothing of Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vertstudy.config import Config, load_config
+from vertstudy.study.dataset import StudyData
+from vertstudy.study.space import decode
+from vertstudy.study.spec import StudySpec
+from vertstudy.study.tracking import TrialRun, WandbSettings, run_id
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a study shares (sent once to the cluster by ``tune.with_parameters``)."""
+
+    spec: StudySpec
+    data: StudyData
+    wandb: WandbSettings
+
+
+ROW_KEYS = {"study", "trial_id", "case", "label", "region", "in_truth", "predicted", "error_mm", "identified"}
+
+
+class InjectedFailure(RuntimeError):
+    """The study's fault drill (``inject_failure_at_epoch``)."""
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """``{"loss.balance_b": 3.0, ...}``: every leaf of ``cfg`` by its dotted name (tuples as lists)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+
+    walk(cfg.model_dump(), "")
+    return out
+
+
+def trial_config(spec: StudySpec, params: dict[str, Any]) -> Config:
+    """The trial's config: the study's defaults, then the sampled values. Unless the study sets
+    ``infer.stride``, inference tiles overlap by half a crop. On a trial without a GPU an
+    ``auto`` device means the CPU (never a GPU that Ray did not assign)."""
+    values = {**spec.config, **decode(spec, params)}
+    cfg = load_config(values, where=f"study {spec.name}: trial config")
+    update: dict[str, Any] = {}
+    if "infer.stride" not in values:
+        half = tuple(max(1, c // 2) for c in cfg.data.crop.crop_size)
+        update["infer"] = cfg.infer.model_copy(update={"stride": half})
+    if spec.resources.gpus == 0 and cfg.train.device == "auto":
+        update["train"] = cfg.train.model_copy(update={"device": "cpu"})
+    return cfg.model_copy(update=update) if update else cfg
+
+
+def _restore(work: Path) -> Path | None:
+    """Copy Tune's latest checkpoint (if any) into ``work``; the ``last.pt`` to resume from."""
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        for name in ("last.pt", "best.pt"):
+            if (Path(d) / name).exists():
+                shutil.copy2(Path(d) / name, work / name)
+    return work / "last.pt" if (work / "last.pt").exists() else None
+
+
+def _vertebra_rows(per_case) -> list[dict[str, Any]]:
+    """JSON-ready ``vertebrae.parquet`` rows: case id, the metric row, and the case's condition tags."""
+    rows = []
+    for case, case_rows in per_case:
+        tags = {k: str(v) for k, v in sorted(case.tags.items()) if k not in ROW_KEYS}
+        for r in case_rows:
+            rows.append({
+                "case": case.case_id, "label": int(r.label), "region": str(r.region), "in_truth": bool(r.in_truth),
+                "predicted": bool(r.predicted), "error_mm": float(r.error_mm), "identified": bool(r.identified),
+                **tags,
+            })
+    return rows
+
+
+def evaluate_held_out(checkpoint: Path | None, data: StudyData, device: str) -> tuple[dict[str, float], list[dict]]:
+    """Whole-CT evaluation of ``checkpoint`` on the held-out cases: ``test_*`` figures and rows."""
+    from vertstudy.train.evaluate import checkpoint_case_rows
+    from vertstudy.train.metrics import summarize
+
+    if checkpoint is None or not data.test:
+        return {}, []
+    per_case, seconds = checkpoint_case_rows(checkpoint, data.cases("test"), device=device)
+    summary = summarize([r for _, rows in per_case for r in rows])
+    figures = {f"test_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+    figures["test_infer_s_per_case"] = seconds
+    return figures, _vertebra_rows(per_case)
+
+
+def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune function trainable (see the module docstring)."""
+    import ray
+    import torch
+    from ray import tune
+
+    from vertstudy.train.trainer import train
+
+    spec, data = setup.spec, setup.data
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(spec, params)
+    torch.set_num_threads(max(1, int(spec.resources.cpus)))
+    work = Path(tempfile.mkdtemp(prefix="vertstudy-trial-"))
+    t0 = time.perf_counter()
+    try:
+        resume = _restore(work)
+        restored = resume is not None
+        with TrialRun(setup.wandb, spec.name, trial_id, flat_config(cfg), resume=restored) as run:
+
+            def on_epoch(record: dict) -> None:
+                run.log_epoch(record)
+                tune.report({**record, "phase": "epoch"}, checkpoint=tune.Checkpoint.from_directory(str(work)))
+                if spec.inject_failure_at_epoch == record["epoch"] and not restored:
+                    raise InjectedFailure(f"fault drill: trial {trial_id} fails once after epoch {record['epoch']}")
+
+            result = train(cfg, data.cases("train"), data.cases("val"), work, on_epoch=on_epoch, resume=resume)
+            t_eval = time.perf_counter()
+            test_figures, rows = evaluate_held_out(result.best_checkpoint, data, result.device)
+            eval_s = time.perf_counter() - t_eval
+            metrics = {k: v for k, v in result.best_metrics.items() if isinstance(v, (int, float))}
+            final = {
+                **(result.history[-1] if result.history else {}),
+                "phase": "final",
+                "status": result.status,
+                "message": result.message,
+                "epoch": result.epochs,
+                "best_epoch": result.best_epoch if result.best_epoch is not None else -1,
+                **{f"best_{k}": v for k, v in metrics.items() if k.startswith("val_")},
+                **test_figures,
+                "wall_s": sum(h.get("wall_s", 0.0) for h in result.history) + eval_s,
+                "trial_s": time.perf_counter() - t0,
+                "node": ray.get_runtime_context().get_node_id(),
+                "hostname": socket.gethostname(),
+                "device": result.device,
+                "seed": cfg.seed,
+                "wandb_run": run.id or "",
+                "vertebrae": json.dumps(rows),
+            }
+            # the searched metric of a trial is its value at the best epoch (NaN if it diverged)
+            for key in (spec.search.metric, *spec.search.metrics):
+                final[key] = float(metrics.get(key, math.nan)) if result.status == "completed" else math.nan
+            run.summary({k: v for k, v in final.items() if k != "vertebrae"})
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(work)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def wandb_run_of(spec: StudySpec, trial_id: str) -> str:
+    """The W&B run id a trial logs to ('' when W&B is disabled)."""
+    return "" if spec.wandb.mode == "disabled" else run_id(spec.name, trial_id)
