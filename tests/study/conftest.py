@@ -43,7 +43,7 @@ def storage(short_dir) -> Path:
     return path
 
 
-def tiny_study(name: str, storage: Path, **fields: Any) -> dict[str, Any]:
+def tiny_study(name: str, store: Path, **fields: Any) -> dict[str, Any]:
     """A valid study dict: Optuna TPE over B, 2 trials 2 at a time, 2 epochs, no scheduler."""
     config = {**SMOKE_CONFIG, **fields.pop("config", {})}
     study = {
@@ -55,11 +55,11 @@ def tiny_study(name: str, storage: Path, **fields: Any) -> dict[str, Any]:
         "scheduler": {"kind": "none"},
         "num_samples": 2,
         "concurrency": 2,
-        "storage": str(storage),
+        "storage": str(store),
     }
     study.update(fields)
     return study
 
 
-def tiny_spec(name: str, storage: Path, **fields: Any) -> StudySpec:
-    return validate_spec(tiny_study(name, storage, **fields), name)
+def tiny_spec(name: str, store: Path, **fields: Any) -> StudySpec:
+    return validate_spec(tiny_study(name, store, **fields), name)

@@ -147,3 +147,13 @@ def test_random_and_multi_objective_searches(ray_cluster, storage, algorithm):
     check_consistent(result.study_dir, spec, expected_trials=2)
     study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{result.study_dir}/optuna.db")
     assert len(study.directions) == (2 if algorithm == "optuna-multi" else 1)
+
+
+def test_storage_given_as_a_uri(ray_cluster, storage):
+    """Results go through pyarrow's filesystems: a file:// URI works like a directory."""
+    spec = tiny_spec("uri", storage, num_samples=1, storage=f"file://{storage}/uri-store")
+    result = run_study(spec, progress=False)
+    assert result.study_dir.startswith("file://")
+    local = storage / "uri-store" / "uri"
+    check_consistent(local, spec, expected_trials=1)
+    assert result.counts == {"completed": 1}
