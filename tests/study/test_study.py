@@ -71,7 +71,7 @@ def test_quickstart_smoke_writes_tables_wandb_and_optuna(ray_cluster, storage):
     for t in trials:
         assert 2.0 <= t["cfg.loss.balance_b"] <= 4.0
         assert t["cfg.train.schedule.kind"] in ("plateau", "cosine", "step")
-        assert t["node"] and t["device"] == "cpu" or t["status"] != "completed"
+        assert len(t["node"]) > 20 and t["hostname"] and t["device"] == "cpu"  # where it ran, pruned or not
     study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{result.study_dir}/optuna.db")
     assert sorted(round(tr.params["loss.balance_b"], 9) for tr in study.trials) == sorted(
         round(t["cfg.loss.balance_b"], 9) for t in trials

@@ -107,14 +107,14 @@ def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error
     from vertstudy.study.trial import flat_config, trial_config
 
     params, results, checkpoint = read_trial(study_dir, trial_id)
-    epochs, final = split_results(results)
+    epochs, final, where = split_results(results)
     try:
         config = flat_config(trial_config(spec, params))
     except Exception as exc:  # a trial whose config cannot be rebuilt still gets its row
         config = {"_invalid": str(exc)}
     return TrialOutcome(
         trial_id=trial_id, status=outcome_status(ended_by, final), config=config, epochs=epochs, final=final,
-        checkpoint=checkpoint, error=error,
+        checkpoint=checkpoint, error=error, where=where,
     )
 
 

@@ -64,21 +64,10 @@ def _git_sha() -> str:
 
 
 def _meta(spec: StudySpec) -> dict[str, Any]:
+    """Provenance every ``trials.parquet`` row carries, and whether trials log to W&B."""
     from vertstudy import __version__
-    from vertstudy.study.trial import wandb_run_of
 
-    return {"vertstudy_version": __version__, "git_sha": _git_sha(), "wandb_runs": _WandbRuns(spec, wandb_run_of)}
-
-
-class _WandbRuns(dict):
-    """``{trial_id: run id}`` computed on demand (for trials that ended without a final report)."""
-
-    def __init__(self, spec: StudySpec, fn):
-        super().__init__()
-        self._spec, self._fn = spec, fn
-
-    def get(self, trial_id, default=None):  # noqa: D401 - dict protocol
-        return self._fn(self._spec, trial_id)
+    return {"vertstudy_version": __version__, "git_sha": _git_sha(), "wandb": spec.wandb.mode != "disabled"}
 
 
 def _work_dir(spec: StudySpec) -> Path:

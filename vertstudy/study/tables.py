@@ -22,13 +22,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vertstudy.study.storage import join, resolve
+from vertstudy.study.tracking import run_id
 
 TABLES = ("trials", "epochs", "vertebrae")
-EPOCH_KEYS_DROPPED = {"phase", "vertebrae"}
+EPOCH_KEYS_DROPPED = {"phase", "vertebrae", "node", "hostname", "device"}
+WHERE_KEYS = ("node", "hostname", "device")
 #: Ray's own bookkeeping keys in every result; kept out of our tables.
 RAY_KEYS = {
     "timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration", "trial_id", "date",
-    "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
+    "time_this_iter_s", "time_total_s", "pid", "node_ip", "config", "time_since_restore",
     "iterations_since_restore", "experiment_tag",
 }
 
@@ -44,12 +46,12 @@ class TrialOutcome:
     final: dict[str, Any] = field(default_factory=dict)  # the final report (empty if pruned / error)
     checkpoint: str | None = None
     error: str = ""
+    where: dict[str, Any] = field(default_factory=dict)  # node id, hostname, device of its last report
 
 
-def split_results(results: list[dict[str, Any]]) -> tuple[list[dict], dict]:
-    """(per-epoch records, final record) from a trial's results in report order. A trial
-    restored from a checkpoint re-reports nothing twice, but a retried epoch may appear twice:
-    the last report of an epoch wins."""
+def split_results(results: list[dict[str, Any]]) -> tuple[list[dict], dict, dict]:
+    """(per-epoch records, final record, where it last ran: node/hostname/device) from a trial's
+    results in report order. A retried epoch may appear twice: the last report of an epoch wins."""
     by_epoch: dict[int, dict] = {}
     final: dict = {}
     for r in results:
@@ -57,8 +59,10 @@ def split_results(results: list[dict[str, Any]]) -> tuple[list[dict], dict]:
         if clean.get("phase") == "final":
             final = clean
         elif "epoch" in clean:
-            by_epoch[int(clean["epoch"])] = {k: v for k, v in clean.items() if k not in EPOCH_KEYS_DROPPED}
-    return [by_epoch[e] for e in sorted(by_epoch)], final
+            by_epoch[int(clean["epoch"])] = clean
+    epochs = [by_epoch[e] for e in sorted(by_epoch)]
+    where = {k: epochs[-1][k] for k in WHERE_KEYS if epochs and k in epochs[-1]}
+    return [{k: v for k, v in e.items() if k not in EPOCH_KEYS_DROPPED} for e in epochs], final, where
 
 
 def outcome_status(ended_by: str, final: dict) -> str:
@@ -94,13 +98,17 @@ def trial_row(study: str, o: TrialOutcome, meta: dict[str, Any]) -> dict[str, An
     row["best_epoch"] = int(best_epoch) if best_epoch is not None else -1
     row["epochs"] = int(last.get("epoch", 0))
     row["wall_s"] = float(o.final.get("wall_s", sum(float(e.get("wall_s", 0.0)) for e in o.epochs)))
-    row["node"] = str(o.final.get("node", ""))
-    row["hostname"] = str(o.final.get("hostname", ""))
-    row["device"] = str(o.final.get("device", ""))
+    for key in ("node", "hostname", "device"):  # where it ran: every report says
+        row[key] = str(o.final.get(key, o.where.get(key, "")))
     row["seed"] = int(o.config.get("seed", 0))
     row["checkpoint"] = o.checkpoint or ""
-    row["wandb_run"] = str(o.final.get("wandb_run", meta.get("wandb_runs", {}).get(o.trial_id, "")))
-    row["message"] = str(o.final.get("message", o.error))[:500]
+    # a trial without a final report logged to the run its id names (if W&B was on)
+    default_run = run_id(study, o.trial_id) if meta.get("wandb") else ""
+    row["wandb_run"] = str(o.final.get("wandb_run", default_run))
+    message = str(o.final.get("message", o.error))
+    if o.status == "pruned" and not message:
+        message = f"stopped by the scheduler after epoch {row['epochs']}"
+    row["message"] = message[:500]
     row["vertstudy_version"] = meta.get("vertstudy_version", "")
     row["git_sha"] = meta.get("git_sha", "")
     return row

@@ -25,7 +25,7 @@ from vertstudy.config import Config, load_config
 from vertstudy.study.dataset import StudyData
 from vertstudy.study.space import decode
 from vertstudy.study.spec import StudySpec
-from vertstudy.study.tracking import TrialRun, WandbSettings, run_id
+from vertstudy.study.tracking import TrialRun, WandbSettings
 
 
 @dataclass(frozen=True)
@@ -122,12 +122,14 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     import torch
     from ray import tune
 
-    from vertstudy.train.trainer import train
+    from vertstudy.train.trainer import select_device, train
 
     spec, data = setup.spec, setup.data
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(spec, params)
     torch.set_num_threads(max(1, int(spec.resources.cpus)))
+    where = {"node": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+             "device": select_device(cfg.train.device).type}
     work = Path(tempfile.mkdtemp(prefix="vertstudy-trial-"))
     t0 = time.perf_counter()
     try:
@@ -137,7 +139,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
             def on_epoch(record: dict) -> None:
                 run.log_epoch(record)
-                tune.report({**record, "phase": "epoch"}, checkpoint=tune.Checkpoint.from_directory(str(work)))
+                tune.report({**record, **where, "phase": "epoch"}, checkpoint=tune.Checkpoint.from_directory(str(work)))
                 if spec.inject_failure_at_epoch == record["epoch"] and not restored:
                     raise InjectedFailure(f"fault drill: trial {trial_id} fails once after epoch {record['epoch']}")
 
@@ -157,8 +159,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
                 **test_figures,
                 "wall_s": sum(h.get("wall_s", 0.0) for h in result.history) + eval_s,
                 "trial_s": time.perf_counter() - t0,
-                "node": ray.get_runtime_context().get_node_id(),
-                "hostname": socket.gethostname(),
+                **where,
                 "device": result.device,
                 "seed": cfg.seed,
                 "wandb_run": run.id or "",
@@ -172,7 +173,3 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-
-def wandb_run_of(spec: StudySpec, trial_id: str) -> str:
-    """The W&B run id a trial logs to ('' when W&B is disabled)."""
-    return "" if spec.wandb.mode == "disabled" else run_id(spec.name, trial_id)
