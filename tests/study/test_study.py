@@ -13,7 +13,7 @@ import pytest
 
 from tests.study.conftest import tiny_spec
 from vertstudy.study.runner import export_tables, run_study, study_status
-from vertstudy.study.spec import load_study, smoke
+from vertstudy.study.spec import load_study, smoke, total_trials
 from vertstudy.study.tracking import read_offline_runs
 
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
@@ -126,11 +126,11 @@ def test_diverging_trial_ends_diverged_and_the_study_goes_on(ray_cluster, storag
 @pytest.mark.parametrize("name", ["search", "table1", "table2", "table3", "table4"])
 def test_every_gpu_study_runs_at_smoke_scale(ray_cluster, storage, name):
     spec = smoke(load_study(STUDIES / f"{name}.yaml")).model_copy(update={"storage": str(storage)})
+    expected = total_trials(spec)
     if spec.search.algorithm == "grid":
-        expected = math.prod(len(p.values) for p in spec.space.values()) * spec.repeats * spec.num_samples
-    else:
-        expected = spec.num_samples
+        assert expected == math.prod(len(p.values) for p in spec.space.values()) * spec.repeats * spec.num_samples
     result = run_study(spec, progress=False)
+    assert not result.interrupted
     trials = check_consistent(result.study_dir, spec, expected_trials=expected)
     if spec.scheduler.kind == "none":
         assert {t["status"] for t in trials} == {"completed"}

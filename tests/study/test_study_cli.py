@@ -137,3 +137,29 @@ def test_driver_killed_mid_study_then_resumed(ray_cluster, storage, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     assert {r["trial_id"] for r in json.loads(status.stdout)["trials"]} == set(ids)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(ray_cluster, storage, tmp_path):
+    """SIGINT (Ctrl-C) to the driver: Tune saves its state, the tables hold the ended trials,
+    the command says how to continue and exits 130; `study resume` then finishes the study."""
+    path = write_study(tmp_path / "ctrlc.yaml", tiny_study("ctrlc", storage, num_samples=4, config={"train.epochs": 3}))
+    study_dir = storage / "ctrlc"
+    cmd = [sys.executable, "-m", "vertstudy.cli", "study", "run", str(path), "--address", ray_cluster, "--no-progress"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (study_dir / "ray" / "tuner.pkl").exists():
+        time.sleep(0.5)
+    time.sleep(8)  # trials are running
+    driver.send_signal(signal.SIGINT)
+    out, _ = driver.communicate(timeout=240)
+    assert driver.returncode == 130, out
+    assert f"vertstudy study resume {study_dir}" in out
+    assert "Traceback" not in out
+    ended = pq.read_table(study_dir / "trials.parquet").num_rows
+    assert ended < 4
+    resumed = subprocess.run([sys.executable, "-m", "vertstudy.cli", "study", "resume", str(study_dir), "--address",
+                              ray_cluster, "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    trials = pq.read_table(study_dir / "trials.parquet").to_pylist()
+    assert len({t["trial_id"] for t in trials}) == len(trials) == 4

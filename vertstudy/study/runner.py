@@ -32,7 +32,7 @@ from vertstudy.errors import ConfigError
 from vertstudy.study import storage
 from vertstudy.study.dataset import StudyData, materialize
 from vertstudy.study.results import EXPERIMENT, ended_outcomes, experiment_dir
-from vertstudy.study.spec import StudySpec, validate_spec
+from vertstudy.study.spec import StudySpec, total_trials, validate_spec
 from vertstudy.study.tables import build_tables, to_table, write_table, write_tables
 from vertstudy.study.tracking import WandbSettings
 
@@ -190,7 +190,11 @@ def _fit(tuner, spec: StudySpec, study_dir: str, meta: dict, t0: float) -> Study
     except KeyboardInterrupt:
         interrupted = True
     outcomes = refresh_tables(spec, study_dir, meta)
-    reconcile_optuna(spec, study_dir)
+    # Tune handles Ctrl-C itself (it saves its state and returns): fewer ended trials than the
+    # study has means it was interrupted, and its running Optuna trials continue on resume
+    interrupted = interrupted or len(outcomes) < total_trials(spec)
+    if not interrupted:
+        reconcile_optuna(spec, study_dir)
     return summarize_study(spec, study_dir, outcomes, time.perf_counter() - t0, interrupted)
 
 
@@ -306,8 +310,9 @@ def resume_study(study_dir: str, address: str | None = None, progress: bool = Tr
 
 
 def reconcile_optuna(spec: StudySpec, study_dir: str) -> int:
-    """Mark Optuna trials left RUNNING by a killed driver as FAIL (their Ray trials were resumed
-    as the same Ray trial, or re-sampled); returns how many. Nothing for grid studies."""
+    """Once every trial has ended: mark Optuna trials still RUNNING as FAIL. They were sampled by
+    a driver killed before Ray saved the trial they belonged to, so no Ray trial will ever report
+    them. Returns how many. Nothing for grid studies."""
     if spec.search.algorithm == "grid":
         return 0
     import optuna

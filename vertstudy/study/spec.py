@@ -350,6 +350,14 @@ def smoke(spec: StudySpec) -> StudySpec:
     )
 
 
+def total_trials(spec: StudySpec) -> int:
+    """Trials the study has when it is done: ``num_samples``, or for a grid every point x
+    seed x ``num_samples``."""
+    if spec.search.algorithm != "grid":
+        return spec.num_samples
+    return math.prod(len(p.values or []) for p in spec.space.values()) * spec.repeats * spec.num_samples
+
+
 def trial_seeds(spec: StudySpec) -> list[int]:
     """The seeds a grid study repeats each configuration with: ``seed, seed+1, ...``."""
     base = int(load_config(spec.config).seed)
