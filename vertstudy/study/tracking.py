@@ -111,11 +111,13 @@ class TrialRun:
             kept = {key: value if isinstance(value, str) else _scalar(value) for key, value in values.items()}
             self._run.summary.update({key: value for key, value in kept.items() if value is not None})
 
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> Literal[False]:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, *_: object) -> Literal[False]:
         run, self._run = self._run, None
+        # Ray Tune stops a trial (e.g. ASHA pruning it) with SystemExit(0) inside its report call
+        stopped = exc_type is SystemExit and getattr(exc, "code", None) in (0, None)
         if run is not None:
             try:
-                run.finish(exit_code=0 if exc_type is None else 1)
+                run.finish(exit_code=0 if exc_type is None or stopped else 1)
             except Exception:
                 if exc_type is None:  # never let a finish failure mask the trial's own exception
                     raise
@@ -195,5 +197,7 @@ def read_offline_runs(root: Path) -> list[OfflineRun]:
                     run.summary.pop(item.key or item.nested_key[0], None)
             elif kind == "exit":
                 run.exit_code = record.exit.exit_code
+        if not run.run_id:  # a run cut off before wandb flushed its first record: the file names it
+            run.run_id = file.stem.removeprefix("run-")
         runs.append(run)
     return sorted(runs, key=lambda run: (run.run_id, str(run.path)))
