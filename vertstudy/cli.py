@@ -101,16 +101,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 # -- study -------------------------------------------------------------------------------
-def _print_table(title: str, rows: list[dict], columns: list[str]) -> None:
+def _print_table(title: str, rows: list[dict], columns: dict[str, str]) -> None:
+    """``columns``: row key -> heading. Missing values print as ``-``."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for col in columns:
-        table.add_column(col, overflow="fold")
+    for heading in columns.values():
+        table.add_column(heading, no_wrap=True)
     for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in columns))
-    Console().print(table)
+        table.add_row(*(_cell(row[c]) if c in row else "-" for c in columns))
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
 
 
 def _cell(value) -> str:
@@ -169,7 +170,8 @@ def cmd_study_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"study": spec.name, "trials": rows, "baseline": baseline}, default=str))
         return 0
-    _print_table(f"study {spec.name}: {len(rows)} trials", rows, [*STATUS_COLUMNS, *spec.space])
+    params = {p: p.split(".")[-1] for p in spec.space}
+    _print_table(f"study {spec.name}: {len(rows)} trials", rows, {**STATUS_COLUMNS, **params})
     if baseline:
         print(f"mean-position baseline on the held-out CTs: {_cell(baseline.get('loc_error_mm_mean'))} mm, "
               f"id rate {_cell(baseline.get('id_rate'))}")

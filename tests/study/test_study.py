@@ -72,6 +72,9 @@ def test_quickstart_smoke_writes_tables_wandb_and_optuna(ray_cluster, storage):
         assert 2.0 <= t["cfg.loss.balance_b"] <= 4.0
         assert t["cfg.train.schedule.kind"] in ("plateau", "cosine", "step")
         assert len(t["node"]) > 20 and t["hostname"] and t["device"] == "cpu"  # where it ran, pruned or not
+        sampled = json.loads(t["params"])  # only what the search sampled: conditionals follow the kind
+        assert set(sampled) <= set(spec.space)
+        assert ("train.schedule.patience" in sampled) == (sampled["train.schedule.kind"] == "plateau")
     study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{result.study_dir}/optuna.db")
     assert sorted(round(tr.params["loss.balance_b"], 9) for tr in study.trials) == sorted(
         round(t["cfg.loss.balance_b"], 9) for t in trials

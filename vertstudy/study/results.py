@@ -114,7 +114,7 @@ def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error
         config = {"_invalid": str(exc)}
     return TrialOutcome(
         trial_id=trial_id, status=outcome_status(ended_by, final), config=config, epochs=epochs, final=final,
-        checkpoint=checkpoint, error=error, where=where,
+        checkpoint=checkpoint, error=error, where=where, params=params,
     )
 
 

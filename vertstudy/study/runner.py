@@ -354,13 +354,19 @@ def export_tables(study_dir: str) -> list:
     return refresh_tables(spec, study_dir, _meta(spec))
 
 
-STATUS_COLUMNS = ("trial_id", "status", "epochs", "best_epoch", "best_val_loc_error_mm", "best_val_id_rate",
-                  "test_loc_error_mm_mean", "test_id_rate", "wall_s")
+STATUS_COLUMNS = {  # trials.parquet column -> status table heading
+    "trial_id": "trial", "status": "status", "epochs": "epochs", "best_epoch": "best", "best_val_loc_error_mm":
+    "val mm", "best_val_id_rate": "val id", "test_loc_error_mm_mean": "test mm", "test_id_rate": "test id",
+    "wall_s": "wall s",
+}
 
 
 def study_status(study_dir: str) -> tuple[StudySpec, list[dict[str, Any]], dict[str, float]]:
-    """(study, one row per trial: ended trials from ``trials.parquet`` with their sampled values,
-    then trials still pending or running per Ray's saved state, baseline summary)."""
+    """(study, one row per trial: ended trials from ``trials.parquet``, then trials still pending
+    or running per Ray's saved state, each with its sampled values by parameter name; baseline
+    summary). Parameters a trial did not sample (inactive conditionals) are absent."""
+    import json
+
     from vertstudy.study.results import experiment_states, read_trial
     from vertstudy.study.tables import read_table
 
@@ -369,7 +375,7 @@ def study_status(study_dir: str) -> tuple[StudySpec, list[dict[str, Any]], dict[
     rows = []
     for r in read_table(study_dir, "trials").to_pylist():
         row = {k: r.get(k) for k in STATUS_COLUMNS}
-        row.update({p: r.get(f"cfg.{p}") for p in spec.space})
+        row.update(json.loads(r.get("params") or "{}"))
         rows.append(row)
     ended = {r["trial_id"] for r in rows}
     for trial_id, state in sorted(experiment_states(study_dir).items()):
@@ -377,8 +383,6 @@ def study_status(study_dir: str) -> tuple[StudySpec, list[dict[str, Any]], dict[
             continue
         params, results, _ = read_trial(study_dir, trial_id)
         last = results[-1] if results else {}
-        row = {"trial_id": trial_id, "status": state.lower(), "epochs": last.get("epoch")}
-        row.update({p: params.get(p) for p in spec.space})
-        rows.append(row)
+        rows.append({"trial_id": trial_id, "status": state.lower(), "epochs": last.get("epoch"), **params})
     summary = summarize_study(spec, study_dir, [], 0.0, False)
     return spec, rows, summary.baseline

@@ -47,6 +47,7 @@ class TrialOutcome:
     checkpoint: str | None = None
     error: str = ""
     where: dict[str, Any] = field(default_factory=dict)  # node id, hostname, device of its last report
+    params: dict[str, Any] = field(default_factory=dict)  # the values the search sampled (labels as sampled)
 
 
 def split_results(results: list[dict[str, Any]]) -> tuple[list[dict], dict, dict]:
@@ -83,6 +84,7 @@ def trial_row(study: str, o: TrialOutcome, meta: dict[str, Any]) -> dict[str, An
     (``best_val_*``) validation metrics, held-out ``test_*`` metrics, provenance."""
     last = o.epochs[-1] if o.epochs else {}
     row: dict[str, Any] = {"study": study, "trial_id": o.trial_id, "status": o.status}
+    row["params"] = json.dumps(o.params, sort_keys=True)  # only what was sampled (inactive conditionals absent)
     row.update({f"cfg.{k}": (json.dumps(v) if isinstance(v, (list, tuple, dict)) else v) for k, v in o.config.items()})
     for k, v in last.items():
         if k.startswith("val_") or k in ("loss", "loss_cls", "loss_reg", "lr"):
