@@ -163,3 +163,12 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(ray_cluster, storage, tmp_p
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     trials = pq.read_table(study_dir / "trials.parquet").to_pylist()
     assert len({t["trial_id"] for t in trials}) == len(trials) == 4
+
+
+def test_data_root_that_is_not_a_directory_leaves_nothing(tmp_path, capsys):
+    study = tiny_study("noroot", tmp_path / "st")
+    study["data"] = {"root": str(tmp_path / "nowhere"), "format": "verse", "split": {"val": 1, "test": 1}}
+    code, err = run_cli(capsys, "study", "run", str(write_study(tmp_path / "s.yaml", study)), "--no-progress")
+    assert code == 2
+    one_clear_line(err, "nowhere", "not a directory")
+    assert not (tmp_path / "st" / "noroot").exists()

@@ -228,12 +228,12 @@ def _tuner(spec: StudySpec, data: StudyData, study_dir: str, meta: dict, progres
 def write_baseline(spec: StudySpec, study_dir: str, data: StudyData) -> dict[str, float]:
     """``baseline.parquet``: the mean-position baseline on the held-out cases (trained on the
     train + validation cases); returns its summary."""
-    from vertstudy.study.trial import _vertebra_rows
+    from vertstudy.study.trial import vertebra_rows
     from vertstudy.train.evaluate import baseline_case_rows
     from vertstudy.train.metrics import summarize
 
     per_case = baseline_case_rows(data.cases("train") + data.cases("val"), data.cases("test"))
-    rows = [{"study": spec.name, "trial_id": "baseline", **r} for r in _vertebra_rows(per_case)]
+    rows = [{"study": spec.name, "trial_id": "baseline", **r} for r in vertebra_rows(per_case)]
     write_table(study_dir, "baseline", to_table(rows))
     return {k: float(v) for k, v in summarize([r for _, rs in per_case for r in rs]).items()}
 
@@ -250,8 +250,9 @@ def prepare_study(spec: StudySpec, progress: bool = True) -> tuple[str, StudyDat
         )
     if spec.search.algorithm != "grid":
         optuna_storage_url(spec, study_dir)
-    storage.check_writable(study_dir)
     data = materialize(spec.data, load_config(spec.config), _work_dir(spec), progress=progress)
+    fs, path = storage.resolve(study_dir)
+    fs.create_dir(path, recursive=True)  # only now: a study that fails its checks leaves no directory
     storage.write_text(storage.uri_join(study_dir, "split.json"), data.to_json())
     storage.write_text(storage.uri_join(study_dir, "study.json"), spec.model_dump_json(indent=1))
     return study_dir, data
@@ -285,8 +286,6 @@ def resume_study(study_dir: str, address: str | None = None, progress: bool = Tr
     """Continue an interrupted study: ended trials are kept, unfinished ones continue from their
     latest checkpoint, errored ones are retried, and new trials are sampled up to ``num_samples``."""
     from ray import tune
-
-    from vertstudy.study.trial import run_trial  # noqa: F401 - the trainable must be importable
 
     t0 = time.perf_counter()
     study_dir = str(study_dir) if storage.is_uri(str(study_dir)) else str(storage.local_path(str(study_dir)))

@@ -88,7 +88,7 @@ def _restore(work: Path) -> Path | None:
     return work / "last.pt" if (work / "last.pt").exists() else None
 
 
-def _vertebra_rows(per_case) -> list[dict[str, Any]]:
+def vertebra_rows(per_case) -> list[dict[str, Any]]:
     """JSON-ready ``vertebrae.parquet`` rows: case id, the metric row, and the case's condition tags."""
     rows = []
     for case, case_rows in per_case:
@@ -113,7 +113,7 @@ def evaluate_held_out(checkpoint: Path | None, data: StudyData, device: str) -> 
     summary = summarize([r for _, rows in per_case for r in rows])
     figures = {f"test_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
     figures["test_infer_s_per_case"] = seconds
-    return figures, _vertebra_rows(per_case)
+    return figures, vertebra_rows(per_case)
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
