@@ -7,6 +7,7 @@ rather than pytest's ``tmp_path``. Every study here is CPU-sized (the ``--smoke`
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +22,8 @@ from vertstudy.study.spec import SMOKE_CONFIG, StudySpec, validate_spec
 def short_dir():
     path = Path(tempfile.mkdtemp(prefix="vs-", dir="/tmp"))
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    if not os.environ.get("VS_KEEP"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ Both are pickled into Ray's ``tuner.pkl``; the rich display is created lazily an
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -16,19 +17,29 @@ from vertstudy.study.spec import StudySpec
 
 
 class TablesCallback(tune.Callback):
-    """Calls ``refresh({trial_id: "complete" | "error"})`` after every trial that ends."""
+    """Calls ``refresh({trial_id: "complete" | "error"})`` after every trial that ends.
+
+    A refresh that fails (e.g. the storage is briefly unreachable) is logged and does not stop
+    the study: the next trial's end, the end of the study and ``study export`` rebuild the same
+    tables from Ray's results."""
 
     def __init__(self, refresh: Callable[[dict[str, str]], Any]):
         self._refresh = refresh
         self._ended: dict[str, str] = {}
 
+    def _safe_refresh(self) -> None:
+        try:
+            self._refresh(dict(self._ended))
+        except Exception:
+            logging.getLogger("vertstudy").warning("could not rewrite the study tables", exc_info=True)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._ended[trial.trial_id] = "complete"
-        self._refresh(dict(self._ended))
+        self._safe_refresh()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._ended[trial.trial_id] = "error"
-        self._refresh(dict(self._ended))
+        self._safe_refresh()
 
 
 def _fmt(v: Any) -> str:

@@ -43,10 +43,10 @@ def trial_dirs(study_dir: str) -> dict[str, str]:
     if fs.get_file_info(base).type == pafs.FileType.NotFound:
         return {}
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=False))
-    return {
-        Path(i.path).name: i.path for i in infos
-        if i.type == pafs.FileType.Directory and not Path(i.path).name.startswith((".", "_"))
-    }
+    dirs = [i.path for i in infos if i.type == pafs.FileType.Directory and not Path(i.path).name.startswith((".", "_"))]
+    # a trial directory holds its params.json from the trial's start; an empty one is not a trial
+    found = fs.get_file_info([storage.join(d, "params.json") for d in dirs]) if dirs else []
+    return {Path(d).name: d for d, f in zip(dirs, found) if f.type == pafs.FileType.File}
 
 
 def _latest_checkpoint(fs, trial_dir: str) -> str | None:

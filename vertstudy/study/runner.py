@@ -32,6 +32,7 @@ from vertstudy.errors import ConfigError
 from vertstudy.study import storage
 from vertstudy.study.dataset import StudyData, materialize
 from vertstudy.study.results import EXPERIMENT, ended_outcomes, experiment_dir
+from vertstudy.study.search import optuna_storage_url, scheduler, searcher
 from vertstudy.study.spec import StudySpec, total_trials, validate_spec
 from vertstudy.study.tables import build_tables, to_table, write_table, write_tables
 from vertstudy.study.tracking import WandbSettings
@@ -80,56 +81,6 @@ def _work_dir(spec: StudySpec) -> Path:
 def _wandb_settings(spec: StudySpec, study_dir: str) -> WandbSettings:
     wdir = storage.local_path(study_dir) if storage.is_local(study_dir) else None
     return WandbSettings(mode=spec.wandb.mode, project=spec.wandb.project, entity=spec.wandb.entity, dir=wdir)
-
-
-def optuna_storage_url(spec: StudySpec, study_dir: str) -> str:
-    if spec.search.optuna_storage:
-        return spec.search.optuna_storage
-    if not storage.is_local(study_dir):
-        raise ConfigError(
-            f"search.optuna_storage: not set, and storage {spec.storage!r} is not a local directory; "
-            "give a database URL (e.g. postgresql://host/db) for Optuna"
-        )
-    return f"sqlite:///{storage.local_path(study_dir) / 'optuna.db'}"
-
-
-def _searcher(spec: StudySpec, study_dir: str):
-    """Tune's search algorithm (None for grid: Tune's own grid expansion)."""
-    if spec.search.algorithm == "grid":
-        return None
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    from vertstudy.study.space import define_by_run
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    store = optuna.storages.RDBStorage(optuna_storage_url(spec, study_dir))
-    seed = spec.search.seed
-    if spec.search.algorithm == "random":
-        sampler, metric, mode = optuna.samplers.RandomSampler(seed=seed), spec.search.metric, spec.search.mode
-    elif spec.search.algorithm == "optuna-multi":
-        sampler = optuna.samplers.TPESampler(seed=seed)
-        metric, mode = list(spec.search.metrics), list(spec.search.modes)
-    else:
-        sampler, metric, mode = optuna.samplers.TPESampler(seed=seed), spec.search.metric, spec.search.mode
-    return OptunaSearch(
-        space=define_by_run(spec), metric=metric, mode=mode, sampler=sampler, study_name=spec.name, storage=store
-    )
-
-
-def _scheduler(spec: StudySpec):
-    if spec.scheduler.kind == "none":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    # max_t beyond the last epoch: ASHA stops a trial that reaches max_t, which would cut off
-    # its final report (evaluation on the held-out cases); trials end by themselves instead.
-    epochs = load_config(spec.config).train.epochs
-    return ASHAScheduler(
-        time_attr="epoch", max_t=max(epochs, spec.scheduler.grace_period) + 1,
-        grace_period=spec.scheduler.grace_period,
-        reduction_factor=spec.scheduler.reduction_factor,
-    )
 
 
 def trial_dirname(trial) -> str:
@@ -183,12 +134,14 @@ def refresh_tables(spec: StudySpec, study_dir: str, meta: dict, ended: dict[str,
     return outcomes
 
 
-def _fit(tuner, spec: StudySpec, study_dir: str, meta: dict, t0: float) -> StudyResult:
+def _fit(tuner, spec: StudySpec, study_dir: str, meta: dict, t0: float, discard: bool = False) -> StudyResult:
     interrupted = False
     try:
         tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
+    if discard:  # a killed driver's last trial may have been started after our first look
+        discard_unrecorded_trials(study_dir)
     outcomes = refresh_tables(spec, study_dir, meta)
     # Tune handles Ctrl-C itself (it saves its state and returns): fewer ended trials than the
     # study has means it was interrupted, and its running Optuna trials continue on resume
@@ -206,16 +159,18 @@ def _tuner(spec: StudySpec, data: StudyData, study_dir: str, meta: dict, progres
     one_metric = spec.search.algorithm != "optuna-multi"
     metric = spec.search.metric if one_metric else None
     mode = spec.search.mode if one_metric else None
+    storage_path, storage_fs = storage.ray_storage(study_dir)
     return tune.Tuner(
         _trainable(spec, data, study_dir),
         param_space=grid_space(spec) if spec.search.algorithm == "grid" else {},
         tune_config=tune.TuneConfig(
-            metric=metric, mode=mode, search_alg=_searcher(spec, study_dir), scheduler=_scheduler(spec),
+            metric=metric, mode=mode, search_alg=searcher(spec, study_dir), scheduler=scheduler(spec),
             num_samples=spec.num_samples, max_concurrent_trials=spec.concurrency, reuse_actors=True,
             trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
-            name=EXPERIMENT, storage_path=study_dir, verbose=0, callbacks=_callbacks(spec, study_dir, meta, progress),
+            name=EXPERIMENT, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0,
+            callbacks=_callbacks(spec, study_dir, meta, progress),
             failure_config=tune.FailureConfig(max_failures=spec.max_retries),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=spec.keep_checkpoints, checkpoint_score_attribute=spec.search.metric,
@@ -294,18 +249,39 @@ def resume_study(study_dir: str, address: str | None = None, progress: bool = Tr
     meta = _meta(spec)
     _quiet_ray()
     _ensure_ray(address)
-    if not tune.Tuner.can_restore(exp):
+    discard_unrecorded_trials(study_dir)
+    exp_path, exp_fs = storage.ray_storage(exp)
+    if not tune.Tuner.can_restore(exp_path, storage_filesystem=exp_fs):
         # killed before Ray saved its first state: nothing ran yet, start the trials afresh
         return _fit(_tuner(spec, data, study_dir, meta, progress), spec, study_dir, meta, t0)
     from vertstudy.study.space import grid_space
 
     tuner = tune.Tuner.restore(
-        exp, trainable=_trainable(spec, data, study_dir), resume_unfinished=True, resume_errored=True,
-        param_space=grid_space(spec) if spec.search.algorithm == "grid" else {},
+        exp_path, trainable=_trainable(spec, data, study_dir), resume_unfinished=True, resume_errored=True,
+        param_space=grid_space(spec) if spec.search.algorithm == "grid" else {}, storage_filesystem=exp_fs,
     )
     # the restored run config carries the callbacks pickled by the killed driver: use fresh ones
     tuner._local_tuner.get_run_config().callbacks = _callbacks(spec, study_dir, meta, progress)
-    return _fit(tuner, spec, study_dir, meta, t0)
+    return _fit(tuner, spec, study_dir, meta, t0, discard=True)
+
+
+def discard_unrecorded_trials(study_dir: str) -> list[str]:
+    """Move trial directories that Ray's saved state does not know to ``ray/.discarded/``.
+
+    A driver killed right after starting a trial, before Ray saved its state, leaves a trial
+    directory that no resume will continue (Ray samples a new trial in its place, and its
+    Optuna trial is marked FAIL when the study ends). Moving it aside keeps every table row a
+    trial Ray knows; nothing is deleted. Returns the discarded trial ids."""
+    from vertstudy.study.results import experiment_states, trial_dirs
+
+    known = experiment_states(study_dir)
+    fs, base = storage.resolve(experiment_dir(study_dir))
+    discarded = [tid for tid in trial_dirs(study_dir) if tid not in known]
+    if discarded:
+        fs.create_dir(storage.join(base, ".discarded"), recursive=True)
+    for tid in discarded:
+        fs.move(storage.join(base, tid), storage.join(base, ".discarded", tid))
+    return discarded
 
 
 def reconcile_optuna(spec: StudySpec, study_dir: str) -> int:

@@ -40,6 +40,9 @@ class TrialSetup:
 ROW_KEYS = {"study", "trial_id", "case", "label", "region", "in_truth", "predicted", "error_mm", "identified"}
 
 
+FINAL = "final.json"  # in a trial's last checkpoint: its final report, so a rerun only repeats it
+
+
 class InjectedFailure(RuntimeError):
     """The study's fault drill (``inject_failure_at_epoch``)."""
 
@@ -82,7 +85,7 @@ def _restore(work: Path) -> Path | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
-        for name in ("last.pt", "best.pt"):
+        for name in ("last.pt", "best.pt", FINAL):
             if (Path(d) / name).exists():
                 shutil.copy2(Path(d) / name, work / name)
     return work / "last.pt" if (work / "last.pt").exists() else None
@@ -135,6 +138,12 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     try:
         resume = _restore(work)
         restored = resume is not None
+        if (work / FINAL).exists():
+            # Ray restored a trial that had already ended (its driver was killed before saving
+            # that): report the same final result again instead of evaluating again
+            tune.report(json.loads((work / FINAL).read_text(encoding="utf-8")),
+                        checkpoint=tune.Checkpoint.from_directory(str(work)))
+            return
         with TrialRun(setup.wandb, spec.name, trial_id, flat_config(cfg), resume=restored) as run:
 
             def on_epoch(record: dict) -> None:
@@ -169,6 +178,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
             for key in (spec.search.metric, *spec.search.metrics):
                 final[key] = float(metrics.get(key, math.nan)) if result.status == "completed" else math.nan
             run.summary({k: v for k, v in final.items() if k != "vertebrae"})
+        (work / FINAL).write_text(json.dumps(final), encoding="utf-8")
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(work)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
