@@ -23,15 +23,19 @@ class TablesCallback(tune.Callback):
     the study: the next trial's end, the end of the study and ``study export`` rebuild the same
     tables from Ray's results."""
 
-    def __init__(self, refresh: Callable[[dict[str, str]], Any]):
+    def __init__(self, refresh: Callable[[dict[str, str], dict[str, list[dict]]], Any]):
         self._refresh = refresh
         self._ended: dict[str, str] = {}
+        self._results: dict[str, list[dict]] = {}  # what this driver received, ahead of Ray's copy to storage
 
     def _safe_refresh(self) -> None:
         try:
-            self._refresh(dict(self._ended))
+            self._refresh(dict(self._ended), {k: list(v) for k, v in self._results.items()})
         except Exception:
             logging.getLogger("vertstudy").warning("could not rewrite the study tables", exc_info=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._results.setdefault(trial.trial_id, []).append(dict(result))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._ended[trial.trial_id] = "complete"

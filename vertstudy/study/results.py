@@ -8,9 +8,11 @@ tables are a function of these files only.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+from vertstudy.errors import ConfigError
 from vertstudy.study import storage
 from vertstudy.study.spec import StudySpec
 from vertstudy.study.tables import TrialOutcome, outcome_status, split_results
@@ -78,6 +80,22 @@ def read_trial(study_dir: str, trial_id: str) -> tuple[dict[str, Any], list[dict
     return params, _read_json_lines(text("result.json")), _latest_checkpoint(fs, tdir)
 
 
+def _read_state(fs, path: str, attempts: int = 5) -> dict:
+    """Ray's experiment state JSON. Ray copies it to the storage in the background while it may
+    be rewriting its local copy, so a read can meet a torn copy; the next copy repairs it."""
+    for attempt in range(attempts):
+        with fs.open_input_stream(path) as f:
+            text = f.read().decode("utf-8", errors="replace")
+        try:
+            return json.loads(text)
+        except ValueError:
+            if attempt == attempts - 1:
+                raise ConfigError(f"{path}: Ray's experiment state is not valid JSON; wait for the driver's next "
+                                  "save, or run `vertstudy study export` again") from None
+            time.sleep(0.5)
+    return {}
+
+
 def experiment_states(study_dir: str) -> dict[str, str]:
     """``{trial_id: Ray status}`` (PENDING, RUNNING, PAUSED, TERMINATED, ERROR) from the latest
     saved experiment state; empty before the first save."""
@@ -92,8 +110,7 @@ def experiment_states(study_dir: str) -> dict[str, str]:
     )
     if not states:
         return {}
-    with fs.open_input_stream(states[-1]) as f:
-        raw = json.loads(f.read().decode("utf-8"))
+    raw = _read_state(fs, states[-1])
     out = {}
     for entry in raw.get("trial_data", []):
         trial = json.loads(entry[0]) if isinstance(entry, list) else entry
@@ -102,11 +119,19 @@ def experiment_states(study_dir: str) -> dict[str, str]:
     return out
 
 
-def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error: str = "") -> TrialOutcome:
-    """The :class:`TrialOutcome` of an ended trial (``ended_by``: ``complete`` or ``error``)."""
+def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error: str = "",
+            live: list[dict[str, Any]] | None = None) -> TrialOutcome:
+    """The :class:`TrialOutcome` of an ended trial (``ended_by``: ``complete`` or ``error``).
+
+    ``live``: results the driver received in this session. Ray copies ``result.json`` to the
+    storage in the background, so the driver's own copy of the newest results is appended
+    (an epoch reported twice counts once; the last final wins)."""
     from vertstudy.study.trial import flat_config, trial_config
 
     params, results, checkpoint = read_trial(study_dir, trial_id)
+    if live:
+        results = results + list(live)
+        params = params or dict(live[-1].get("config") or {})
     epochs, final, where = split_results(results)
     try:
         config = flat_config(trial_config(spec, params))
@@ -118,14 +143,18 @@ def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error
     )
 
 
-def ended_outcomes(spec: StudySpec, study_dir: str, ended: dict[str, str] | None = None) -> list[TrialOutcome]:
+def ended_outcomes(
+    spec: StudySpec, study_dir: str, ended: dict[str, str] | None = None,
+    live: dict[str, list[dict[str, Any]]] | None = None,
+) -> list[TrialOutcome]:
     """Every ended trial of the study. ``ended``: ``{trial_id: complete|error}`` known to the
-    caller (the driver's own events); otherwise a trial counts as ended when it sent its final
-    result, or when the saved experiment state says TERMINATED / ERROR."""
-    ended = dict(ended or {})
+    caller (the driver's own events), ``live``: the results it received per trial; otherwise a
+    trial counts as ended when it sent its final result, or when the saved experiment state
+    says TERMINATED / ERROR."""
+    ended, live = dict(ended or {}), dict(live or {})
     states = experiment_states(study_dir)
     out = []
-    for trial_id in sorted(trial_dirs(study_dir)):
+    for trial_id in sorted(set(trial_dirs(study_dir)) | set(ended)):
         how = ended.get(trial_id)
         if how is None:
             state = states.get(trial_id, "")
@@ -135,8 +164,8 @@ def ended_outcomes(spec: StudySpec, study_dir: str, ended: dict[str, str] | None
                 how = "complete"
         o = None
         if how is None:
-            o = outcome(spec, study_dir, trial_id, "complete")
+            o = outcome(spec, study_dir, trial_id, "complete", live=live.get(trial_id))
             if not o.final:
                 continue  # still running, pending or interrupted: not in the tables yet
-        out.append(o or outcome(spec, study_dir, trial_id, how))
+        out.append(o or outcome(spec, study_dir, trial_id, how, live=live.get(trial_id)))
     return out

@@ -100,9 +100,11 @@ def _ensure_ray(address: str | None) -> None:
 
 
 def _quiet_ray() -> None:
-    # Save Ray's experiment state at every step, so a driver killed at any time never re-runs a
-    # finished trial on resume (the default period is about 10 s).
-    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
+    # Save Ray's experiment state every second (the default is about 10 s), so a resumed study
+    # reruns at most the last second's finished trials, and those only re-report their final
+    # result (trial.FINAL). Not 0: Ray rewrites its local state file while the previous copy to
+    # the storage may still be reading it, and back-to-back saves tear that copy.
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     for name in ("ray.tune", "ray.train", "ray.air"):
@@ -123,13 +125,15 @@ def _trainable(spec: StudySpec, data: StudyData, study_dir: str):
 def _callbacks(spec: StudySpec, study_dir: str, meta: dict, progress: bool) -> list:
     from vertstudy.study.live import LiveTable, TablesCallback
 
-    tables = TablesCallback(lambda ended: refresh_tables(spec, study_dir, meta, ended))
+    tables = TablesCallback(lambda ended, live: refresh_tables(spec, study_dir, meta, ended, live))
     return [tables, LiveTable(spec)] if progress else [tables]
 
 
-def refresh_tables(spec: StudySpec, study_dir: str, meta: dict, ended: dict[str, str] | None = None) -> list:
-    """Rebuild and write the three tables from the study's Ray results; returns the outcomes."""
-    outcomes = ended_outcomes(spec, study_dir, ended)
+def refresh_tables(spec: StudySpec, study_dir: str, meta: dict, ended: dict[str, str] | None = None,
+                   live: dict[str, list[dict]] | None = None) -> list:
+    """Rebuild and write the three tables from the study's Ray results (and the results this
+    driver received, ``live``, which Ray copies to the storage a moment later); returns the outcomes."""
+    outcomes = ended_outcomes(spec, study_dir, ended, live)
     write_tables(study_dir, build_tables(spec.name, outcomes, meta))
     return outcomes
 
