@@ -373,6 +373,3 @@ def choice_label(value: Any) -> Any:
         return "x".join(f"{v:g}" for v in value)
     return repr(value)
 
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
