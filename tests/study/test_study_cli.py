@@ -128,7 +128,8 @@ def test_driver_killed_mid_study_then_resumed(ray_cluster, storage, tmp_path):
     for before in ended_before:
         after = next(t for t in trials if t["trial_id"] == before["trial_id"])
         assert after["status"] == before["status"] and after["epochs"] == before["epochs"]
-        reports = [json.loads(r) for r in (study_dir / "ray" / before["trial_id"] / "result.json").read_text().splitlines()]
+        result_json = study_dir / "ray" / before["trial_id"] / "result.json"
+        reports = [json.loads(r) for r in result_json.read_text().splitlines()]
         epochs = [r["epoch"] for r in reports if r.get("phase") == "epoch"]
         assert len(epochs) == len(set(epochs))
     epochs = pq.read_table(study_dir / "epochs.parquet").to_pylist()
