@@ -247,7 +247,7 @@ def resume_study(study_dir: str, address: str | None = None, progress: bool = Tr
     from ray import tune
 
     t0 = time.perf_counter()
-    study_dir = str(study_dir) if storage.is_uri(str(study_dir)) else str(storage.local_path(str(study_dir)))
+    study_dir = storage.canonical(study_dir)
     spec, data = load_study_dir(study_dir)
     exp = experiment_dir(study_dir)
     meta = _meta(spec)
@@ -328,7 +328,7 @@ def summarize_study(spec: StudySpec, study_dir: str, outcomes, wall_s: float, in
 
 def export_tables(study_dir: str) -> list:
     """``study export``: rebuild the three tables from Ray's results in the study directory."""
-    study_dir = str(study_dir) if storage.is_uri(str(study_dir)) else str(storage.local_path(str(study_dir)))
+    study_dir = storage.canonical(study_dir)
     spec, _ = load_study_dir(study_dir)
     return refresh_tables(spec, study_dir, _meta(spec))
 
@@ -349,7 +349,7 @@ def study_status(study_dir: str) -> tuple[StudySpec, list[dict[str, Any]], dict[
     from vertstudy.study.results import experiment_states, read_trial
     from vertstudy.study.tables import read_table
 
-    study_dir = str(study_dir) if storage.is_uri(str(study_dir)) else str(storage.local_path(str(study_dir)))
+    study_dir = storage.canonical(study_dir)
     spec, _ = load_study_dir(study_dir)
     rows = []
     for r in read_table(study_dir, "trials").to_pylist():

@@ -31,6 +31,11 @@ def local_path(location: str) -> Path:
     return Path(location).expanduser().resolve()
 
 
+def canonical(location: str | Path) -> str:
+    """A URI as given; a local path made absolute (what the study commands accept as DIR)."""
+    return str(location) if is_uri(str(location)) else str(local_path(str(location)))
+
+
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path in it) of a local path or URI; ``ConfigError`` for an unknown scheme."""
     if not is_uri(location):
