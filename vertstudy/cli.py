@@ -187,6 +187,12 @@ def cmd_study_export(args: argparse.Namespace) -> int:
 
 
 # -- bench ---------------------------------------------------------------------------------
+def _print_figures(figures: dict, as_json: bool, format_table) -> int:
+    """A benchmark's figures as one JSON object, or as its readable table."""
+    print(json.dumps(figures) if as_json else format_table(figures))
+    return 0
+
+
 def cmd_bench_infer(args: argparse.Namespace) -> int:
     from vertstudy.bench.infer import bench_infer, format_table
 
@@ -194,8 +200,7 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
         width=args.width, resolution=args.resolution, batch_size=args.batch_size, repeats=args.repeats,
         seed=args.seed, workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
     )
-    print(json.dumps(figures) if args.json else format_table(figures))
-    return 0
+    return _print_figures(figures, args.json, format_table)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
@@ -206,8 +211,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         threads=args.threads, steps=args.steps, memory=not args.no_memory, seed=args.seed,
         workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
     )
-    print(json.dumps(figures) if args.json else format_table(figures))
-    return 0
+    return _print_figures(figures, args.json, format_table)
 
 
 def cmd_bench_learn(args: argparse.Namespace) -> int:
@@ -218,8 +222,7 @@ def cmd_bench_learn(args: argparse.Namespace) -> int:
         width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm, lr=args.lr, seed=args.seed,
         workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
     )
-    print(json.dumps(figures) if args.json else format_table(figures))
-    return 0
+    return _print_figures(figures, args.json, format_table)
 
 
 def cmd_bench_study(args: argparse.Namespace) -> int:
@@ -229,8 +232,7 @@ def cmd_bench_study(args: argparse.Namespace) -> int:
         trials=args.trials, concurrency=args.concurrency, epochs=args.epochs, wandb=args.wandb,
         workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
     )
-    print(json.dumps(figures) if args.json else format_table(figures))
-    return 0
+    return _print_figures(figures, args.json, format_table)
 
 
 def cmd_bench_prep(args: argparse.Namespace) -> int:
@@ -240,8 +242,7 @@ def cmd_bench_prep(args: argparse.Namespace) -> int:
         cases=args.cases, size_xyz=tuple(args.size), spacing_xyz=tuple(args.spacing), seed=args.seed,
         workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
     )
-    print(json.dumps(figures) if args.json else format_table(figures))
-    return 0
+    return _print_figures(figures, args.json, format_table)
 
 
 # -- parser --------------------------------------------------------------------------------
