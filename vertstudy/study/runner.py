@@ -317,13 +317,16 @@ def summarize_study(spec: StudySpec, study_dir: str, outcomes, wall_s: float, in
     scored = [r for r in rows if r.get("status") == "completed" and r.get(f"best_{metric}") is not None
               and r[f"best_{metric}"] == r[f"best_{metric}"]]
     best = min(scored, key=lambda r: sign * r[f"best_{metric}"]) if scored else {}
-    base = read_table(study_dir, "baseline").to_pylist()
-    baseline = {}
-    if base:
-        from vertstudy.train.metrics import summarize
+    return StudyResult(study_dir, counts, best, baseline_summary(study_dir), wall_s, interrupted)
 
-        baseline = {k: float(v) for k, v in summarize(base).items()}
-    return StudyResult(study_dir, counts, best, baseline, wall_s, interrupted)
+
+def baseline_summary(study_dir: str) -> dict[str, float]:
+    """The summary of ``baseline.parquet`` (empty if the study has none)."""
+    from vertstudy.study.tables import read_table
+    from vertstudy.train.metrics import summarize
+
+    base = read_table(study_dir, "baseline").to_pylist()
+    return {k: float(v) for k, v in summarize(base).items()} if base else {}
 
 
 def export_tables(study_dir: str) -> list:
@@ -363,5 +366,4 @@ def study_status(study_dir: str) -> tuple[StudySpec, list[dict[str, Any]], dict[
         params, results, _ = read_trial(study_dir, trial_id)
         last = results[-1] if results else {}
         rows.append({"trial_id": trial_id, "status": state.lower(), "epochs": last.get("epoch"), **params})
-    summary = summarize_study(spec, study_dir, [], 0.0, False)
-    return spec, rows, summary.baseline
+    return spec, rows, baseline_summary(study_dir)

@@ -85,13 +85,33 @@ def read_text(location: str) -> str:
         return f.read().decode("utf-8")
 
 
-def write_text(location: str, text: str) -> None:
-    """Write a small text file atomically (temporary name, then a rename)."""
+def write_atomic(location: str, write) -> str:
+    """Make ``location`` appear whole or not at all: ``write(filesystem, temporary path)`` writes
+    a hidden temporary file beside it, which is then renamed over ``location`` (and removed if
+    writing fails). Returns the path in its filesystem."""
     fs, path = resolve(location)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as out:
-        out.write(text.encode("utf-8"))
-    fs.move(tmp, path)
+    head, _, tail = path.rpartition("/")
+    tmp = f"{head}/.{tail}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        write(fs, tmp)
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def write_text(location: str, text: str) -> None:
+    """Write a small UTF-8 text file atomically (see :func:`write_atomic`)."""
+
+    def write(fs, tmp: str) -> None:
+        with fs.open_output_stream(tmp) as out:
+            out.write(text.encode("utf-8"))
+
+    write_atomic(location, write)
 
 
 class _AtomicFile(io.FileIO):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vertstudy.study.storage import join, resolve
+from vertstudy.study.storage import join, resolve, uri_join, write_atomic
 from vertstudy.study.tracking import run_id
 
 TABLES = ("trials", "epochs", "vertebrae")
@@ -148,19 +147,8 @@ def build_tables(study: str, outcomes: list[TrialOutcome], meta: dict[str, Any])
 
 def write_table(study_dir: str, name: str, table: pa.Table) -> str:
     """Write ``<study_dir>/<name>.parquet`` atomically (temporary name, then a rename)."""
-    fs, base = resolve(study_dir)
-    final = join(base, f"{name}.parquet")
-    tmp = join(base, f".{name}.parquet.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp, filesystem=fs)
-        fs.move(tmp, final)
-    except BaseException:
-        try:
-            fs.delete_file(tmp)
-        except (OSError, FileNotFoundError):
-            pass
-        raise
-    return final
+    return write_atomic(uri_join(study_dir, f"{name}.parquet"),
+                        lambda fs, tmp: pq.write_table(table, tmp, filesystem=fs))
 
 
 def write_tables(study_dir: str, tables: dict[str, pa.Table]) -> None:
