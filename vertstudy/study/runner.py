@@ -186,7 +186,9 @@ def _tuner(spec: StudySpec, data: StudyData, study_dir: str, meta: dict, progres
 
 def write_baseline(spec: StudySpec, study_dir: str, data: StudyData) -> dict[str, float]:
     """``baseline.parquet``: the mean-position baseline on the held-out cases (trained on the
-    train + validation cases); returns its summary."""
+    train + validation cases), and ``cases.parquet``: sagittal / coronal views of the held-out
+    cases for the reports' failure gallery; returns the baseline's summary."""
+    from vertstudy.study.dataset import case_view_row
     from vertstudy.study.trial import vertebra_rows
     from vertstudy.train.evaluate import baseline_case_rows
     from vertstudy.train.metrics import summarize
@@ -194,6 +196,7 @@ def write_baseline(spec: StudySpec, study_dir: str, data: StudyData) -> dict[str
     per_case = baseline_case_rows(data.cases("train") + data.cases("val"), data.cases("test"))
     rows = [{"study": spec.name, "trial_id": "baseline", **r} for r in vertebra_rows(per_case)]
     write_table(study_dir, "baseline", to_table(rows))
+    write_table(study_dir, "cases", to_table([case_view_row(c) for c in data.cases("test")]))
     return {k: float(v) for k, v in summarize([r for _, rs in per_case for r in rs]).items()}
 
 

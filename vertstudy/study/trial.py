@@ -37,7 +37,14 @@ class TrialSetup:
     wandb: WandbSettings
 
 
-ROW_KEYS = {"study", "trial_id", "case", "label", "region", "in_truth", "predicted", "error_mm", "identified"}
+ROW_KEYS = {"study", "trial_id", "case", "label", "region", "in_truth", "predicted", "error_mm", "identified",
+            "true_z_mm", "true_y_mm", "true_x_mm", "pred_z_mm", "pred_y_mm", "pred_x_mm"}
+
+
+def _point_columns(prefix: str, point) -> dict[str, float]:
+    """``{prefix_z_mm, prefix_y_mm, prefix_x_mm}`` of a canonical (z, y, x) mm point (NaN if absent)."""
+    values = point if point is not None else (math.nan,) * 3
+    return {f"{prefix}_{axis}_mm": float(v) for axis, v in zip("zyx", values)}
 
 
 FINAL = "final.json"  # in a trial's last checkpoint: its final report, so a rerun only repeats it
@@ -92,7 +99,9 @@ def _restore(work: Path) -> Path | None:
 
 
 def vertebra_rows(per_case) -> list[dict[str, Any]]:
-    """JSON-ready ``vertebrae.parquet`` rows: case id, the metric row, and the case's condition tags."""
+    """JSON-ready ``vertebrae.parquet`` rows: case id, the metric row, the true and predicted
+    centroids (canonical (z, y, x) mm: ``true_z_mm`` ... ``pred_x_mm``, NaN when absent) and the
+    case's condition tags."""
     rows = []
     for case, case_rows in per_case:
         tags = {k: str(v) for k, v in sorted(case.tags.items()) if k not in ROW_KEYS}
@@ -100,7 +109,7 @@ def vertebra_rows(per_case) -> list[dict[str, Any]]:
             rows.append({
                 "case": case.case_id, "label": int(r.label), "region": str(r.region), "in_truth": bool(r.in_truth),
                 "predicted": bool(r.predicted), "error_mm": float(r.error_mm), "identified": bool(r.identified),
-                **tags,
+                **_point_columns("true", r.true_mm), **_point_columns("pred", r.pred_mm), **tags,
             })
     return rows
 

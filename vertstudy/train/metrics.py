@@ -27,7 +27,7 @@ consistent axis order (any, as long as prediction and truth agree; crops use ``(
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.metrics import average_precision_score
@@ -52,6 +52,10 @@ class VertebraRow:
     predicted: bool
     error_mm: float
     identified: bool
+    #: the true / predicted centroid, (3,) in the caller's millimetres (canonical (z, y, x) mm for
+    #: the study tables); None when absent. Not part of equality: rows compare by their figures.
+    true_mm: tuple[float, float, float] | None = field(default=None, compare=False)
+    pred_mm: tuple[float, float, float] | None = field(default=None, compare=False)
 
 
 def region_mask(region: str) -> np.ndarray:
@@ -123,6 +127,8 @@ def match_case(
             predicted=bool(predicted[k]),
             error_mm=float(error[k]),
             identified=bool(identified[k]),
+            true_mm=tuple(float(v) for v in true_pts[k]) if in_truth[k] else None,
+            pred_mm=tuple(float(v) for v in pred_pts[k]) if predicted[k] else None,
         )
         for k in range(NUM_CLASSES)
     ]
