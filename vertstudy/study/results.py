@@ -15,7 +15,7 @@ from typing import Any
 from vertstudy.errors import ConfigError
 from vertstudy.study import storage
 from vertstudy.study.spec import StudySpec
-from vertstudy.study.tables import TrialOutcome, outcome_status, split_results
+from vertstudy.study.tables import TrialOutcome, outcome_status, result_times, split_results
 
 EXPERIMENT = "ray"  # Ray's experiment directory inside the study directory
 
@@ -133,13 +133,14 @@ def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error
         results = results + list(live)
         params = params or dict(live[-1].get("config") or {})
     epochs, final, where = split_results(results)
+    started, ended = result_times(results)
     try:
         config = flat_config(trial_config(spec, params))
     except Exception as exc:  # a trial whose config cannot be rebuilt still gets its row
         config = {"_invalid": str(exc)}
     return TrialOutcome(
         trial_id=trial_id, status=outcome_status(ended_by, final), config=config, epochs=epochs, final=final,
-        checkpoint=checkpoint, error=error, where=where, params=params,
+        checkpoint=checkpoint, error=error, where=where, params=params, started_at=started, ended_at=ended,
     )
 
 

@@ -47,6 +47,19 @@ class TrialOutcome:
     error: str = ""
     where: dict[str, Any] = field(default_factory=dict)  # node id, hostname, device of its last report
     params: dict[str, Any] = field(default_factory=dict)  # the values the search sampled (labels as sampled)
+    started_at: float = math.nan  # unix seconds: the start of its first reported iteration
+    ended_at: float = math.nan  # unix seconds: its last report
+
+
+def result_times(results: list[dict[str, Any]]) -> tuple[float, float]:
+    """(started, ended) unix seconds of a trial from Ray's ``timestamp`` / ``time_this_iter_s``
+    of its results; NaN when the results carry none."""
+    stamps = [(float(r["timestamp"]), float(r.get("time_this_iter_s") or 0.0)) for r in results
+              if isinstance(r.get("timestamp"), (int, float))]
+    if not stamps:
+        return math.nan, math.nan
+    first = min(stamps)
+    return first[0] - first[1], max(t for t, _ in stamps)
 
 
 def split_results(results: list[dict[str, Any]]) -> tuple[list[dict], dict, dict]:
@@ -102,6 +115,9 @@ def trial_row(study: str, o: TrialOutcome, meta: dict[str, Any]) -> dict[str, An
     for key in ("node", "hostname", "device"):  # where it ran: every report says
         row[key] = str(o.final.get(key, o.where.get(key, "")))
     row["seed"] = int(o.config.get("seed", 0))
+    row["started_at"], row["ended_at"] = float(o.started_at), float(o.ended_at)
+    row["resources_cpu"] = float(meta.get("cpus", math.nan))  # what the trial held, for CPU/GPU hours
+    row["resources_gpu"] = float(meta.get("gpus", math.nan))
     row["checkpoint"] = o.checkpoint or ""
     # a trial without a final report logged to the run its id names (if W&B was on)
     default_run = run_id(study, o.trial_id) if meta.get("wandb") else ""
