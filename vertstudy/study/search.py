@@ -2,6 +2,14 @@
 
 Optuna searches (TPE, random, multi-objective) run through Ray's ``OptunaSearch`` with a
 persistent storage; grids use Tune's own grid expansion; ASHA stops weak trials by epoch.
+
+Optuna's storage is ``search.optuna_storage``: an SQLAlchemy URL (a server database such as
+``postgresql://vertstudy@db-host/optuna`` for many writers on a cluster) or ``journal:<path>``
+(Optuna's JournalStorage in a file, which Optuna supports on a shared file system); by default
+SQLite in the study directory, for one machine. The URL never carries a password: Ray pickles
+the search algorithm, storage URL included, into the study directory, and the URL is saved in
+``study.json``. PostgreSQL's client library takes the password from ``PGPASSWORD`` (or
+``~/.pgpass``) in the environment, which a cluster fills from a secret.
 """
 
 from __future__ import annotations
@@ -28,13 +36,55 @@ class ResumableOptunaSearch(OptunaSearch):
             self._completed_trials.add(trial_id)
 
 
+def open_optuna_storage(spec: StudySpec, study_dir: str):
+    """The Optuna storage object of a study (see the module docstring)."""
+    import optuna
+
+    url = optuna_storage_url(spec, study_dir)
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+            path = url[len("journal:"):]
+            return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+        return optuna.storages.RDBStorage(url)
+    except Exception as exc:
+        raise ConfigError(f"search.optuna_storage: cannot open {url!r} ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); {ACCEPTED}") from None
+
+
+ACCEPTED = ("accepted: an SQLAlchemy URL without a password (sqlite:///path, postgresql://user@host/db) "
+            "or journal:<path>")
+
+
+def check_optuna_url(url: str, where: str = "search.optuna_storage") -> str:
+    """``url`` if it is a storage URL vertstudy accepts; a password in it is refused (masked)."""
+    if url.startswith("journal:"):
+        if not url[len("journal:"):].strip():
+            raise ConfigError(f"{where}: 'journal:' needs a file path, e.g. journal:/shared/optuna.log")
+        return url
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"{where}: {url!r} is not a storage URL; {ACCEPTED}") from None
+    if parsed.password:
+        masked = parsed.render_as_string(hide_password=True)
+        raise ConfigError(f"{where}: {masked} carries a password, which would be saved with the study; leave it out "
+                          "and set PGPASSWORD (or ~/.pgpass) in the environment instead")
+    return url
+
+
 def optuna_storage_url(spec: StudySpec, study_dir: str) -> str:
+    """The study's Optuna storage URL as written (``${NAME}`` not expanded)."""
     if spec.search.optuna_storage:
-        return spec.search.optuna_storage
+        return check_optuna_url(spec.search.optuna_storage)
     if not storage.is_local(study_dir):
         raise ConfigError(
             f"search.optuna_storage: not set, and storage {spec.storage!r} is not a local directory; "
-            "give a database URL (e.g. postgresql://host/db) for Optuna"
+            "give a database URL (e.g. postgresql://host/db) or journal:<shared path> for Optuna"
         )
     return f"sqlite:///{storage.local_path(study_dir) / 'optuna.db'}"
 
@@ -48,7 +98,7 @@ def searcher(spec: StudySpec, study_dir: str):
     from vertstudy.study.space import define_by_run
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    store = optuna.storages.RDBStorage(optuna_storage_url(spec, study_dir))
+    store = open_optuna_storage(spec, study_dir)
     seed = spec.search.seed
     if spec.search.algorithm == "random":
         sampler, metric, mode = optuna.samplers.RandomSampler(seed=seed), spec.search.metric, spec.search.mode
