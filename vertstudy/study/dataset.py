@@ -3,13 +3,24 @@ content-addressed cache, and split into train / validation / held-out test cases
 
 Runs once in the driver before any trial starts. The split (case ids and cache entries) is
 written to ``<study dir>/split.json``; a resumed study reads it back, so its trials see the
-same cases. Trials receive the cache entry paths through ``tune.with_parameters``.
+same cases. Trials receive the cache entries through ``tune.with_parameters``.
+
+On a cluster, trials on any node must find the entries. Either the cache is on a shared path
+(NFS; entries are read in place), or the driver publishes the split's entries to a URI
+(``data.shared_cache``: s3://, gs://, file://, read through pyarrow's filesystems) and each node
+fetches an entry once into its own ``data.node_cache``, under a per-entry file lock, so the
+trials of one node never fetch the same entry twice. Entries are content-addressed, so a
+published or fetched entry never changes; ``meta.json`` is copied last and marks it complete.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,16 +34,18 @@ from vertstudy.study.spec import DataSpec
 
 @dataclass(frozen=True)
 class StudyData:
-    """Absolute cache entry directories of each part of the split, and the split's case ids."""
+    """The cache entries of each part of the split: absolute directories, or URIs of published
+    entries that a node fetches into ``node_cache`` (see the module docstring)."""
 
     train: tuple[str, ...]
     val: tuple[str, ...]
     test: tuple[str, ...]
     spacing_mm: float
+    node_cache: str = ""
 
     def cases(self, part: str) -> list[CachedCase]:
         """The cached cases (metadata; volumes stay on disk) of ``part`` (train / val / test)."""
-        return [load_entry(Path(p)) for p in getattr(self, part)]
+        return [load_entry(local_entry(p, self.node_cache)) for p in getattr(self, part)]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -40,7 +53,70 @@ class StudyData:
     @classmethod
     def from_json(cls, text: str) -> StudyData:
         raw = json.loads(text)
-        return cls(tuple(raw["train"]), tuple(raw["val"]), tuple(raw["test"]), float(raw["spacing_mm"]))
+        return cls(tuple(raw["train"]), tuple(raw["val"]), tuple(raw["test"]), float(raw["spacing_mm"]),
+                   str(raw.get("node_cache", "")))
+
+
+ENTRY_FILES = ("volume.npy", "meta.json")  # meta.json last: its presence marks a whole entry
+FETCH_LOG = "fetches.log"
+
+
+def publish_entries(paths: list[str], shared: str) -> dict[str, str]:
+    """Copy local cache entry directories to ``<shared>/cases/<key[:2]>/<key>/`` (skipping those
+    already there); returns ``{local path: entry URI}``."""
+    import pyarrow.fs as pafs
+
+    from vertstudy.study import storage
+
+    fs, base = storage.resolve(shared)
+    local = pafs.LocalFileSystem()
+    out = {}
+    for path in paths:
+        key = Path(path).name
+        dest = storage.join(base, "cases", key[:2], key)
+        if fs.get_file_info(storage.join(dest, "meta.json")).type == pafs.FileType.NotFound:
+            fs.create_dir(dest, recursive=True)
+            for name in ENTRY_FILES:
+                pafs.copy_files(str(Path(path) / name), storage.join(dest, name), source_filesystem=local,
+                                destination_filesystem=fs)
+        out[path] = storage.join(shared, "cases", key[:2], key)
+    return out
+
+
+def local_entry(entry: str, node_cache: str) -> Path:
+    """A local directory holding ``entry``: the entry itself when it is a path, else this node's
+    copy of the published entry, fetched once (one line per fetch in ``<node_cache>/fetches.log``)."""
+    from vertstudy.study import storage
+
+    if not storage.is_uri(entry):
+        return Path(entry)
+    import pyarrow.fs as pafs
+    from filelock import FileLock
+
+    key = entry.rstrip("/").rsplit("/", 1)[-1]
+    root = Path(node_cache or "~/.cache/vertstudy/node").expanduser()
+    target = root / "cases" / key[:2] / key
+    if (target / "meta.json").exists():
+        return target
+    (root / "locks").mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / "locks" / f"{key}.lock")):
+        if (target / "meta.json").exists():  # another trial of this node fetched it meanwhile
+            return target
+        fs, src = storage.resolve(entry)
+        tmp = target.with_name(f".{key}.{uuid.uuid4().hex[:8]}")
+        tmp.mkdir(parents=True)
+        t0 = time.perf_counter()
+        try:
+            for name in ENTRY_FILES:
+                pafs.copy_files(storage.join(src, name), str(tmp / name), source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+            tmp.rename(target)
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise InputError(Path(key), f"cannot fetch cache entry {entry}: {exc}") from None
+        with open(root / FETCH_LOG, "a", encoding="utf-8") as log:
+            log.write(f"{key} {socket.gethostname()} {os.getpid()} {time.perf_counter() - t0:.3f}s\n")
+    return target
 
 
 def _phantom_root(data: DataSpec, work: Path, progress: bool) -> Path:
@@ -70,9 +146,11 @@ def split_cases(case_ids: list[str], val: int, test: int, seed: int) -> tuple[li
     return order[test + val:], order[test:test + val], order[:test]
 
 
-def materialize(data: DataSpec, config: Config, work: Path, progress: bool = True) -> StudyData:
+def materialize(data: DataSpec, config: Config, work: Path, progress: bool = True, shared: str | None = None
+                ) -> StudyData:
     """Phantoms or the data set, prepared into ``data.cache_dir`` (default ``work/_cache``) with
-    the study's preprocessing, and split. ``ConfigError`` when too few cases remain."""
+    the study's preprocessing, and split; with ``shared`` (a URI), the split's entries are
+    published there and the split names them by URI. ``ConfigError`` when too few cases remain."""
     from vertstudy.data.prepare import prepare_dataset
 
     work = Path(work)
@@ -95,9 +173,12 @@ def materialize(data: DataSpec, config: Config, work: Path, progress: bool = Tru
     ids = [c.case_id for c in cases]
     tr, va, te = split_cases(ids, n_val, n_test, data.split.seed)
     paths = [str(Path(c.path).resolve()) for c in cases]
+    if shared:
+        published = publish_entries([paths[i] for i in tr + va + te], shared)
+        paths = [published.get(p, p) for p in paths]
     return StudyData(
         train=tuple(paths[i] for i in tr), val=tuple(paths[i] for i in va), test=tuple(paths[i] for i in te),
-        spacing_mm=float(prep.spacing_mm),
+        spacing_mm=float(prep.spacing_mm), node_cache=data.node_cache,
     )
 
 

@@ -32,7 +32,7 @@ from vertstudy.errors import ConfigError
 from vertstudy.study import storage
 from vertstudy.study.dataset import StudyData, materialize
 from vertstudy.study.results import EXPERIMENT, ended_outcomes, experiment_dir
-from vertstudy.study.search import optuna_storage_url, scheduler, searcher
+from vertstudy.study.search import open_optuna_storage, optuna_storage_url, scheduler, searcher
 from vertstudy.study.spec import StudySpec, total_trials, validate_spec
 from vertstudy.study.tables import build_tables, to_table, write_table, write_tables
 from vertstudy.study.tracking import WandbSettings
@@ -68,7 +68,8 @@ def _meta(spec: StudySpec) -> dict[str, Any]:
     """Provenance every ``trials.parquet`` row carries, and whether trials log to W&B."""
     from vertstudy import __version__
 
-    return {"vertstudy_version": __version__, "git_sha": _git_sha(), "wandb": spec.wandb.mode != "disabled"}
+    return {"vertstudy_version": __version__, "git_sha": _git_sha(), "wandb": spec.wandb.mode != "disabled",
+            "cpus": float(spec.resources.cpus), "gpus": float(spec.resources.gpus)}
 
 
 def _work_dir(spec: StudySpec) -> Path:
@@ -94,7 +95,14 @@ def _ensure_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except Exception as exc:  # unreachable, wrong token, version mismatch: one line, no traceback
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ConfigError(
+                f"--address {address}: cannot connect to the Ray cluster ({first}); is it running, and do "
+                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH name its token?"
+            ) from None
     else:  # an embedded local cluster; cap the object store (it claims 30% of RAM by default)
         ray.init(include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024 * 1024)
 
@@ -212,7 +220,9 @@ def prepare_study(spec: StudySpec, progress: bool = True) -> tuple[str, StudyDat
         )
     if spec.search.algorithm != "grid":
         optuna_storage_url(spec, study_dir)
-    data = materialize(spec.data, load_config(spec.config), _work_dir(spec), progress=progress)
+    shared = spec.data.shared_cache or (storage.uri_join(spec.storage, "_cache") if not storage.is_local(spec.storage)
+                                        else None)
+    data = materialize(spec.data, load_config(spec.config), _work_dir(spec), progress=progress, shared=shared)
     fs, path = storage.resolve(study_dir)
     fs.create_dir(path, recursive=True)  # only now: a study that fails its checks leaves no directory
     storage.write_text(storage.uri_join(study_dir, "split.json"), data.to_json())
@@ -223,10 +233,12 @@ def prepare_study(spec: StudySpec, progress: bool = True) -> tuple[str, StudyDat
 def run_study(spec: StudySpec, address: str | None = None, progress: bool = True) -> StudyResult:
     """Run a validated study from scratch (see the module docstring)."""
     t0 = time.perf_counter()
+    _quiet_ray()
+    if address:  # a cluster that cannot be reached fails before the study directory exists
+        _ensure_ray(address)
     study_dir, data = prepare_study(spec, progress=progress)
     write_baseline(spec, study_dir, data)
     meta = _meta(spec)
-    _quiet_ray()
     _ensure_ray(address)
     write_tables(study_dir, build_tables(spec.name, [], meta))
     return _fit(_tuner(spec, data, study_dir, meta, progress), spec, study_dir, meta, t0)
@@ -300,7 +312,7 @@ def reconcile_optuna(spec: StudySpec, study_dir: str) -> int:
     import optuna
 
     try:
-        study = optuna.load_study(study_name=spec.name, storage=optuna_storage_url(spec, study_dir))
+        study = optuna.load_study(study_name=spec.name, storage=open_optuna_storage(spec, study_dir))
     except KeyError:
         return 0
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]

@@ -77,6 +77,11 @@ class DataSpec(_Strict):
     root: str | None = Field(None, description="a data set directory (CSI 2014, VerSe or generic)")
     format: Literal["auto", "csi2014", "verse", "generic"] = "auto"
     cache_dir: str | None = Field(None, description="preprocessing cache; default <storage>/_cache")
+    shared_cache: str | None = Field(
+        None, description="URI (s3://, gs://, file://) the driver copies the split's cache entries to and trials "
+                          "fetch them from, once per node; default <storage>/_cache when storage is an object store, "
+                          "none (entries read in place, a shared path) otherwise")
+    node_cache: str = Field("~/.cache/vertstudy/node", description="where a node keeps the entries it fetched")
     split: SplitSpec = SplitSpec()
 
     @model_validator(mode="after")
@@ -333,6 +338,7 @@ def smoke(spec: StudySpec) -> StudySpec:
     phantom_seed = spec.data.phantoms.seed if spec.data.phantoms else 0
     data = DataSpec(
         phantoms=PhantomData(count=5, seed=phantom_seed), cache_dir=spec.data.cache_dir,
+        shared_cache=spec.data.shared_cache, node_cache=spec.data.node_cache,
         split=SplitSpec(val=1, test=1, seed=spec.data.split.seed),
     )
     return spec.model_copy(
