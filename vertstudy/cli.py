@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def _number(convert, lowest: float, inclusive: bool, what: str):
 _positive_int = _number(int, 1, True, "a whole number >= 1")
 _nonneg_int = _number(int, 0, True, "a whole number >= 0")
 _positive_float = _number(float, 0.0, False, "a number > 0")
+_nonneg_float = _number(float, 0.0, True, "a number >= 0")
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -146,19 +148,27 @@ def cmd_study_run(args: argparse.Namespace) -> int:
         overrides["storage"] = args.storage
     if args.wandb:
         overrides["wandb"] = {"mode": args.wandb}
+    optuna_url = args.optuna_storage or os.environ.get("VERTSTUDY_OPTUNA_STORAGE")
+    if optuna_url:
+        overrides["search"] = {**spec.search.model_dump(), "optuna_storage": optuna_url}
     if overrides:
         spec = validate_spec({**spec.model_dump(), **overrides}, f"{args.study} (with command-line options)")
     if args.smoke:
         spec = smoke(spec)
-    result = run_study(spec, address=args.address, progress=not args.no_progress)
+    result = run_study(spec, address=_address(args), progress=not args.no_progress)
     _print_result(result)
     return 130 if result.interrupted else 0
+
+
+def _address(args: argparse.Namespace) -> str | None:
+    """--address, else RAY_ADDRESS (set by `ray job submit` and by the local cluster's env.sh)."""
+    return args.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def cmd_study_resume(args: argparse.Namespace) -> int:
     from vertstudy.study.runner import resume_study
 
-    result = resume_study(args.dir, address=args.address, progress=not args.no_progress)
+    result = resume_study(args.dir, address=_address(args), progress=not args.no_progress)
     _print_result(result)
     return 130 if result.interrupted else 0
 
@@ -223,6 +233,51 @@ def cmd_bench_learn(args: argparse.Namespace) -> int:
         workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
     )
     return _print_figures(figures, args.json, format_table)
+
+
+def cmd_cluster_start(args: argparse.Namespace) -> int:
+    from vertstudy.localcluster import start_local_cluster
+
+    c = start_local_cluster(Path(args.dir), workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                            head_cpus=args.head_cpus, object_store_mb=args.object_store_mb,
+                            log=lambda m: print(m, file=sys.stderr))
+    print(f"local Ray cluster up: head + {len(c.workers())} workers, token authentication on")
+    print(f"  address:   {c.address}   (vertstudy study run --address, ray.init)")
+    print(f"  jobs:      {c.dashboard_url}   (ray job submit --address; dashboard on localhost only)")
+    print(f"  for a shell: source {c.root / 'env.sh'}")
+    print(f"  stop with: vertstudy cluster stop --dir {c.root}")
+    return 0
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    from vertstudy.localcluster import _alive, load_cluster
+
+    c = load_cluster(Path(args.dir))
+    if args.json:
+        print(json.dumps({"address": c.address, "dashboard": c.dashboard_url, "running": _alive(c),
+                          "nodes": [vars(n) for n in c.nodes]}))
+        return 0
+    print(f"{c.root}: {'running' if _alive(c) else 'not running'}; address {c.address}, jobs {c.dashboard_url}")
+    for n in c.nodes:
+        role = "head" if n.index == 0 else f"worker {n.index}"
+        print(f"  {role:<9} {n.cpus:g} CPU  node {n.node_id}  raylet pid {n.raylet_pid}  "
+              f"{'alive' if n.alive else 'killed'}")
+    return 0
+
+
+def cmd_cluster_kill_worker(args: argparse.Namespace) -> int:
+    from vertstudy.localcluster import kill_worker
+
+    pids = kill_worker(Path(args.dir), args.index)
+    print(f"worker {args.index}: SIGKILLed {len(pids)} processes (raylet and what it started)")
+    return 0
+
+
+def cmd_cluster_stop(args: argparse.Namespace) -> int:
+    from vertstudy.localcluster import stop_local_cluster
+
+    stop_local_cluster(Path(args.dir))
+    return 0
 
 
 def cmd_bench_study(args: argparse.Namespace) -> int:
@@ -324,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="results directory or URI (overrides the study's storage)")
     p.add_argument("--wandb", choices=("offline", "online", "disabled"),
                    help="W&B mode (overrides the study's; online reads WANDB_API_KEY from the environment)")
+    p.add_argument("--optuna-storage", metavar="URL",
+                   help="Optuna storage: a database URL without password (postgresql://user@host/db; the password "
+                        "comes from PGPASSWORD) or journal:<shared path>; default VERTSTUDY_OPTUNA_STORAGE, else "
+                        "SQLite in the study directory")
     p.add_argument("--smoke", action="store_true", help="run the study at CPU scale (tiny data, network, epochs)")
     p.add_argument("--no-progress", action="store_true", help="no live trials table")
     p.set_defaults(func=cmd_study_run)
@@ -345,6 +404,36 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Rebuild trials/epochs/vertebrae.parquet from the study's Ray results.")
     p.add_argument("dir", help="the study directory (<storage>/<study name>)")
     p.set_defaults(func=cmd_study_export)
+
+    cluster = top.add_parser("cluster", help="a multi-node Ray cluster on this machine (development and tests)",
+                             description="Start, inspect, break and stop a local multi-node Ray cluster: a head and "
+                                         "N worker nodes, each its own raylet with its own CPUs, token auth on.")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
+    dir_help = "cluster directory: token, state, Ray's session (short path, e.g. /tmp/vs-cluster)"
+    p = cluster_sub.add_parser("start", help="start a head and N worker nodes", description="Start a head and N "
+                               "worker nodes on this machine; prints the address and the env file for drivers.")
+    p.add_argument("--dir", required=True, help=dir_help)
+    p.add_argument("--workers", type=_nonneg_int, default=2, help="worker nodes (default 2)")
+    p.add_argument("--cpus-per-worker", type=_positive_float, default=1.0, help="CPUs of each worker (default 1)")
+    p.add_argument("--head-cpus", type=_nonneg_float, default=0.0,
+                   help="CPUs of the head (default 0: trials run on workers only)")
+    p.add_argument("--object-store-mb", type=_positive_int, default=100,
+                   help="object store of each node in MB (default 100; Ray would take 30%% of RAM per node)")
+    p.set_defaults(func=cmd_cluster_start)
+    p = cluster_sub.add_parser("status", help="the nodes of a local cluster", description="Print the nodes of the "
+                               "local cluster in --dir: role, CPUs, Ray node id, raylet pid, alive or killed.")
+    p.add_argument("--dir", required=True, help=dir_help)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_cluster_status)
+    p = cluster_sub.add_parser("kill-worker", help="SIGKILL one worker node (fault drills)",
+                               description="SIGKILL worker node INDEX: its raylet and every process it started.")
+    p.add_argument("--dir", required=True, help=dir_help)
+    p.add_argument("index", type=_positive_int, help="worker index (1..N)")
+    p.set_defaults(func=cmd_cluster_kill_worker)
+    p = cluster_sub.add_parser("stop", help="stop every process of a local cluster",
+                               description="Stop the local cluster in --dir (only its processes).")
+    p.add_argument("--dir", required=True, help=dir_help)
+    p.set_defaults(func=cmd_cluster_stop)
 
     bench = top.add_parser("bench", help="measure the figures the issues ask for",
                            description="Benchmarks: each prints a table, or one JSON object with --json.")
