@@ -117,6 +117,23 @@ def _quiet_ray() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     for name in ("ray.tune", "ray.train", "ray.air"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    controller = logging.getLogger("ray.tune.execution.tune_controller")
+    if not any(isinstance(f, _OneLineTrialErrors) for f in controller.filters):
+        controller.addFilter(_OneLineTrialErrors())
+
+
+class _OneLineTrialErrors(logging.Filter):
+    """A failed trial (an exception in it, or its node died) is logged by Tune with a full
+    traceback; keep one line: which trial and the exception's own message. Its retry, the
+    tables' ``message`` column and Ray's result files keep the whole story."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {first} (retried if retries remain)"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
 
 
 def _trainable(spec: StudySpec, data: StudyData, study_dir: str):
