@@ -147,11 +147,11 @@ def _trainable(spec: StudySpec, data: StudyData, study_dir: str):
     )
 
 
-def _callbacks(spec: StudySpec, study_dir: str, meta: dict, progress: bool) -> list:
+def _callbacks(spec: StudySpec, study_dir: str, meta: dict, progress: bool, extra: tuple = ()) -> list:
     from vertstudy.study.live import LiveTable, TablesCallback
 
     tables = TablesCallback(lambda ended, live: refresh_tables(spec, study_dir, meta, ended, live))
-    return [tables, LiveTable(spec)] if progress else [tables]
+    return [tables, *([LiveTable(spec)] if progress else []), *extra]
 
 
 def refresh_tables(spec: StudySpec, study_dir: str, meta: dict, ended: dict[str, str] | None = None,
@@ -180,7 +180,7 @@ def _fit(tuner, spec: StudySpec, study_dir: str, meta: dict, t0: float, discard:
     return summarize_study(spec, study_dir, outcomes, time.perf_counter() - t0, interrupted)
 
 
-def _tuner(spec: StudySpec, data: StudyData, study_dir: str, meta: dict, progress: bool):
+def _tuner(spec: StudySpec, data: StudyData, study_dir: str, meta: dict, progress: bool, extra: tuple = ()):
     from ray import tune
 
     from vertstudy.study.space import grid_space
@@ -199,7 +199,7 @@ def _tuner(spec: StudySpec, data: StudyData, study_dir: str, meta: dict, progres
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0,
-            callbacks=_callbacks(spec, study_dir, meta, progress),
+            callbacks=_callbacks(spec, study_dir, meta, progress, extra),
             failure_config=tune.FailureConfig(max_failures=spec.max_retries),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=spec.keep_checkpoints, checkpoint_score_attribute=spec.search.metric,
@@ -247,8 +247,10 @@ def prepare_study(spec: StudySpec, progress: bool = True) -> tuple[str, StudyDat
     return study_dir, data
 
 
-def run_study(spec: StudySpec, address: str | None = None, progress: bool = True) -> StudyResult:
-    """Run a validated study from scratch (see the module docstring)."""
+def run_study(spec: StudySpec, address: str | None = None, progress: bool = True, callbacks: tuple = ()
+              ) -> StudyResult:
+    """Run a validated study from scratch (see the module docstring). ``callbacks``: extra Tune
+    callbacks (benchmarks use them to time events)."""
     t0 = time.perf_counter()
     _quiet_ray()
     if address:  # a cluster that cannot be reached fails before the study directory exists
@@ -258,7 +260,7 @@ def run_study(spec: StudySpec, address: str | None = None, progress: bool = True
     meta = _meta(spec)
     _ensure_ray(address)
     write_tables(study_dir, build_tables(spec.name, [], meta))
-    return _fit(_tuner(spec, data, study_dir, meta, progress), spec, study_dir, meta, t0)
+    return _fit(_tuner(spec, data, study_dir, meta, progress, callbacks), spec, study_dir, meta, t0)
 
 
 def load_study_dir(study_dir: str) -> tuple[StudySpec, StudyData]:
