@@ -1,0 +1,111 @@
+"""The report's files: a self-contained HTML, byte-identical rebuilds, old and empty studies,
+missing tables naming the study file that fills them, and --chosen."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.report.conftest import REPORT_DATE
+from vertstudy.cli import main
+from vertstudy.report import build_report
+from vertstudy.study.tables import build_tables, write_tables
+
+pytestmark = pytest.mark.slow
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_html_is_self_contained(report_dir):
+    page = (report_dir / "report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "<style>" in page
+    srcs = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    assert len(srcs) == len(list((report_dir / "figures").glob("*.png"))) > 5
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', page)
+    assert "<script" not in page and "<link" not in page and "@import" not in page
+    md = (report_dir / "report.md").read_text(encoding="utf-8")
+    for ref in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
+        assert (report_dir / ref).is_file() and ref.startswith("figures/")
+
+
+def test_same_tables_same_report_bytes(report_dir, study_dirs, tmp_path):
+    """A rebuild over an earlier report (with a stale file) replaces it with identical bytes."""
+    again = tmp_path / "again"
+    shutil.copytree(report_dir, again)
+    (again / "figures" / "stale.png").write_bytes(b"old")
+    build_report([str(d) for d in reversed(list(study_dirs.values()))], again, date=REPORT_DATE)
+    assert files_of(again) == files_of(report_dir)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no build folder left behind
+
+
+def old_copy(src: Path, dst: Path) -> Path:
+    """``src``'s tables as an older vertstudy wrote them: no cases.parquet, no centroid columns,
+    no start times or resources."""
+    dst.mkdir(parents=True)
+    drop = {"trials": ("started_at", "ended_at", "resources_cpu", "resources_gpu"),
+            "vertebrae": tuple(f"{k}_{a}_mm" for k in ("true", "pred") for a in "zyx")}
+    drop["baseline"] = drop["vertebrae"]
+    for name in ("trials", "epochs", "vertebrae", "baseline"):
+        table = pq.read_table(src / f"{name}.parquet")
+        table = table.drop_columns([c for c in drop.get(name, ()) if c in table.column_names])
+        pq.write_table(table, dst / f"{name}.parquet")
+    return dst
+
+
+def test_old_tables_and_an_empty_study_still_render(study_dirs, tmp_path):
+    old = old_copy(study_dirs["abl"], tmp_path / "st" / "abl")
+    empty = tmp_path / "st" / "fresh"
+    empty.mkdir()
+    write_tables(str(empty), build_tables("fresh", [], {}))  # what a study writes before a trial ends
+    built = build_report([f"file://{old}", str(empty)], tmp_path / "rep", date=REPORT_DATE)  # a URI works too
+    md = (built.out / "report.md").read_text()
+    assert "Pictures skipped: abl has no `cases.parquet`" in md and "no centroid columns" in md
+    assert not list((built.out / "figures").glob("gallery-*.png"))
+    assert "trial-id order (these tables have no start times)" in md
+    assert "No per-trial resources in the tables of abl" in md
+    assert "Study fresh has no ended trials yet." in md
+    assert "| fresh | 0 | 0 | 0 | 0 | 0 |" in md
+    data = json.loads((built.out / "report.json").read_text())
+    assert data["tables"]["table1"]["missing"] is None  # the numbers do not need the new columns
+    assert data["gallery"]  # the worst cases are still listed
+
+
+def test_missing_tables_name_their_study_file_and_chosen_overrides(study_dirs, tmp_path, capsys):
+    trials = pq.read_table(study_dirs["cls"] / "trials.parquet").to_pylist()
+    (pick,) = [t for t in trials if t["cfg.model.classifier"] == "none-lstm" and t["status"] == "completed"]
+    out = tmp_path / "rep"
+    code = main(["report", str(study_dirs["cls"]), str(study_dirs["err"]), "--out", str(out), "--date",
+                 REPORT_DATE, "--chosen", pick["trial_id"], "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for name in ("report.md", "report.html", "tables.tex", "report.json"):
+        assert f"wrote {out / name}" in printed
+    assert "built in" in printed
+    data = json.loads((out / "report.json").read_text())
+    t = data["tables"]
+    assert "vertstudy study run studies/table1.yaml" in t["table1"]["missing"]
+    assert "vertstudy study run studies/table3.yaml" in t["table3"]["missing"]
+    assert t["table2"]["missing"] is None and len(t["table2"]["rows"]) == 2
+    assert t["table4"]["how"] == "--chosen" and t["table4"]["trials"] == [f"cls/{pick['trial_id']}"]
+    assert t["table4"]["config"]["model.classifier"] == "none-lstm"
+    md = (out / "report.md").read_text()
+    tex = (out / "tables.tex").read_text()
+    assert "studies/table1.yaml" in md and "studies/table1.yaml" in tex
+    assert "One trial: no spread over seeds" in md
+    assert tex.count("\\begin{table}") == 4 and tex.count("\\caption{") == 4
+
+
+def test_unknown_chosen_trial_is_one_clear_error(study_dirs, tmp_path, capsys):
+    out = tmp_path / "rep"
+    code = main(["report", str(study_dirs["cls"]), "--out", str(out), "--chosen", "nope_00000", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--chosen 'nope_00000'" in err
+    assert not out.exists() and not list(tmp_path.iterdir())
