@@ -196,6 +196,18 @@ def cmd_study_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- report --------------------------------------------------------------------------------
+def cmd_report(args: argparse.Namespace) -> int:
+    from vertstudy.report import build_report
+
+    built = build_report(args.dirs, args.out, date=args.date, chosen=args.chosen, progress=not args.quiet)
+    for path in built.files:
+        print(f"wrote {path}")
+    print(f"with {built.figures} figures in {built.out / 'figures'}; {built.bytes / 1e6:.2f} MB in all; "
+          f"built in {built.seconds:.1f} s")
+    return 0
+
+
 # -- bench ---------------------------------------------------------------------------------
 def _print_figures(figures: dict, as_json: bool, format_table) -> int:
     """A benchmark's figures as one JSON object, or as its readable table."""
@@ -285,6 +297,25 @@ def cmd_bench_study(args: argparse.Namespace) -> int:
 
     figures = bench_study(
         trials=args.trials, concurrency=args.concurrency, epochs=args.epochs, wandb=args.wandb,
+        workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
+    )
+    return _print_figures(figures, args.json, format_table)
+
+
+def cmd_bench_cluster(args: argparse.Namespace) -> int:
+    from vertstudy.bench.cluster import bench_cluster, format_table
+
+    log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    figures = bench_cluster(trials=args.trials, epochs=args.epochs, recovery_epochs=args.recovery_epochs,
+                            workdir=Path(args.workdir) if args.workdir else None, log=log)
+    return _print_figures(figures, args.json, format_table)
+
+
+def cmd_bench_report(args: argparse.Namespace) -> int:
+    from vertstudy.bench.report import bench_report, format_table
+
+    figures = bench_report(
+        trials=args.trials, concurrency=args.concurrency, epochs=args.epochs, builds=args.builds,
         workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
     )
     return _print_figures(figures, args.json, format_table)
@@ -435,6 +466,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", required=True, help=dir_help)
     p.set_defaults(func=cmd_cluster_stop)
 
+    p = top.add_parser("report", help="turn studies into a report: Tables I-IV, search, robustness, failures, cost",
+                       description="Build a report from the Parquet tables of one or more study directories "
+                                   "(finished or still running): report.md with PNG figures, a self-contained "
+                                   "report.html, tables.tex (booktabs) and report.json. The same tables and "
+                                   "--date give the same files.")
+    p.add_argument("dirs", nargs="+", metavar="STUDY_DIR",
+                   help="study directory <storage>/<name> (or a pyarrow URI); Tables I-IV pool every study given")
+    p.add_argument("--out", required=True,
+                   help="report folder, e.g. reports/NAME (an earlier report there is replaced once the new one is "
+                        "complete)")
+    p.add_argument("--date", help="date in the report's header, YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--chosen", metavar="TRIAL_ID",
+                   help="Table IV, robustness and the failure gallery use this trial's configuration (default: the "
+                        "configuration with the best mean validation identification rate)")
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_report)
+
     bench = top.add_parser("bench", help="measure the figures the issues ask for",
                            description="Benchmarks: each prints a table, or one JSON object with --json.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -509,6 +557,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="keep phantoms, cache and results here (default: a temporary directory)")
     p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     p.set_defaults(func=cmd_bench_study)
+    p = bench_sub.add_parser("cluster", help="throughput on 1 versus 2 worker nodes, and recovery from a dead node",
+                             description="Real local multi-node clusters: the same study on 1 and on 2 worker nodes "
+                                         "(trials per minute), then a worker SIGKILLed mid-trial (seconds until its "
+                                         "trial is detected, restarted and reporting again on another node).")
+    p.add_argument("--trials", type=_positive_int, default=6, help="trials of the throughput study (default 6)")
+    p.add_argument("--epochs", type=_positive_int, default=16, help="epochs per throughput trial (default 16)")
+    p.add_argument("--recovery-epochs", type=_positive_int, default=12,
+                   help="epochs of the 2 trials of the recovery run (default 12; the kill comes at epoch 3)")
+    p.add_argument("--workdir", help="parent of the temporary clusters and studies (default /tmp; keep it short)")
+    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    p.set_defaults(func=cmd_bench_cluster)
+    p = bench_sub.add_parser("report", help="time building a report from a real study of N trials",
+                             description="Run a real smoke-scale random search of N trials (B, lambda, lr, LR "
+                                         "schedule, crop size) on a local Ray cluster, then build its report "
+                                         "several times; report the median build time and the report's size.")
+    p.add_argument("--trials", type=_positive_int, default=50, help="trials of the study (default 50)")
+    p.add_argument("--concurrency", type=_positive_int, default=2, help="trials at once (default 2)")
+    p.add_argument("--epochs", type=_positive_int, default=2, help="epochs per trial (default 2)")
+    p.add_argument("--builds", type=_positive_int, default=3, help="timed report builds; the median counts (default 3)")
+    p.add_argument("--workdir", help="keep phantoms, study and reports here (default: a temporary directory, removed)")
+    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    p.set_defaults(func=cmd_bench_report)
 
     return parser
 
