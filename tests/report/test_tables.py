@@ -97,7 +97,11 @@ def test_status_counts_include_failed_and_diverged(report_json, report_dir, stud
         for status in ("completed", "pruned", "error", "diverged"):
             assert got[status] == counts.get(status, 0)
     assert report_json["status"]["all"]["diverged"] == 2 and report_json["status"]["all"]["error"] == 1
+    # the failed trial's row says why (the exception Ray recorded), and so does the report
+    message = trials.loc[trials["status"] == "error", "message"].iloc[0]
+    assert message.startswith("vertstudy.study.trial.InjectedFailure") or "InjectedFailure" in message, message
     md = (report_dir / "report.md").read_text()
+    assert "InjectedFailure" in md
     c = report_json["status"]["cls"]
     assert f"| cls | {c['total']} | {c['completed']} | {c['pruned']} | {c['error']} | {c['diverged']} |" in md
     for key in trials.loc[trials["status"].isin(["error", "diverged"]), "key"]:

@@ -80,6 +80,20 @@ def read_trial(study_dir: str, trial_id: str) -> tuple[dict[str, Any], list[dict
     return params, _read_json_lines(text("result.json")), _latest_checkpoint(fs, tdir)
 
 
+def trial_error(study_dir: str, trial_id: str) -> str:
+    """The last line of the error Ray recorded for a failed trial (``error.txt``: the exception,
+    e.g. ``RuntimeError: ...``); empty when there is none."""
+    import pyarrow.fs as pafs
+
+    fs, base = storage.resolve(experiment_dir(study_dir))
+    path = storage.join(base, trial_id, "error.txt")
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return ""
+    with fs.open_input_stream(path) as f:
+        lines = [ln.strip() for ln in f.read().decode("utf-8", errors="replace").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
 def _read_state(fs, path: str, attempts: int = 5) -> dict:
     """Ray's experiment state JSON. Ray copies it to the storage in the background while it may
     be rewriting its local copy, so a read can meet a torn copy; the next copy repairs it."""
@@ -129,6 +143,8 @@ def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error
     from vertstudy.study.trial import flat_config, trial_config
 
     params, results, checkpoint = read_trial(study_dir, trial_id)
+    if ended_by == "error" and not error:
+        error = trial_error(study_dir, trial_id)
     if live:
         results = results + list(live)
         params = params or dict(live[-1].get("config") or {})
