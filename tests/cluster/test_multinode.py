@@ -87,6 +87,8 @@ def test_study_runs_on_both_workers_and_fetches_the_cache_once(cluster, root):
     out = subprocess.run([*CLI, "study", "run", str(path), "--no-progress"], env=driver_env(cluster),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    for name, value in SECRETS.items():
+        assert value not in out.stdout + out.stderr, f"{name} in the driver's output"
     trials = pq.read_table(root / "st" / "spread" / "trials.parquet").to_pylist()
     assert sorted(t["status"] for t in trials) == ["completed", "completed"]
     workers = {n.node_id for n in cluster.workers()}
