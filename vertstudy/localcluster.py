@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,9 +145,15 @@ def _node_ports(base: int, index: int, n_nodes: int) -> dict[str, int]:
     }
 
 
+def ray_command() -> str:
+    """The ``ray`` command of this Python environment (beside its interpreter), else the PATH's."""
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
+
+
 def _ray_start(cluster: LocalCluster, node: Node, ports: dict[str, int], log) -> None:
     args = [
-        "ray", "start", f"--num-cpus={node.cpus:g}", "--num-gpus=0",
+        ray_command(), "start", f"--num-cpus={node.cpus:g}", "--num-gpus=0",
         f"--object-store-memory={cluster.object_store_mb * 1024 * 1024}", "--disable-usage-stats",
         f"--node-manager-port={ports['node_manager']}", f"--object-manager-port={ports['object_manager']}",
         f"--dashboard-agent-listen-port={ports['agent_http']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
@@ -219,7 +226,7 @@ def start_local_cluster(root: Path, workers: int = 2, cpus_per_worker: float = 1
     if workers < 0 or cpus_per_worker <= 0 or head_cpus < 0 or object_store_mb < 75:
         raise ConfigError(f"workers >= 0, cpus per worker > 0, head cpus >= 0, object store >= 75 MB; got "
                           f"{workers}, {cpus_per_worker}, {head_cpus}, {object_store_mb}")
-    if shutil.which("ray") is None:
+    if not Path(ray_command()).exists() and shutil.which("ray") is None:
         raise ConfigError("the `ray` command is not on PATH: install vertstudy (pip install -e .) in this environment")
     root = Path(root).resolve()
     if (root / STATE).exists() and _alive(load_cluster(root)):
@@ -254,7 +261,7 @@ def _wait_for_nodes(cluster: LocalCluster, n: int, timeout_s: float = 60.0) -> N
             "print(sum(1 for n in ray.nodes() if n['Alive']))")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        out = subprocess.run(["python", "-c", code, cluster.address], env=env, capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-c", code, cluster.address], env=env, capture_output=True, text=True,
                              timeout=120)
         if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
             return

@@ -22,11 +22,13 @@ import pytest
 import yaml
 
 from tests.study.conftest import tiny_study
-from vertstudy.localcluster import load_cluster
+from vertstudy.localcluster import load_cluster, ray_command
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "vertstudy.cli"]
+# the console script of this environment (the job's shell has the head node's PATH, not ours)
+VERTSTUDY = str(Path(sys.executable).parent / "vertstudy")
 # secrets the drivers get in their environment; no file a study writes may contain them
 SECRETS = {"WANDB_API_KEY": "wb" + secrets.token_hex(20), "PGPASSWORD": "pg" + secrets.token_hex(12),
            "VS_TEST_SECRET": "vs" + secrets.token_hex(12)}
@@ -125,7 +127,7 @@ def test_no_secret_in_any_output(cluster, root):
 def test_ray_job_submit_runs_a_smoke_study(cluster, root):
     storage = root / "jobs"
     out = subprocess.run(
-        ["ray", "job", "submit", "--address", cluster.dashboard_url, "--", "vertstudy", "study", "run",
+        [ray_command(), "job", "submit", "--address", cluster.dashboard_url, "--", VERTSTUDY, "study", "run",
          str(REPO / "studies" / "quickstart.yaml"), "--smoke", "--storage", str(storage), "--no-progress"],
         env=driver_env(cluster), capture_output=True, text=True, timeout=600,
     )
