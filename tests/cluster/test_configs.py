@@ -34,16 +34,16 @@ SECRETS = KUBERAY / "secrets.example.yaml"
 CONFIG_FILES = [*LAUNCHERS.values(), RAYCLUSTER, RAYJOB, SECRETS]
 RAY_VERSION = "2.60.0"
 
-ray_schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+ray_schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text(encoding="utf-8"))
 
 
 def load(path: Path) -> dict:
-    return yaml.safe_load(path.read_text())
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 def load_docs(path: Path) -> dict[str, dict]:
     """The documents of a manifest file by kind (each kind once)."""
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
     kinds = [d["kind"] for d in docs]
     assert len(kinds) == len(set(kinds)), f"{path.name}: one document per kind, got {kinds}"
     return {d["kind"]: d for d in docs}
@@ -124,7 +124,7 @@ def uncommented_keys(text: str) -> list[str]:
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
 def test_every_key_has_a_comment(path):
-    assert uncommented_keys(path.read_text()) == []
+    assert uncommented_keys(path.read_text(encoding="utf-8")) == []
 
 
 def test_comment_rule_catches_a_bare_key_and_skips_block_scalars():
@@ -222,7 +222,7 @@ def test_launcher_installs_vertstudy_from_the_mounted_checkout(launcher):
 
 def test_launcher_storage_uri_matches_the_cloud(launcher):
     cloud, _ = launcher
-    text = LAUNCHERS[cloud].read_text()
+    text = LAUNCHERS[cloud].read_text(encoding="utf-8")
     other = next(s for c, s in STORAGE_SCHEME.items() if c != cloud)
     assert f"--storage {STORAGE_SCHEME[cloud]}" in text
     assert other not in text
@@ -291,7 +291,7 @@ def test_launcher_secrets_come_from_the_secret_manager_into_a_private_file(launc
 def test_nothing_is_open_to_the_internet():
     for path in CLUSTER.rglob("*"):
         if path.is_file():
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
             for needle in ("0.0.0.0", "::/0"):
                 assert needle not in text, f"{path.relative_to(REPO)} contains {needle}"
 
@@ -307,7 +307,7 @@ def test_no_credentials_in_any_config():
     }
     for path in CLUSTER.rglob("*"):
         if path.is_file():
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
             for what, pattern in patterns.items():
                 assert not re.search(pattern, text), f"{path.relative_to(REPO)}: {what}"
 
@@ -384,7 +384,7 @@ def test_kuberay_token_auth_and_no_exposed_service(cluster_specs):
                 if env["name"] == "RAY_AUTH_MODE":
                     assert env.get("value") == "token", f"{name}: {container['name']}"
     for path in (RAYCLUSTER, RAYJOB):
-        for doc in yaml.safe_load_all(path.read_text()):
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
             for where, mapping in walk(doc):
                 for key in ("serviceType", "type"):
                     assert mapping.get(key) not in ("LoadBalancer", "NodePort"), f"{path.name}: {where}"
@@ -430,12 +430,12 @@ def test_rayjob_runs_a_study_on_the_shared_volume(rayjob, cluster_specs):
             mounts = [m["mountPath"] for c in template["spec"]["containers"] for m in c["volumeMounts"]
                       if m["name"] in volumes and not m.get("readOnly") and not m.get("subPath")]
             assert any(storage.startswith(mount.rstrip("/") + "/") for mount in mounts), name
-    raycluster_text = RAYCLUSTER.read_text()
+    raycluster_text = RAYCLUSTER.read_text(encoding="utf-8")
     assert f"--storage {storage}" in raycluster_text, "raycluster.yaml documents the same storage"
 
 
 def test_secrets_example_holds_placeholders_only():
-    docs = [d for d in yaml.safe_load_all(SECRETS.read_text()) if d is not None]
+    docs = [d for d in yaml.safe_load_all(SECRETS.read_text(encoding="utf-8")) if d is not None]
     assert len(docs) == 1
     (secret,) = docs
     assert secret["apiVersion"] == "v1" and secret["kind"] == "Secret"

@@ -98,10 +98,10 @@ def test_study_runs_on_both_workers_and_fetches_the_cache_once(cluster, root):
     assert nodes <= workers, "the head has no CPUs: trials run on worker nodes only"
     assert len(nodes) == 2, f"trials ran on {len(nodes)} node(s): {nodes}"
     # the split names published entries; each was fetched once for this machine, not per trial
-    split = json.loads((root / "st" / "spread" / "split.json").read_text())
+    split = json.loads((root / "st" / "spread" / "split.json").read_text(encoding="utf-8"))
     entries = [*split["train"], *split["val"], *split["test"]]
     assert all(e.startswith(f"file://{root}/shared/cases/") for e in entries)
-    fetched = [line.split()[0] for line in (root / "node" / "fetches.log").read_text().splitlines()]
+    fetched = [line.split()[0] for line in (root / "node" / "fetches.log").read_text(encoding="utf-8").splitlines()]
     assert sorted(fetched) == sorted(e.rsplit("/", 1)[1] for e in entries)
 
 

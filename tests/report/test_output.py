@@ -66,14 +66,14 @@ def test_old_tables_and_an_empty_study_still_render(study_dirs, tmp_path):
     empty.mkdir()
     write_tables(str(empty), build_tables("fresh", [], {}))  # what a study writes before a trial ends
     built = build_report([f"file://{old}", str(empty)], tmp_path / "rep", date=REPORT_DATE)  # a URI works too
-    md = (built.out / "report.md").read_text()
+    md = (built.out / "report.md").read_text(encoding="utf-8")
     assert "Pictures skipped: abl has no `cases.parquet`" in md and "no centroid columns" in md
     assert not list((built.out / "figures").glob("gallery-*.png"))
     assert "trial-id order (these tables have no start times)" in md
     assert "No per-trial resources in the tables of abl" in md
     assert "Study fresh has no ended trials yet." in md
     assert "| fresh | 0 | 0 | 0 | 0 | 0 |" in md
-    data = json.loads((built.out / "report.json").read_text())
+    data = json.loads((built.out / "report.json").read_text(encoding="utf-8"))
     assert data["tables"]["table1"]["missing"] is None  # the numbers do not need the new columns
     assert data["gallery"]  # the worst cases are still listed
 
@@ -89,15 +89,15 @@ def test_missing_tables_name_their_study_file_and_chosen_overrides(study_dirs, t
     for name in ("report.md", "report.html", "tables.tex", "report.json"):
         assert f"wrote {out / name}" in printed
     assert "built in" in printed
-    data = json.loads((out / "report.json").read_text())
+    data = json.loads((out / "report.json").read_text(encoding="utf-8"))
     t = data["tables"]
     assert "vertstudy study run studies/table1.yaml" in t["table1"]["missing"]
     assert "vertstudy study run studies/table3.yaml" in t["table3"]["missing"]
     assert t["table2"]["missing"] is None and len(t["table2"]["rows"]) == 2
     assert t["table4"]["how"] == "--chosen" and t["table4"]["trials"] == [f"cls/{pick['trial_id']}"]
     assert t["table4"]["config"]["model.classifier"] == "none-lstm"
-    md = (out / "report.md").read_text()
-    tex = (out / "tables.tex").read_text()
+    md = (out / "report.md").read_text(encoding="utf-8")
+    tex = (out / "tables.tex").read_text(encoding="utf-8")
     assert "studies/table1.yaml" in md and "studies/table1.yaml" in tex
     assert "One trial: no spread over seeds" in md
     assert tex.count("\\begin{table}") == 4 and tex.count("\\caption{") == 4

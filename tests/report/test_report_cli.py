@@ -47,12 +47,12 @@ def test_directory_without_tables(tmp_path):
 
 @pytest.mark.slow
 def test_unwritable_out_and_a_folder_that_is_not_a_report(study_dirs, tmp_path):
-    (tmp_path / "plain-file").write_text("x")
+    (tmp_path / "plain-file").write_text("x", encoding="utf-8")
     out = tmp_path / "plain-file" / "rep"
     one_line(run(str(study_dirs["err"]), "--out", str(out), cwd=tmp_path), str(out), "cannot write")
     nothing_at(out)
     keep = tmp_path / "my-data"
     keep.mkdir()
-    (keep / "precious.txt").write_text("keep me")
+    (keep / "precious.txt").write_text("keep me", encoding="utf-8")
     one_line(run(str(study_dirs["err"]), "--out", str(keep), cwd=tmp_path), str(keep), "not a vertstudy report")
-    assert (keep / "precious.txt").read_text() == "keep me" and len(list(keep.iterdir())) == 1
+    assert (keep / "precious.txt").read_text(encoding="utf-8") == "keep me" and len(list(keep.iterdir())) == 1

@@ -100,7 +100,7 @@ def test_status_counts_include_failed_and_diverged(report_json, report_dir, stud
     # the failed trial's row says why (the exception Ray recorded), and so does the report
     message = trials.loc[trials["status"] == "error", "message"].iloc[0]
     assert message.startswith("vertstudy.study.trial.InjectedFailure") or "InjectedFailure" in message, message
-    md = (report_dir / "report.md").read_text()
+    md = (report_dir / "report.md").read_text(encoding="utf-8")
     assert "InjectedFailure" in md
     c = report_json["status"]["cls"]
     assert f"| cls | {c['total']} | {c['completed']} | {c['pruned']} | {c['error']} | {c['diverged']} |" in md
@@ -171,8 +171,8 @@ def test_table4_chosen_configuration_overall_and_per_region(report_json, study_d
     cases = set(mine["case"])
     first = sorted({k.split("/")[0] for k in keys})[0]
     theirs = base[(base["study"] == first) & base["case"].isin(cases)]
-    md = (report_dir / "report.md").read_text()
-    tex = (report_dir / "tables.tex").read_text()
+    md = (report_dir / "report.md").read_text(encoding="utf-8")
+    tex = (report_dir / "tables.tex").read_text(encoding="utf-8")
     for region in ("all", *REGIONS):
         rows = mine if region == "all" else mine[mine["region"] == region]
         row = row_of(table, region)
@@ -193,8 +193,8 @@ def test_table4_chosen_configuration_overall_and_per_region(report_json, study_d
 
 
 def test_formatted_numbers_in_markdown_and_latex(report_json, report_dir):
-    md = (report_dir / "report.md").read_text()
-    tex = (report_dir / "tables.tex").read_text()
+    md = (report_dir / "report.md").read_text(encoding="utf-8")
+    tex = (report_dir / "tables.tex").read_text(encoding="utf-8")
     for key, label_metrics in (("table1", ("loc_error_mm_mean", "loc_error_mm_std")),
                                ("table3", ("id_rate", "loc_error_mm_mean", "loc_error_mm_std"))):
         for row in report_json["tables"][key]["rows"]:
@@ -213,8 +213,8 @@ def test_formatted_numbers_in_markdown_and_latex(report_json, report_dir):
 
 
 def test_published_rows_stand_apart(report_dir):
-    md = (report_dir / "report.md").read_text()
-    tex = (report_dir / "tables.tex").read_text()
+    md = (report_dir / "report.md").read_text(encoding="utf-8")
+    tex = (report_dir / "tables.tex").read_text(encoding="utf-8")
     assert md.count("published (Qin et al., CSI 2014 data set)") == 4
     assert tex.count("published (Qin et al., CSI 2014 data set)") == 4
     for text in (md, tex):
