@@ -262,14 +262,14 @@ def cmd_cluster_start(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_status(args: argparse.Namespace) -> int:
-    from vertstudy.localcluster import _alive, load_cluster
+    from vertstudy.localcluster import load_cluster
 
     c = load_cluster(Path(args.dir))
     if args.json:
-        print(json.dumps({"address": c.address, "dashboard": c.dashboard_url, "running": _alive(c),
+        print(json.dumps({"address": c.address, "dashboard": c.dashboard_url, "running": c.running(),
                           "nodes": [vars(n) for n in c.nodes]}))
         return 0
-    print(f"{c.root}: {'running' if _alive(c) else 'not running'}; address {c.address}, jobs {c.dashboard_url}")
+    print(f"{c.root}: {'running' if c.running() else 'not running'}; address {c.address}, jobs {c.dashboard_url}")
     for n in c.nodes:
         role = "head" if n.index == 0 else f"worker {n.index}"
         print(f"  {role:<9} {n.cpus:g} CPU  node {n.node_id}  raylet pid {n.raylet_pid}  "

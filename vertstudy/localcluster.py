@@ -86,6 +86,11 @@ class LocalCluster:
         """Environment a driver or CLI needs for this cluster (token auth on, address set)."""
         return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
 
+    def running(self) -> bool:
+        """Whether any raylet of this cluster is still running."""
+        procs = _processes()
+        return any(n.raylet_pid in procs and "raylet" in procs[n.raylet_pid][1] for n in self.nodes)
+
     def workers(self, alive_only: bool = True) -> list[Node]:
         return [n for n in self.nodes if n.index > 0 and (n.alive or not alive_only)]
 
@@ -130,7 +135,7 @@ def _port_block(n_nodes: int, first: int = 21000, last: int = 60000) -> int:
     need = n_nodes * (PORTS_PER_NODE + WORKER_PORTS_PER_NODE)
     for _ in range(200):
         base = rng.randrange(first, last - need) // 10 * 10
-        if all(_free(base + i) for i in range(0, need, 1)):
+        if all(_free(base + i) for i in range(need)):
             return base
     raise ConfigError(f"no free block of {need} ports between {first} and {last} on 127.0.0.1")
 
@@ -229,14 +234,16 @@ def start_local_cluster(root: Path, workers: int = 2, cpus_per_worker: float = 1
     if not Path(ray_command()).exists() and shutil.which("ray") is None:
         raise ConfigError("the `ray` command is not on PATH: install vertstudy (pip install -e .) in this environment")
     root = Path(root).resolve()
-    if (root / STATE).exists() and _alive(load_cluster(root)):
+    if (root / STATE).exists() and load_cluster(root).running():
         raise ConfigError(f"{root}: a local cluster is already running here; stop it with `vertstudy cluster stop`")
     if len(str(root)) > 60:
         raise ConfigError(f"{root}: too long for Ray's socket paths (at most 60 characters); use e.g. /tmp/vs-cluster")
     root.mkdir(parents=True, exist_ok=True)
     n_nodes = 1 + workers
     base = _port_block(n_nodes)
-    cluster = LocalCluster(root=root, gcs_port=base, dashboard_port=base + 8, object_store_mb=object_store_mb)
+    head = _node_ports(base, 0, n_nodes)
+    cluster = LocalCluster(root=root, gcs_port=head["gcs"], dashboard_port=head["dashboard"],
+                           object_store_mb=object_store_mb)
     fd = os.open(cluster.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
@@ -267,11 +274,6 @@ def _wait_for_nodes(cluster: LocalCluster, n: int, timeout_s: float = 60.0) -> N
             return
         time.sleep(1.0)
     raise ConfigError(f"the local cluster in {cluster.root} did not reach {n} alive nodes in {timeout_s:g} s")
-
-
-def _alive(cluster: LocalCluster) -> bool:
-    procs = _processes()
-    return any(n.raylet_pid in procs and "raylet" in procs[n.raylet_pid][1] for n in cluster.nodes)
 
 
 def kill_worker(root: Path, index: int) -> list[int]:
