@@ -218,10 +218,11 @@ def write_baseline(spec: StudySpec, study_dir: str, data: StudyData) -> dict[str
     from vertstudy.train.evaluate import baseline_case_rows
     from vertstudy.train.metrics import summarize
 
-    per_case = baseline_case_rows(data.cases("train") + data.cases("val"), data.cases("test"))
+    test = data.cases("test")
+    per_case = baseline_case_rows(data.cases("train") + data.cases("val"), test)
     rows = [{"study": spec.name, "trial_id": "baseline", **r} for r in vertebra_rows(per_case)]
     write_table(study_dir, "baseline", to_table(rows))
-    write_table(study_dir, "cases", to_table([case_view_row(c) for c in data.cases("test")]))
+    write_table(study_dir, "cases", to_table([case_view_row(c) for c in test]))
     return {k: float(v) for k, v in summarize([r for _, rs in per_case for r in rs]).items()}
 
 
