@@ -54,7 +54,9 @@ def check_consistent(study_dir, spec, expected_trials: int) -> list[dict]:
             assert not math.isnan(t["test_id_rate"])
             assert (Path(t["checkpoint"]) / "best.pt").exists()
     if spec.search.algorithm != "grid":
-        study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{study_dir}/optuna.db")
+        from vertstudy.study.search import open_optuna_storage
+
+        study = optuna.load_study(study_name=spec.name, storage=open_optuna_storage(spec, str(study_dir)))
         states = [tr.state for tr in study.get_trials()]
         assert optuna.trial.TrialState.RUNNING not in states
         assert len(states) == expected_trials
@@ -151,6 +153,21 @@ def test_random_and_multi_objective_searches(ray_cluster, storage, algorithm):
     check_consistent(result.study_dir, spec, expected_trials=2)
     study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{result.study_dir}/optuna.db")
     assert len(study.directions) == (2 if algorithm == "optuna-multi" else 1)
+
+
+def test_optuna_journal_storage(ray_cluster, storage):
+    """journal:<path>: Optuna's JournalStorage in a file (the many-writer choice on a shared file system)."""
+    journal = storage / "journal" / "optuna.log"
+    journal.parent.mkdir()
+    spec = tiny_spec("journal", storage, search={"algorithm": "optuna-tpe", "optuna_storage": f"journal:{journal}"})
+    result = run_study(spec, progress=False)
+    check_consistent(result.study_dir, spec, expected_trials=2)
+    assert not (Path(result.study_dir) / "optuna.db").exists()
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name=spec.name,
+                              storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "COMPLETE"]
 
 
 def test_storage_given_as_a_uri(ray_cluster, storage):

@@ -52,6 +52,9 @@ def one_clear_line(err: str, *must: str) -> None:
         ({"space": {"loss.balance_b": {"type": "float", "low": 4, "high": 2}}}, ["low", "high"]),
         ({"search": {"algorithm": "annealing"}}, ["search.algorithm", "annealing", "optuna-tpe"]),
         ({"storage": "/dev/null/results"}, ["storage", "/dev/null/results", "cannot be written"]),
+        ({"search": {"optuna_storage": "postgresql://vs:hunter2@db/optuna"}},
+         ["search.optuna_storage", "postgresql://vs:***@db/optuna", "password", "PGPASSWORD"]),
+        ({"search": {"optuna_storage": "mongodb:/x y"}}, ["search.optuna_storage", "not a storage URL", "journal:"]),
     ],
 )
 def test_bad_study_files_stop_before_any_trial(tmp_path, capsys, change, must):
@@ -60,6 +63,7 @@ def test_bad_study_files_stop_before_any_trial(tmp_path, capsys, change, must):
     code, err = run_cli(capsys, "study", "run", str(path), "--no-progress")
     assert code == 2
     one_clear_line(err, *must)
+    assert "hunter2" not in err
     assert not (tmp_path / "st" / "bad").exists()
 
 
