@@ -153,6 +153,22 @@ def test_driver_without_the_token_is_refused(cluster, root, tmp_path):
     assert not (root / "st" / "notoken").exists(), "nothing written for a study that could not start"
 
 
+def test_cluster_commands_status_and_bad_input(cluster, root, tmp_path):
+    status = subprocess.run([*CLI, "cluster", "status", "--dir", str(cluster.root), "--json"], capture_output=True,
+                            text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["running"] and len(info["nodes"]) == 3 and info["address"] == cluster.address
+    assert info["dashboard"].startswith("http://127.0.0.1:")
+    for argv, must in ((["status", "--dir", str(tmp_path)], "no local cluster here"),
+                       (["kill-worker", "--dir", str(cluster.root), "7"], "worker index 7: not a worker"),
+                       (["start", "--dir", str(cluster.root)], "already running")):
+        out = subprocess.run([*CLI, "cluster", *argv], capture_output=True, text=True, timeout=60)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and must in lines[0], out.stderr
+    assert load_cluster(cluster.root).running(), "a refused start leaves the running cluster alone"
+
+
 def test_worker_killed_mid_study_resumes_on_the_other_node(cluster, root):
     path = study_file(root, "kill", epochs=30)
     study_dir = root / "st" / "kill"
