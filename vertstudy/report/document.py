@@ -164,7 +164,8 @@ def tables_section(results: list[TableResult]) -> list[Block]:
 
 def latex(results: list[TableResult], date: str, studies: list[str]) -> str:
     head = [f"% vertstudy report of {', '.join(studies)} ({date}): Tables I-IV.",
-            "% Needs \\usepackage{booktabs}. Our rows: value \\pm std over seeds [bootstrap 95% CI over cases];",
+            "% Needs \\usepackage{booktabs} and \\usepackage{graphicx} (wide tables are shrunk to the line).",
+            "% Our rows: value \\pm std over seeds [bootstrap 95% CI over cases];",
             "% published rows (Qin et al., CSI 2014 data set) in a separate tabular under each table.", ""]
     parts = []
     for r in results:

@@ -173,10 +173,12 @@ def tex(text: str) -> str:
 
 def _tabular(t: Table) -> list[str]:
     spec = "".join(_align(t))
-    lines = [rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(tex(c) for c in t.columns) + r" \\",
+    # shrunk to the line width when wider (graphicx), kept at its natural size otherwise
+    lines = [r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
+             rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(tex(c) for c in t.columns) + r" \\",
              r"\midrule"]
     lines += [" & ".join(tex(c) for c in row) + r" \\" for row in t.rows]
-    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [r"\bottomrule", r"\end{tabular}}"]
     return lines
 
 
