@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from vertstudy.report.ablation import status_counts
+from vertstudy.report.load import start_order
 from vertstudy.report.stats import clean
 
 
@@ -29,12 +30,8 @@ def study_cost(trials: pd.DataFrame, study: str) -> dict:
         and len(t) else math.nan
     gpu_h = float((wall * t["resources_gpu"].astype(float)).sum() / 3600) if t["resources_gpu"].notna().all() \
         and len(t) else math.nan
-    if t["started_at"].notna().all() and len(t):
-        order = t.sort_values(["started_at", "key"], kind="mergesort")
-        ordered_by = "start time"
-    else:
-        order = t.sort_values("key", kind="mergesort")
-        ordered_by = "trial id"
+    order, by_start = start_order(t)
+    ordered_by = "start time" if by_start else "trial id"
     if math.isfinite(gpu_h) and gpu_h > 0:
         unit, spent = "GPU hours", order["wall_s"].astype(float).fillna(0) * order["resources_gpu"].astype(float)
     elif math.isfinite(cpu_h):

@@ -140,6 +140,14 @@ def _concat(frames: list[pd.DataFrame], sort: list[str]) -> pd.DataFrame:
     return df.sort_values(keys, kind="mergesort").reset_index(drop=True)
 
 
+def start_order(trials: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """``trials`` in the order they started (ties and tables without start times: by trial key),
+    and whether start times gave the order."""
+    if trials["started_at"].notna().all() and len(trials):
+        return trials.sort_values(["started_at", "key"], kind="mergesort"), True
+    return trials.sort_values("key", kind="mergesort"), False
+
+
 def load_tables(locations: list[str]) -> Tables:
     """Read every study directory (``InputError`` for the first bad one, before anything is
     written); ``InputError`` too when two directories hold the same study name."""

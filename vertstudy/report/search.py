@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from vertstudy.report.load import start_order
+
 #: searched parameters drawn first (the issue's B, lambda, LR schedule, crop size), by dotted name
 PREFERRED = ("loss.balance_b", "loss.reg_lambda", "train.lr", "train.schedule.kind", "data.crop.crop_size")
 SHORT = {"loss.balance_b": "B", "loss.reg_lambda": "lambda", "train.lr": "lr", "train.schedule.kind": "schedule",
@@ -148,12 +150,9 @@ def search_summary(trials: pd.DataFrame, study: str) -> SearchSummary:
     mine = pd.concat([mine, params.add_prefix("param:")], axis=1)
     ranked = objective_order(mine)
     imp, target, note = importances(trials[trials["study"] == study])
-    if mine["started_at"].notna().all() and len(mine):
-        history = mine.sort_values(["started_at", "key"], kind="mergesort")
-        order_note = "in the order the trials started"
-    else:
-        history = mine.sort_values("key", kind="mergesort")
-        order_note = "in trial-id order (these tables have no start times)"
+    history, by_start = start_order(mine)
+    order_note = ("in the order the trials started" if by_start
+                  else "in trial-id order (these tables have no start times)")
     history = history.assign(order=np.arange(1, len(history) + 1))
     return SearchSummary(study, list(params.columns), ranked, imp, target, note, history, order_note,
                          list(ranked["key"].head(TOP)))
