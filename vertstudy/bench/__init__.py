@@ -6,6 +6,9 @@ table or, with ``--json``, as one JSON object. Ratios are measured side by side 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -17,6 +20,24 @@ def format_figures(title: str, figures: dict) -> str:
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
         lines.append(f"{key:<{width}}  {text}")
     return "\n".join(lines)
+
+
+@contextmanager
+def local_ray(work: Path, cpus: int) -> Iterator[float]:
+    """A local Ray cluster of ``cpus`` CPUs for one benchmark, under ``work/ray`` (none is started
+    when this process is already connected to one); yields its start-up seconds."""
+    import ray
+
+    started = ray.is_initialized()
+    t0 = time.perf_counter()
+    if not started:
+        ray.init(num_cpus=cpus, _temp_dir=str(work / "ray"), include_dashboard=False, log_to_driver=False,
+                 object_store_memory=200 * 1024 * 1024)
+    try:
+        yield time.perf_counter() - t0
+    finally:
+        if not started:
+            ray.shutdown()
 
 
 def prepared_phantoms(work: Path, cases: int, seed: int, spacing_mm: float, progress: bool) -> list:

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vertstudy.bench import format_figures
+from vertstudy.bench import format_figures, local_ray
 
 
 def _spec(storage: Path, name: str, trials: int, concurrency: int, epochs: int):
@@ -54,8 +54,6 @@ def _spec(storage: Path, name: str, trials: int, concurrency: int, epochs: int):
 def bench_report(trials: int = 50, concurrency: int = 2, epochs: int = 2, builds: int = 3,
                  workdir: Path | None = None, progress: bool = True) -> dict:
     """Figures of the module docstring (names carry units)."""
-    import ray
-
     from vertstudy.report import build_report
     from vertstudy.study.runner import run_study
 
@@ -63,17 +61,10 @@ def bench_report(trials: int = 50, concurrency: int = 2, epochs: int = 2, builds
     work = Path(tempfile.mkdtemp(prefix="vs-bench-", dir="/tmp")) if own else Path(workdir)
     try:
         spec = _spec(work / "st", f"bench-report-{time.strftime('%H%M%S')}", trials, concurrency, epochs)
-        started = ray.is_initialized()
-        if not started:
-            ray.init(num_cpus=concurrency, _temp_dir=str(work / "ray"), include_dashboard=False, log_to_driver=False,
-                     object_store_memory=200 * 1024 * 1024)
-        try:
+        with local_ray(work, concurrency):
             t0 = time.perf_counter()
             result = run_study(spec, progress=progress)
             study_s = time.perf_counter() - t0
-        finally:
-            if not started:
-                ray.shutdown()
         times, built = [], None
         for i in range(builds):
             t0 = time.perf_counter()

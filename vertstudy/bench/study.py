@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vertstudy.bench import format_figures
+from vertstudy.bench import format_figures, local_ray
 
 
 def _spec(storage: Path, name: str, trials: int, concurrency: int, epochs: int, wandb: str):
@@ -77,8 +77,6 @@ def bench_study(
     progress: bool = True,
 ) -> dict:
     """Figures of the module docstring (names carry units)."""
-    import ray
-
     from vertstudy.config import load_config
     from vertstudy.study.dataset import materialize
     from vertstudy.study.runner import run_study
@@ -91,19 +89,10 @@ def bench_study(
         data = materialize(spec.data, load_config(spec.config), work / "st", progress=progress)  # not timed
         plain_s = _plain_optuna(spec, data, concurrency, work)
 
-        started = ray.is_initialized()
-        t0 = time.perf_counter()
-        if not started:
-            ray.init(num_cpus=concurrency, _temp_dir=str(work / "ray"), include_dashboard=False, log_to_driver=False,
-                     object_store_memory=200 * 1024 * 1024)
-        ray_init_s = time.perf_counter() - t0
-        try:
+        with local_ray(work, concurrency) as ray_init_s:
             t0 = time.perf_counter()
             result = run_study(spec, progress=progress)
             platform_s = time.perf_counter() - t0
-        finally:
-            if not started:
-                ray.shutdown()
         return {
             "trials": trials,
             "concurrency": concurrency,
