@@ -37,7 +37,7 @@ def test_offline_run_records_config_epochs_and_summary(tmp_path, monkeypatch):
     assert "WANDB_MODE" not in os.environ  # only set for the duration of wandb.init
     assert run.id == "ablation-b-trial_0001"  # still known after the run finished
 
-    (decoded,) = read_offline_runs(tmp_path)
+    (decoded,) = read_offline_runs(tmp_path, settle_s=30)
     assert decoded.run_id == run.id
     assert decoded.group == "ablation/b"
     assert decoded.config == CONFIG
@@ -66,7 +66,7 @@ def test_two_trials_in_one_process_give_two_runs_of_one_study(tmp_path):
         for epoch in range(1, 6):
             second.log_epoch(_epoch(epoch))
 
-    runs = read_offline_runs(tmp_path)
+    runs = read_offline_runs(tmp_path, settle_s=30)
     assert [r.run_id for r in runs] == ["s1-trial_a", "s1-trial_b"] == [first.id, second.id]
     assert {r.group for r in runs} == {"s1"}
     assert runs[0].config == CONFIG
@@ -82,7 +82,7 @@ def test_exception_propagates_and_the_run_is_still_finished(tmp_path):
             run.log_epoch(_epoch(1))
             raise RuntimeError("diverged")
 
-    (decoded,) = read_offline_runs(tmp_path)
+    (decoded,) = read_offline_runs(tmp_path, settle_s=30)
     assert decoded.run_id == "s2-trial_x"
     assert decoded.exit_code == 1
     assert [row["epoch"] for row in decoded.history] == [1]

@@ -175,9 +175,24 @@ def _put(target: dict[str, Any], items: Any) -> dict[str, Any]:
     return target
 
 
-def read_offline_runs(root: Path) -> list[OfflineRun]:
-    """Decode every ``root/**/offline-run-*/run-*.wandb`` file, sorted by run id (then path)."""
+def read_offline_runs(root: Path, settle_s: float = 0.0) -> list[OfflineRun]:
+    """Decode every ``root/**/offline-run-*/run-*.wandb`` file, sorted by run id (then path).
+
+    wandb's service writes a run's file in the background, after ``finish()`` has returned; with
+    ``settle_s`` > 0, wait up to that many seconds for every file to hold its exit record."""
+    import time
+
     from wandb.proto import wandb_internal_pb2 as pb  # protobuf Record messages
+
+    deadline = time.monotonic() + settle_s
+    while True:
+        runs = _decode_runs(root, pb)
+        if all(run.exit_code is not None for run in runs) or time.monotonic() >= deadline:
+            return runs
+        time.sleep(0.2)
+
+
+def _decode_runs(root: Path, pb) -> list[OfflineRun]:
     runs = []
     for file in sorted(Path(root).glob("**/offline-run-*/run-*.wandb")):
         run = OfflineRun(run_id="", group=None, config={}, history=[], summary={}, path=file.parent)
