@@ -22,6 +22,35 @@ def format_figures(title: str, figures: dict) -> str:
     return "\n".join(lines)
 
 
+#: the searched parameter of benchmark studies whose trials must all do the same work
+B_ONLY = {"loss.balance_b": {"type": "float", "low": 2.0, "high": 4.0}}
+
+
+def smoke_study(storage: Path, name: str, where: str, *, trials: int, epochs: int, concurrency: int = 2,
+                space: dict | None = None, algorithm: str = "random", wandb: str = "disabled", test_cases: int = 1,
+                **fields):
+    """A validated study of the real network at smoke scale on 6 phantoms (1 validation case,
+    ``test_cases`` held out), random search over ``space`` (default: B only), no scheduler, one
+    CPU per trial: what the study benchmarks run. ``fields``: further top-level study fields."""
+    from vertstudy.study.spec import SMOKE_CONFIG, validate_spec
+
+    config = {**SMOKE_CONFIG, "train.epochs": epochs}
+    return validate_spec({
+        "name": name,
+        "data": {"phantoms": {"count": 6, "seed": 0}, "split": {"val": 1, "test": test_cases}},
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+        "space": space or B_ONLY,
+        "search": {"algorithm": algorithm, "seed": 0},
+        "scheduler": {"kind": "none"},
+        "num_samples": trials,
+        "concurrency": concurrency,
+        "resources": {"cpus": 1, "gpus": 0},
+        "storage": str(storage),
+        "wandb": {"mode": wandb},
+        **fields,
+    }, where)
+
+
 @contextmanager
 def local_ray(work: Path, cpus: int) -> Iterator[float]:
     """A local Ray cluster of ``cpus`` CPUs for one benchmark, under ``work/ray`` (none is started

@@ -29,29 +29,16 @@ from typing import Any
 
 from ray import tune
 
-from vertstudy.bench import format_figures
+from vertstudy.bench import format_figures, smoke_study
 
 
 def _spec(storage: Path, name: str, trials: int, epochs: int, grid: bool = False):
-    from vertstudy.study.spec import SMOKE_CONFIG, validate_spec
-
-    config = {**SMOKE_CONFIG, "train.epochs": epochs}
-    space = ({"loss.balance_b": {"type": "choice", "values": [2.0 + i / 10 for i in range(trials)]}} if grid
-             else {"loss.balance_b": {"type": "float", "low": 2.0, "high": 4.0}})
-    return validate_spec({
-        "name": name,
-        "data": {"phantoms": {"count": 6, "seed": 0}, "split": {"val": 1, "test": 1}},
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
-        "space": space,
-        "search": {"algorithm": "grid" if grid else "random", "seed": 0},
-        "scheduler": {"kind": "none"},
-        "num_samples": 1 if grid else trials,
-        "concurrency": 2,
-        "max_retries": 2,
-        "resources": {"cpus": 1, "gpus": 0},
-        "storage": str(storage),
-        "wandb": {"mode": "disabled"},
-    }, "bench cluster")
+    """The bench's study: random B (throughput), or a grid of ``trials`` B values (recovery)."""
+    if grid:
+        space = {"loss.balance_b": {"type": "choice", "values": [2.0 + i / 10 for i in range(trials)]}}
+        return smoke_study(storage, name, "bench cluster", trials=1, epochs=epochs, space=space, algorithm="grid",
+                           max_retries=2)
+    return smoke_study(storage, name, "bench cluster", trials=trials, epochs=epochs, max_retries=2)
 
 
 def _connect(cluster) -> None:

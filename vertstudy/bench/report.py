@@ -20,35 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from vertstudy.bench import format_figures, local_ray
+from vertstudy.bench import format_figures, local_ray, smoke_study
 
-
-def _spec(storage: Path, name: str, trials: int, concurrency: int, epochs: int):
-    from vertstudy.study.spec import SMOKE_CONFIG, validate_spec
-
-    config = {**SMOKE_CONFIG, "train.epochs": epochs}
-    return validate_spec(
-        {
-            "name": name,
-            "data": {"phantoms": {"count": 6, "seed": 0}, "split": {"val": 1, "test": 2}},
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
-            "space": {
-                "loss.balance_b": {"type": "float", "low": 2.0, "high": 4.0},
-                "loss.reg_lambda": {"type": "logfloat", "low": 0.1, "high": 1.0},
-                "train.lr": {"type": "logfloat", "low": 1.0e-3, "high": 1.0e-2},
-                "train.schedule.kind": {"type": "choice", "values": ["plateau", "cosine", "step"]},
-                "data.crop.crop_size": {"type": "choice", "values": [[16, 16, 16], [24, 16, 16]]},
-            },
-            "search": {"algorithm": "random", "seed": 0},
-            "scheduler": {"kind": "none"},
-            "num_samples": trials,
-            "concurrency": concurrency,
-            "resources": {"cpus": 1, "gpus": 0},
-            "storage": str(storage),
-            "wandb": {"mode": "disabled"},
-        },
-        "bench report",
-    )
+#: the report benchmark's search space: the parameters the issue names
+SPACE = {
+    "loss.balance_b": {"type": "float", "low": 2.0, "high": 4.0},
+    "loss.reg_lambda": {"type": "logfloat", "low": 0.1, "high": 1.0},
+    "train.lr": {"type": "logfloat", "low": 1.0e-3, "high": 1.0e-2},
+    "train.schedule.kind": {"type": "choice", "values": ["plateau", "cosine", "step"]},
+    "data.crop.crop_size": {"type": "choice", "values": [[16, 16, 16], [24, 16, 16]]},
+}
 
 
 def bench_report(trials: int = 50, concurrency: int = 2, epochs: int = 2, builds: int = 3,
@@ -60,7 +41,8 @@ def bench_report(trials: int = 50, concurrency: int = 2, epochs: int = 2, builds
     own = workdir is None
     work = Path(tempfile.mkdtemp(prefix="vs-bench-", dir="/tmp")) if own else Path(workdir)
     try:
-        spec = _spec(work / "st", f"bench-report-{time.strftime('%H%M%S')}", trials, concurrency, epochs)
+        spec = smoke_study(work / "st", f"bench-report-{time.strftime('%H%M%S')}", "bench report", trials=trials,
+                           epochs=epochs, concurrency=concurrency, space=SPACE, test_cases=2)
         with local_ray(work, concurrency):
             t0 = time.perf_counter()
             result = run_study(spec, progress=progress)

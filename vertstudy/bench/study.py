@@ -22,29 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vertstudy.bench import format_figures, local_ray
-
-
-def _spec(storage: Path, name: str, trials: int, concurrency: int, epochs: int, wandb: str):
-    from vertstudy.study.spec import SMOKE_CONFIG, validate_spec
-
-    config = {**SMOKE_CONFIG, "train.epochs": epochs}
-    return validate_spec(
-        {
-            "name": name,
-            "data": {"phantoms": {"count": 6, "seed": 0}, "split": {"val": 1, "test": 1}},
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
-            "space": {"loss.balance_b": {"type": "float", "low": 2.0, "high": 4.0}},
-            "search": {"algorithm": "random", "seed": 0},
-            "scheduler": {"kind": "none"},
-            "num_samples": trials,
-            "concurrency": concurrency,
-            "resources": {"cpus": 1, "gpus": 0},
-            "storage": str(storage),
-            "wandb": {"mode": wandb},
-        },
-        "bench study",
-    )
+from vertstudy.bench import format_figures, local_ray, smoke_study
 
 
 def _plain_optuna(spec, data, concurrency: int, work: Path) -> float:
@@ -85,7 +63,8 @@ def bench_study(
     work = Path(tempfile.mkdtemp(prefix="vs-bench-", dir="/tmp")) if own else Path(workdir)
     try:
         stamp = time.strftime("%H%M%S")
-        spec = _spec(work / "st", f"bench-{stamp}", trials, concurrency, epochs, wandb)
+        spec = smoke_study(work / "st", f"bench-{stamp}", "bench study", trials=trials, epochs=epochs,
+                           concurrency=concurrency, wandb=wandb)
         data = materialize(spec.data, load_config(spec.config), work / "st", progress=progress)  # not timed
         plain_s = _plain_optuna(spec, data, concurrency, work)
 
