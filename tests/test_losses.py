@@ -193,7 +193,7 @@ def test_total_loss_integral_head_golden():
     # cls = 2 * (3 ln 2) + 24 * ln 2 = 30 ln 2 = 20.7944154   (B = 3, logits 0)
     # reg = 0.4 * (0.125 + 1.5) = 0.4 * 1.625 = 0.65          (class 2 masked out)
     out, batch = _batch_and_output()
-    losses = total_loss(out, batch, LossConfig(balance_b=3.0, reg_lambda=0.4), ModelConfig())
+    losses = total_loss(out, batch, LossConfig(map_reg="none", balance_b=3.0, reg_lambda=0.4), ModelConfig())
     assert set(losses) == {"total", "cls", "reg"}
     assert all(v.ndim == 0 for v in losses.values())
     assert float(losses["cls"]) == pytest.approx(30 * LN2)
@@ -204,11 +204,11 @@ def test_total_loss_integral_head_golden():
 def test_total_loss_balance_and_lambda_weighting():
     # B = 2: cls = 2 * 2 ln 2 + 24 ln 2 = 28 ln 2; lambda = 0.8: reg = 0.8 * 1.625 = 1.3
     out, batch = _batch_and_output()
-    losses = total_loss(out, batch, LossConfig(balance_b=2.0, reg_lambda=0.8), ModelConfig())
+    losses = total_loss(out, batch, LossConfig(map_reg="none", balance_b=2.0, reg_lambda=0.8), ModelConfig())
     assert float(losses["cls"]) == pytest.approx(28 * LN2)
     assert float(losses["reg"]) == pytest.approx(1.3)
     # lambda = 0: no regression term at all
-    zero = total_loss(out, batch, LossConfig(balance_b=2.0, reg_lambda=0.0), ModelConfig())
+    zero = total_loss(out, batch, LossConfig(map_reg="none", balance_b=2.0, reg_lambda=0.0), ModelConfig())
     assert float(zero["reg"]) == 0.0
 
 
@@ -217,7 +217,7 @@ def test_total_loss_masks_absent_vertebrae_and_averages_over_batch():
     # mean over 2 samples: cls = (30 ln 2 + 26 ln 2) / 2 = 28 ln 2; reg = 0.65 / 2 = 0.325
     out, batch = _batch_and_output(batch_size=2)
     out["coords"][1] += 1000.0  # wildly wrong, but absent
-    losses = total_loss(out, batch, LossConfig(balance_b=3.0, reg_lambda=0.4), ModelConfig())
+    losses = total_loss(out, batch, LossConfig(map_reg="none", balance_b=3.0, reg_lambda=0.4), ModelConfig())
     assert float(losses["cls"]) == pytest.approx(28 * LN2)
     assert float(losses["reg"]) == pytest.approx(0.325)
 
@@ -226,7 +226,7 @@ def test_total_loss_gradient_wrt_logits():
     # d total / d z = (per-sample gradient) / batch size 1: u=1: -3 (1 - 1/2) = -1.5; u=0: 1/2
     out, batch = _batch_and_output()
     out["logits"].requires_grad_(True)
-    total_loss(out, batch, LossConfig(balance_b=3.0), ModelConfig())["total"].backward()
+    total_loss(out, batch, LossConfig(map_reg="none", balance_b=3.0), ModelConfig())["total"].backward()
     expected = torch.full((1, 26), 0.5)
     expected[0, :2] = -1.5
     torch.testing.assert_close(out["logits"].grad, expected)
@@ -235,14 +235,14 @@ def test_total_loss_gradient_wrt_logits():
 def test_total_loss_loc_only_has_zero_cls():
     out, batch = _batch_and_output()
     out["logits"] = None
-    losses = total_loss(out, batch, LossConfig(reg_lambda=0.4), ModelConfig(tasks="loc"))
+    losses = total_loss(out, batch, LossConfig(map_reg="none", reg_lambda=0.4), ModelConfig(tasks="loc"))
     assert float(losses["cls"]) == 0.0
     assert float(losses["total"]) == pytest.approx(0.65)
 
 
 def test_total_loss_fc_head_uses_smooth_l1():
     out, batch = _batch_and_output()
-    losses = total_loss(out, batch, LossConfig(reg_lambda=0.4), ModelConfig(loc_head="fc"))
+    losses = total_loss(out, batch, LossConfig(map_reg="none", reg_lambda=0.4), ModelConfig(loc_head="fc"))
     assert float(losses["reg"]) == pytest.approx(0.65)
 
 
@@ -256,7 +256,7 @@ def test_total_loss_heatmap_head_golden():
     batch["coords"][0, :2] = torch.tensor([0.0, 0.0, 1.0])
     out["heatmaps"] = torch.zeros(1, 26, 1, 1, 3)
     cfg = ModelConfig(loc_head="heatmap", heatmap_sigma_vox=1.0)
-    losses = total_loss(out, batch, LossConfig(balance_b=3.0, reg_lambda=0.4), cfg)
+    losses = total_loss(out, batch, LossConfig(map_reg="none", balance_b=3.0, reg_lambda=0.4), cfg)
     assert float(losses["reg"]) == pytest.approx(1.3886071, rel=1e-6)
     assert float(losses["total"]) == pytest.approx(30 * LN2 + 1.3886071, rel=1e-6)
 
@@ -264,16 +264,16 @@ def test_total_loss_heatmap_head_golden():
 def test_total_loss_missing_outputs_are_errors():
     out, batch = _batch_and_output()
     with pytest.raises(ValueError, match="heatmaps"):
-        total_loss(out, batch, LossConfig(), ModelConfig(loc_head="heatmap"))
+        total_loss(out, batch, LossConfig(map_reg="none"), ModelConfig(loc_head="heatmap"))
     out["logits"] = None
     with pytest.raises(ValueError, match="logits"):
-        total_loss(out, batch, LossConfig(), ModelConfig(tasks="loc+cls"))
+        total_loss(out, batch, LossConfig(map_reg="none"), ModelConfig(tasks="loc+cls"))
 
 
 def test_total_loss_is_float32_for_bfloat16_outputs():
     out, batch = _batch_and_output()
     out = {"coords": out["coords"].bfloat16(), "logits": out["logits"].bfloat16(), "heatmaps": None}
-    losses = total_loss(out, batch, LossConfig(), ModelConfig())
+    losses = total_loss(out, batch, LossConfig(map_reg="none"), ModelConfig())
     assert all(v.dtype == torch.float32 for v in losses.values())
 
 
@@ -284,3 +284,52 @@ def test_is_finite():
     assert not is_finite({**ok, "reg": torch.tensor(float("inf"))})
     assert is_finite(torch.tensor(3.0))
     assert not is_finite(torch.tensor(float("-inf")))
+
+
+# -- the map regulariser (loss.map_reg = "js", beyond the paper) ---------------------------------
+def test_gaussian_map_sums_to_one_and_peaks_at_the_target():
+    from vertstudy.losses import gaussian_map
+
+    coords = torch.tensor([[[3.0, 2.0, 5.0], [0.0, 0.0, 0.0]]])
+    g = gaussian_map(coords, (8, 6, 7), sigma_vox=1.0)
+    assert g.shape == (1, 2, 8, 6, 7)
+    torch.testing.assert_close(g.flatten(2).sum(-1), torch.ones(1, 2))
+    assert tuple(int(i) for i in torch.unravel_index(g[0, 0].argmax(), (8, 6, 7))) == (3, 2, 5)
+
+
+def test_js_map_loss_is_zero_at_the_target_bounded_and_pulls_a_flat_map():
+    from vertstudy.losses import gaussian_map, js_map_loss
+
+    coords = torch.tensor([[[4.0, 3.0, 3.0]]])
+    target = gaussian_map(coords, (8, 6, 6), 1.0)
+    at_target = js_map_loss(torch.log(target), coords, 1.0)
+    assert float(at_target) == pytest.approx(0.0, abs=1e-6)
+    flat = torch.zeros(1, 1, 8, 6, 6, requires_grad=True)
+    js = js_map_loss(flat, coords, 1.0)
+    assert 0.0 < float(js) <= math.log(2.0)
+    js.sum().backward()
+    # from a flat start the gradient raises the logit at the target and lowers it far away
+    assert flat.grad[0, 0, 4, 3, 3] < 0 < flat.grad[0, 0, 0, 0, 0]
+
+
+def test_total_loss_adds_the_js_term_of_present_vertebrae_only():
+    from vertstudy.losses import js_map_loss
+
+    torch.manual_seed(0)
+    heatmaps = torch.randn(2, 26, 8, 6, 6)
+    from vertstudy.model.integral import integral_regression
+
+    out = {"coords": integral_regression(heatmaps), "logits": torch.zeros(2, 26), "heatmaps": heatmaps}
+    present = torch.zeros(2, 26)
+    present[0, 3] = present[1, 7] = 1.0
+    batch = {"present": present, "coords": torch.full((2, 26, 3), 2.0)}
+    plain = total_loss(out, batch, LossConfig(map_reg="none"), ModelConfig())
+    reg = total_loss(out, batch, LossConfig(map_reg="js", map_reg_weight=2.0, map_reg_sigma_vox=1.0), ModelConfig())
+    js = js_map_loss(heatmaps, batch["coords"], 1.0)
+    expected = plain["reg"] + 2.0 * (js[0, 3] + js[1, 7]) / 2
+    torch.testing.assert_close(reg["reg"], expected)
+    torch.testing.assert_close(reg["cls"], plain["cls"])
+    # other heads are unaffected by map_reg
+    fc = {"coords": out["coords"], "logits": out["logits"], "heatmaps": None}
+    torch.testing.assert_close(total_loss(fc, batch, LossConfig(map_reg="js"), ModelConfig(loc_head="fc"))["reg"],
+                               total_loss(fc, batch, LossConfig(map_reg="none"), ModelConfig(loc_head="fc"))["reg"])

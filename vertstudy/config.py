@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vertstudy.errors import ConfigError
 
@@ -42,6 +42,11 @@ class CropConfig(_Strict):
     crop_size: tuple[int, int, int] = Field((104, 80, 80), description="(z, y, x) voxels at spacing_mm")
     jitter_mm: float = Field(40.0, ge=0, description="random offset of the crop centre from the spine, mm")
     crops_per_case: int = Field(4, ge=1, description="training crops drawn per case per epoch")
+    anywhere_fraction: float = Field(
+        0.3, ge=0, le=1,
+        description="fraction of training crops centred uniformly anywhere in the volume instead of on the "
+        "spine, so the classifier learns absence (paper: 0, every crop on the spine)",
+    )
 
     @field_validator("crop_size")
     @classmethod
@@ -78,6 +83,13 @@ class LossConfig(_Strict):
 
     balance_b: float = Field(3.0, gt=0, description="balance factor B of the positive terms (paper: 2-4)")
     reg_lambda: float = Field(0.4, ge=0, description="weight lambda of the smooth-L1 regression (paper: 0.4)")
+    map_reg: Literal["none", "js"] = Field(
+        "js",
+        description="integral head: divergence term pulling each present class's soft-max map toward a Gaussian at "
+        "its target (dsntnn's js_reg_losses); 'none' is the paper",
+    )
+    map_reg_weight: float = Field(1.0, ge=0, description="weight of the map divergence term (per present vertebra)")
+    map_reg_sigma_vox: float = Field(1.0, gt=0, description="sigma of the Gaussian target map, voxels")
 
 
 class ScheduleConfig(_Strict):
@@ -104,6 +116,25 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     grad_clip: float | None = Field(None, gt=0, description="max gradient norm, or None")
+    whole_ct_every: int = Field(
+        0, ge=0,
+        description="every k epochs, label the validation cases' whole CTs (val_ct_id_rate, val_ct_loc_error_mm); "
+        "0: never",
+    )
+    select_on: Literal["val_loss", "val_ct"] = Field(
+        "val_loss",
+        description="what best.pt keeps: the lowest validation crop loss (paper) or the best whole-CT validation "
+        "(highest id rate, then lowest error; needs whole_ct_every)",
+    )
+
+
+    @model_validator(mode="after")
+    def _selection_needs_whole_ct(self) -> TrainConfig:
+        if self.select_on == "val_ct" and self.whole_ct_every == 0:
+            raise ValueError(
+                "train.select_on = 'val_ct' needs train.whole_ct_every > 0 (epochs between whole-CT validations)"
+            )
+        return self
 
 
 class InferConfig(_Strict):
@@ -113,6 +144,26 @@ class InferConfig(_Strict):
     batch_size: int = Field(4, ge=1)
     threshold: float = Field(0.5, gt=0, lt=1, description="class probability to keep a crop's coordinate")
     min_votes: int = Field(1, ge=1, description="crops that must vote for a class before it is predicted")
+    decoder: Literal["kmeans", "sequence"] = Field(
+        "sequence",
+        description="'kmeans': the paper's per-class 2-means; 'sequence': at most one centroid per class in "
+        "anatomical order with plausible spacing (dynamic programming over all votes)",
+    )
+    skip_empty_tiles: bool = Field(True, description="skip tiles that hold (almost) no body")
+    body_fraction: float = Field(
+        0.02, ge=0, lt=1, description="a tile with less than this fraction of voxels above air is skipped"
+    )
+    seq_radius_mm: float = Field(
+        10.0, gt=0, description="sequence decoder: votes within this distance (mm) of a candidate support it"
+    )
+    seq_min_score: float = Field(
+        0.15, ge=0, lt=1,
+        description="sequence decoder: a candidate's label score (mean probability over the tiles that see it) must "
+        "exceed this to be worth predicting",
+    )
+    seq_pair_weight: float = Field(
+        0.05, ge=0, description="sequence decoder: weight of the spacing prior's log-likelihood against the scores"
+    )
 
 
 class Config(_Strict):

@@ -113,6 +113,46 @@ def heatmap_loss(
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
+def gaussian_map(coords: Tensor, shape: Sequence[int], sigma_vox: float) -> Tensor:
+    """Normalised Gaussian target distributions at ``coords``: ``(B, 26, D, H, W)`` summing to 1 per map.
+
+    coords: ``(B, 26, 3)`` crop voxels ``(z, y, x)``; shape: ``(D, H, W)``. Each axis's 1-D
+    Gaussian is normalised over the grid first, so the separable product sums to 1 even when
+    the centre is near (or past) an edge. No gradient flows to ``coords``.
+    """
+    coords = _float(coords).detach()
+    axes = []
+    for axis, size in enumerate(int(s) for s in shape):
+        g = gaussian_1d(coords[..., axis], size, sigma_vox)
+        axes.append(g / g.sum(dim=-1, keepdim=True).clamp_min(1e-12))
+    gz, gy, gx = axes
+    return gz[..., :, None, None] * gy[..., None, :, None] * gx[..., None, None, :]
+
+
+def js_map_loss(heatmaps: Tensor, coords: Tensor, sigma_vox: float) -> Tensor:
+    """Jensen-Shannon divergence between each soft-max map and a Gaussian at its target (nats).
+
+    The regulariser of dsntnn's ``js_reg_losses``: integral regression alone only constrains
+    the *mean* of each map, and from a nearly flat start its gradient ``P_k (z_k - E[z])`` is
+    tiny; this term shapes the whole map toward a peak at the target from the first step.
+
+    heatmaps: ``(B, 26, D, H, W)`` raw logits (soft-maxed over each map, paper eq. 5);
+    coords: ``(B, 26, 3)`` target crop voxels ``(z, y, x)``; sigma_vox: the target's sigma.
+    Returns ``(B, 26)`` in ``[0, log 2]``; no masking here.
+    """
+    from vertstudy.model.integral import softmax_3d
+
+    if heatmaps.ndim != 5:
+        raise ValueError(f"heatmaps must be (B, 26, D, H, W), got shape {tuple(heatmaps.shape)}")
+    p = softmax_3d(heatmaps).flatten(2)
+    g = gaussian_map(coords.to(p.dtype), heatmaps.shape[2:], sigma_vox).flatten(2)
+    m = 0.5 * (p + g)
+    log_m = torch.log(m.clamp_min(1e-30))
+    kl_p = (torch.xlogy(p, p) - p * log_m).sum(dim=-1)
+    kl_g = (torch.xlogy(g, g) - g * log_m).sum(dim=-1)
+    return 0.5 * (kl_p + kl_g)
+
+
 def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
     """Sum over vertebrae of the values where ``mask`` is 1, then mean over the batch.
 
@@ -142,7 +182,8 @@ def total_loss(
     - ``reg``: ``reg_lambda`` times, over present vertebrae only (eq. 2), the smooth-L1 of the
       coordinates (``integral`` and ``fc`` heads) or the :func:`heatmap_loss` summed over
       voxels (``heatmap`` head, Gaussian sigma ``model_cfg.heatmap_sigma_vox``); summed over
-      vertebrae, mean over the batch.
+      vertebrae, mean over the batch; with the integral head and ``loss.map_reg = "js"``, plus
+      ``map_reg_weight`` times the :func:`js_map_loss` of the present vertebrae.
 
     Returns scalars ``{"total", "cls", "reg"}``.
     """
@@ -158,6 +199,11 @@ def total_loss(
     else:
         per_vertebra = regression_loss(out["coords"], target)
     reg = loss_cfg.reg_lambda * masked_sum(per_vertebra, present)
+    if model_cfg.loc_head == "integral" and loss_cfg.map_reg == "js" and loss_cfg.map_reg_weight > 0:
+        if out.get("heatmaps") is None:
+            raise ValueError("loss.map_reg 'js' needs out['heatmaps'], got None")
+        js = js_map_loss(out["heatmaps"], target, loss_cfg.map_reg_sigma_vox)
+        reg = reg + loss_cfg.map_reg_weight * masked_sum(js, present)
 
     if model_cfg.tasks == "loc+cls":
         if out.get("logits") is None:

@@ -35,10 +35,12 @@ def test_real_network_fits_a_few_phantoms(cases, tmp_path, one_torch_thread):
             "model": {"width": 0.25, "lstm_hidden": 32, "lstm_layers": 1},
             "data": {
                 "prep": {"spacing_mm": 4.0},
-                "crop": {"crop_size": (32, 24, 24), "crops_per_case": 16, "jitter_mm": 0.0},
+                # the paper's crops (all on the spine) and loss (no map regulariser), as measured
+                "crop": {"crop_size": (32, 24, 24), "crops_per_case": 16, "jitter_mm": 0.0, "anywhere_fraction": 0.0},
                 "augment": {"enabled": False},
             },
             "train": {"epochs": 13, "lr": 0.003, "val_crops_per_case": 2},
+            "loss": {"map_reg": "none"},
             "seed": 0,
         }
     )

@@ -39,6 +39,8 @@ from vertstudy.data.cache import CachedCase
 
 # Seed-stream tags so the shuffle order never shares a stream with item sampling.
 _SHUFFLE_STREAM = 0x5EED
+# ... nor the choice of crops placed anywhere (so ``anywhere_fraction = 0`` draws the same crops as before).
+_ANYWHERE_STREAM = 0xA11
 
 
 # -- where to crop ---------------------------------------------------------------------------
@@ -96,6 +98,16 @@ def sample_crop_origin(
     centre = point_on_curve(_curve_or_centre(case), rng.random())
     centre = centre + rng.uniform(-jitter_vox, jitter_vox, size=3)
     return origin_for_centre(centre, crop_size)
+
+
+def sample_anywhere_origin(
+    shape_zyx: Sequence[int], crop_size: Sequence[int], rng: np.random.Generator
+) -> np.ndarray:
+    """Random crop origin (3,) int64 whose centre is uniform over the volume's voxel box
+    ``[0, n - 1]`` on each axis of ``shape_zyx`` (z, y, x): crops away from the spine and
+    beyond its ends, where most classes are absent."""
+    high = np.maximum(np.asarray(shape_zyx, dtype=np.float64) - 1.0, 0.0)
+    return origin_for_centre(rng.uniform(0.0, 1.0, size=3) * high, crop_size)
 
 
 def validation_origins(case: CachedCase, crop_size: Sequence[int], n: int) -> np.ndarray:
@@ -352,7 +364,9 @@ class CropDataset(Dataset):
     Item ``i`` is crop ``i % crops_per_case`` of case ``i // crops_per_case``. In training mode
     it is drawn from ``np.random.default_rng([seed, epoch, i])``, so it depends only on
     ``(seed, epoch, i)``, not on worker count or order; the index may also be an
-    ``(epoch, i)`` pair (see :class:`EpochSampler`). Validation mode (``train=False``) has no
+    ``(epoch, i)`` pair (see :class:`EpochSampler`). A fraction ``crop.anywhere_fraction`` of
+    the training crops (chosen from a stream of their own) is centred uniformly anywhere in
+    the volume instead (:func:`sample_anywhere_origin`). Validation mode (``train=False``) has no
     augmentation and fixed crops centred at evenly spaced points along the spine.
 
     Each item is a dict: ``image`` (1, D, H, W) float32 tensor, ``present`` (26,) float32,
@@ -400,6 +414,10 @@ class CropDataset(Dataset):
         rng = np.random.default_rng([self.seed, epoch, i])
         jitter_vox = self.crop.jitter_mm / case.geometry.spacing_mm
         origin = sample_crop_origin(case, self.crop.crop_size, jitter_vox, rng)
+        if self.crop.anywhere_fraction > 0:
+            other = np.random.default_rng([self.seed, epoch, i, _ANYWHERE_STREAM])
+            if other.random() < self.crop.anywhere_fraction:
+                origin = sample_anywhere_origin(case.geometry.shape_zyx, self.crop.crop_size, other)
         aug = sample_augment(self.augment, rng) if self.augment.enabled else None
         return origin, aug
 
