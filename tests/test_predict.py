@@ -146,7 +146,7 @@ def test_png_with_truth_has_errors(ct, checkpoint, tmp_path):
     out, png = tmp_path / "pred.json", tmp_path / "views" / "pred.png"
     truth = ct.with_name("case7.json")
     summary = predict(ct, checkpoint, out, png=png, truth=truth,
-                      infer=InferConfig(stride=(8, 8, 8), threshold=0.05, min_votes=1))
+                      infer=InferConfig(stride=(8, 8, 8), threshold=0.05, min_votes=1, decoder="kmeans"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["n_truth"] == 3
     assert set(summary["errors_mm"]) <= set(TRUTH_MM)

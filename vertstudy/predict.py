@@ -257,9 +257,11 @@ def predict(
     image = Path(image)
     if not image.exists():
         raise InputError(image, "image not found; expected an image file (NIfTI, NRRD, MHA) or a DICOM series folder")
+    from vertstudy.train.trainer import load_spine_prior
+
     model, cfg = load_checkpoint_model(Path(checkpoint), device)
     case = read_image_case(image, None if truth is None else Path(truth))
-    prediction = predict_case(model, cfg, case, infer)
+    prediction = predict_case(model, cfg, case, infer, load_spine_prior(Path(checkpoint)))
 
     summary: dict = {
         "image": str(image),

@@ -233,7 +233,9 @@ def test_predict_volume_returns_centroids_inside_the_volume(tiny_model):
 
 def test_predict_case_maps_to_lps_and_original_index(tiny_model, small_phantom):
     model, cfg = tiny_model
-    pred = predict_case(model, cfg, small_phantom, InferConfig(stride=(8, 8, 8), threshold=0.05, min_votes=2))
+    # the paper decoder: an untrained model votes everywhere, which the sequence decoder rightly rejects
+    pred = predict_case(model, cfg, small_phantom,
+                        InferConfig(stride=(8, 8, 8), threshold=0.05, min_votes=2, decoder="kmeans"))
     assert pred.vertebrae and pred.tiles > 1 and pred.votes >= len(pred.vertebrae)
     assert [v.index for v in pred.vertebrae] == sorted(v.index for v in pred.vertebrae)
     image, geo = small_phantom.image, pred.geometry
@@ -251,8 +253,13 @@ def test_loc_only_model_votes_every_class():
     torch.manual_seed(0)
     model = build_model(cfg.model)
     volume = np.zeros((24, 16, 16), dtype=np.float32)
-    centroids = predict_volume(model, volume, 0.0, cfg.data.crop.crop_size, cfg.infer, spacing_mm=4.0)
+    # the paper's decoder on every tile (this volume is all "air", which inference would skip)
+    infer = cfg.infer.model_copy(update={"decoder": "kmeans", "skip_empty_tiles": False})
+    centroids = predict_volume(model, volume, 0.0, cfg.data.crop.crop_size, infer, spacing_mm=4.0)
     assert len(centroids) == NUM_CLASSES  # no classifier: every class is "found"
+    skipped = predict_volume(model, volume, 0.0, cfg.data.crop.crop_size,
+                             infer.model_copy(update={"skip_empty_tiles": True}), spacing_mm=4.0)
+    assert skipped == {}  # every tile without body skipped: nothing to vote
 
 
 def test_votes_concat_and_of_class():

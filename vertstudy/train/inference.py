@@ -310,6 +310,98 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def has_body(crop: np.ndarray, pad_value: float, body_fraction: float) -> bool:
+    """Whether a tile ``crop`` (D, H, W) z-scored holds body: at least ``body_fraction`` of its
+    voxels more than 0.5 z-score units (~200 HU in a CT) above ``pad_value`` (z-scored air)."""
+    return float((crop > pad_value + 0.5).mean()) >= body_fraction
+
+
+@dataclass(frozen=True)
+class TileOutputs:
+    """The network's raw outputs on the tiles that ran.
+
+    ``origins`` (T, 3) int64 canonical (z, y, x) voxel of each tile's voxel 0; ``coords``
+    (T, 26, 3) float64 crop voxels (z, y, x); ``probs`` (T, 26) float64 class probabilities, or
+    ``None`` for a localization-only model; ``skipped`` tiles without body that did not run.
+    """
+
+    origins: np.ndarray
+    coords: np.ndarray
+    probs: np.ndarray | None
+    skipped: int = 0
+
+    @property
+    def loc_only(self) -> bool:
+        return self.probs is None
+
+    def subset(self, keep: np.ndarray) -> TileOutputs:
+        """The tiles where ``keep`` (T,) bool is True (the others count as skipped)."""
+        keep = np.asarray(keep, dtype=bool)
+        probs = None if self.probs is None else self.probs[keep]
+        return TileOutputs(self.origins[keep], self.coords[keep], probs, self.skipped + int((~keep).sum()))
+
+
+def run_network(
+    model: torch.nn.Module,
+    volume: np.ndarray,
+    pad_value: float,
+    crop_size: Sequence[int],
+    origins_zyx: np.ndarray,
+    batch_size: int,
+    body_fraction: float | None = None,
+) -> TileOutputs:
+    """Run ``model`` (on its own device, put in eval mode) on the tiles at ``origins_zyx``.
+
+    ``volume`` (Z, Y, X) float32 canonical, z-scored; ``pad_value`` fills tile voxels outside
+    it. ``body_fraction``: skip tiles that fail :func:`has_body` (``None``: run every tile).
+    """
+    model.eval()
+    device = _model_device(model)
+    keep, coords, probs = [], [], []
+    loc_only = False
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def flush() -> None:
+        nonlocal loc_only
+        if not pending:
+            return
+        x = torch.from_numpy(np.stack([c for _, c in pending]))[:, None].to(device)
+        out = model(x)
+        coords.append(out["coords"].float().cpu().numpy().astype(np.float64))
+        logits = out.get("logits")
+        loc_only = logits is None
+        if logits is not None:
+            probs.append(torch.sigmoid(logits.float()).cpu().numpy().astype(np.float64))
+        keep.extend(o for o, _ in pending)
+        pending.clear()
+
+    skipped = 0
+    with torch.inference_mode():
+        for origin in origins_zyx:
+            crop = extract_crop(volume, origin, crop_size, pad_value)
+            if body_fraction is not None and not has_body(crop, pad_value, body_fraction):
+                skipped += 1
+                continue
+            pending.append((origin, crop))
+            if len(pending) == batch_size:
+                flush()
+        flush()
+    origins = np.asarray(keep, dtype=np.int64).reshape(-1, 3)
+    coords_arr = np.concatenate(coords) if coords else np.zeros((0, NUM_CLASSES, 3))
+    if loc_only:
+        probs_arr = None
+    else:
+        probs_arr = np.concatenate(probs) if probs else np.zeros((0, NUM_CLASSES))
+    return TileOutputs(origins, coords_arr, probs_arr, skipped)
+
+
+def tile_votes(tiles: TileOutputs, crop_size: Sequence[int], threshold: float, volume_shape: Sequence[int]) -> Votes:
+    """:func:`collect_votes` of every tile in ``tiles``."""
+    if len(tiles.origins) == 0:
+        return Votes.empty()
+    return collect_votes(tiles.coords, tiles.probs, tiles.origins, crop_size, threshold, volume_shape)
+
+
 def run_tiles(
     model: torch.nn.Module,
     volume: np.ndarray,
@@ -319,38 +411,59 @@ def run_tiles(
     batch_size: int,
     threshold: float,
 ) -> tuple[Votes, bool]:
-    """Run ``model`` (on its own device, put in eval mode) on the tiles at ``origins_zyx``.
+    """The votes of every tile at ``origins_zyx`` (no tile skipped), and whether the model is loc-only."""
+    tiles = run_network(model, volume, pad_value, crop_size, origins_zyx, batch_size)
+    return tile_votes(tiles, crop_size, threshold, volume.shape), tiles.loc_only
 
-    ``volume`` (Z, Y, X) float32 canonical, z-scored; ``pad_value`` fills tile voxels outside
-    it. Returns ``(votes, loc_only)``; ``loc_only`` is True when the model gave no logits.
+
+# -- decoding ----------------------------------------------------------------------------------
+def decode_votes(
+    votes: Votes,
+    tiles: TileOutputs,
+    crop_size: Sequence[int],
+    infer_cfg: InferConfig,
+    spacing_mm: float,
+    prior=None,
+    merge_mm: float = MERGE_MM,
+) -> dict[int, ClassResult]:
+    """Votes -> one :class:`ClassResult` per predicted class, by ``infer_cfg.decoder``.
+
+    ``kmeans``: the paper's per-class clustering (:func:`cluster_all`). ``sequence``:
+    :func:`vertstudy.train.decode.decode_sequence` with the checkpoint's spine ``prior``
+    (:class:`vertstudy.train.decode.SpinePrior`; ``None``: the population prior of the shipped
+    real spine shapes). Centres in canonical voxels.
     """
-    model.eval()
-    device = _model_device(model)
-    parts: list[Votes] = []
-    loc_only = False
-    with torch.inference_mode():
-        for start in range(0, len(origins_zyx), batch_size):
-            batch_origins = origins_zyx[start : start + batch_size]
-            crops = np.stack([extract_crop(volume, o, crop_size, pad_value) for o in batch_origins])
-            x = torch.from_numpy(crops)[:, None].to(device)
-            out = model(x)
-            coords = out["coords"].float().cpu().numpy()
-            logits = out.get("logits")
-            loc_only = logits is None
-            probs = None if logits is None else torch.sigmoid(logits.float()).cpu().numpy()
-            parts.append(collect_votes(coords, probs, batch_origins, crop_size, threshold, volume.shape))
-    return Votes.concat(parts), loc_only
+    if infer_cfg.decoder == "kmeans":
+        return cluster_all(votes, infer_cfg.min_votes, merge_mm / spacing_mm, tiles.loc_only)
+    from vertstudy.train.decode import decode_sequence, population_prior, tiles_containing
+
+    prior = population_prior() if prior is None else prior
+    decoded = decode_sequence(
+        votes.classes, votes.points_zyx * spacing_mm, votes.weights,
+        lambda pts_mm: tiles_containing(pts_mm / spacing_mm, tiles.origins, crop_size),
+        prior, infer_cfg.seq_radius_mm, infer_cfg.seq_min_score, infer_cfg.seq_pair_weight,
+    )
+    out = {}
+    for k, d in decoded.items():
+        if d.votes < infer_cfg.min_votes and d.votes > 0:
+            continue
+        out[k] = ClassResult(
+            centre_zyx=d.centre_mm / spacing_mm, votes=d.votes, outliers=d.outliers, weight=d.weight,
+            probability=None if tiles.loc_only else d.score,
+        )
+    return out
 
 
 @dataclass(frozen=True)
 class VolumeResult:
     """:func:`predict_volume_details`: per predicted class its :class:`ClassResult`, plus the
-    number of tiles and of votes before clustering."""
+    number of tiles that ran, of tiles skipped (no body) and of votes before decoding."""
 
     classes: dict[int, ClassResult]
     tiles: int
     votes: int
     loc_only: bool
+    skipped: int = 0
 
 
 def predict_volume_details(
@@ -359,20 +472,23 @@ def predict_volume_details(
     pad_value: float,
     crop_size: Sequence[int],
     infer_cfg: InferConfig,
-    spacing_mm: float = 2.0,
+    spacing_mm: float,
+    prior=None,
     merge_mm: float = MERGE_MM,
 ) -> VolumeResult:
-    """Tile, run, vote and cluster one canonical volume; see the module docstring.
+    """Tile, run, vote and decode one canonical volume; see the module docstring.
 
     ``volume`` (Z, Y, X) float32 z-scored canonical voxels at ``spacing_mm``; ``crop_size``
     the model's training crop (z, y, x), each divisible by 8; the model runs on its own device.
+    ``prior``: the checkpoint's :class:`~vertstudy.train.decode.SpinePrior` (sequence decoder).
     """
     origins = tile_origins(volume.shape, crop_size, infer_cfg.stride)
-    votes, loc_only = run_tiles(
-        model, volume, pad_value, crop_size, origins, infer_cfg.batch_size, infer_cfg.threshold
-    )
-    classes = cluster_all(votes, infer_cfg.min_votes, merge_mm / spacing_mm, loc_only)
-    return VolumeResult(classes=classes, tiles=len(origins), votes=len(votes), loc_only=loc_only)
+    body = infer_cfg.body_fraction if infer_cfg.skip_empty_tiles else None
+    tiles = run_network(model, volume, pad_value, crop_size, origins, infer_cfg.batch_size, body)
+    votes = tile_votes(tiles, crop_size, infer_cfg.threshold, volume.shape)
+    classes = decode_votes(votes, tiles, crop_size, infer_cfg, spacing_mm, prior, merge_mm)
+    return VolumeResult(classes=classes, tiles=len(tiles.origins), votes=len(votes), loc_only=tiles.loc_only,
+                        skipped=tiles.skipped)
 
 
 def predict_volume(
@@ -381,8 +497,9 @@ def predict_volume(
     pad_value: float,
     crop_size: Sequence[int],
     infer_cfg: InferConfig,
+    spacing_mm: float,
     device: str | torch.device | None = None,
-    spacing_mm: float = 2.0,
+    prior=None,
     merge_mm: float = MERGE_MM,
 ) -> dict[int, np.ndarray]:
     """Predicted centroids of one canonical volume: ``{class index: (3,) float64 (z, y, x) voxels}``.
@@ -391,7 +508,7 @@ def predict_volume(
     """
     if device is not None:
         model.to(device)
-    result = predict_volume_details(model, volume, pad_value, crop_size, infer_cfg, spacing_mm, merge_mm)
+    result = predict_volume_details(model, volume, pad_value, crop_size, infer_cfg, spacing_mm, prior, merge_mm)
     return {k: r.centre_zyx for k, r in result.classes.items()}
 
 
@@ -431,6 +548,7 @@ class Prediction:
     votes: int
     loc_only: bool
     prepared: Prepared | None = field(default=None, repr=False)
+    skipped: int = 0
 
     def by_index(self) -> dict[int, PredictedVertebra]:
         return {v.index: v for v in self.vertebrae}
@@ -468,6 +586,7 @@ def predict_prepared(
     prepared: Prepared,
     case_id: str = "",
     infer_cfg: InferConfig | None = None,
+    prior=None,
     merge_mm: float = MERGE_MM,
 ) -> Prediction:
     """:func:`predict_case` on an already preprocessed case (preprocessed with ``cfg.data.prep``)."""
@@ -477,7 +596,7 @@ def predict_prepared(
     if not math.isclose(spacing, cfg.data.prep.spacing_mm, rel_tol=1e-6):
         raise ValueError(f"case preprocessed at {spacing} mm, model trained at {cfg.data.prep.spacing_mm} mm")
     result = predict_volume_details(
-        model, prepared.volume, prepared.pad_value, crop_size, infer_cfg, spacing, merge_mm
+        model, prepared.volume, prepared.pad_value, crop_size, infer_cfg, spacing, prior, merge_mm
     )
     return Prediction(
         case_id=case_id,
@@ -487,6 +606,7 @@ def predict_prepared(
         votes=result.votes,
         loc_only=result.loc_only,
         prepared=prepared,
+        skipped=result.skipped,
     )
 
 
@@ -495,12 +615,15 @@ def predict_case(
     cfg: Config,
     case: Case,
     infer_cfg: InferConfig | None = None,
+    prior=None,
     merge_mm: float = MERGE_MM,
 ) -> Prediction:
     """Label one CT: preprocess with the checkpoint's ``cfg.data.prep``, tile with its
     ``cfg.data.crop.crop_size``, and infer with ``infer_cfg`` (default ``cfg.infer``).
 
-    The model runs on its own device. The case's landmarks (if any) are ignored here.
+    The model runs on its own device. The case's landmarks (if any) are ignored here. ``prior``:
+    the checkpoint's spine prior (:func:`vertstudy.train.trainer.load_spine_prior`), which the
+    sequence decoder needs.
     """
     prepared = preprocess(case, cfg.data.prep)
-    return predict_prepared(model, cfg, prepared, case.case_id, infer_cfg, merge_mm)
+    return predict_prepared(model, cfg, prepared, case.case_id, infer_cfg, prior, merge_mm)

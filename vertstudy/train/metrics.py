@@ -149,6 +149,7 @@ def _summary(in_truth: np.ndarray, predicted: np.ndarray, error: np.ndarray, ide
         "n_truth": n_truth,
         "n_predicted": int(predicted.sum()),
         "n_matched": int(matched.sum()),
+        "n_false": int((predicted & ~in_truth).sum()),
     }
 
 
@@ -158,7 +159,9 @@ def summarize(rows: Iterable[VertebraRow | Mapping]) -> dict[str, float | int]:
     rows: :class:`VertebraRow` s or mappings with the same keys (e.g. Parquet records).
     Keys: ``loc_error_mm_mean``, ``loc_error_mm_std`` (population std, ddof 0) over rows in the
     truth and predicted; ``id_rate`` = identified / ``n_truth``; ``n_truth`` (rows in the truth),
-    ``n_predicted`` (rows predicted, in the truth or not), ``n_matched`` (both); and each of
+    ``n_predicted`` (rows predicted, in the truth or not), ``n_matched`` (both), ``n_false``
+    (predicted but not in the truth: false predictions, which neither the id rate nor the
+    error counts against); and each of
     these with the suffix ``_<region>`` (``id_rate_thoracic``, ``loc_error_mm_mean_lumbar``,
     ...). A figure with nothing to average over is NaN.
     """
