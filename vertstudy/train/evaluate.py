@@ -45,19 +45,30 @@ def baseline_case_rows(train: list[CachedCase], test: list[CachedCase]) -> list[
     return out
 
 
-def checkpoint_case_rows(
-    checkpoint: Path, test: list[CachedCase], device: str = "cpu"
-) -> tuple[list[tuple[CachedCase, list[VertebraRow]]], float]:
-    """Per test case, the rows of ``checkpoint``'s whole-CT predictions; and seconds per case."""
+def model_case_rows(
+    model, cfg, cases: list[CachedCase], prior=None, infer_cfg=None
+) -> list[tuple[CachedCase, list[VertebraRow]]]:
+    """Per case, the rows of ``model``'s whole-CT predictions (``infer_cfg``, default ``cfg.infer``)."""
     from vertstudy.train.inference import predict_volume
-    from vertstudy.train.trainer import load_model
 
-    model, cfg = load_model(checkpoint, device=device)
-    out, t0 = [], time.perf_counter()
-    for case in test:
+    out = []
+    for case in cases:
         spacing = case.geometry.spacing_mm
         volume = np.asarray(case.volume(mmap=False), dtype=np.float32)
-        pred = predict_volume(model, volume, case.pad_value, cfg.data.crop.crop_size, cfg.infer, spacing_mm=spacing)
+        pred = predict_volume(model, volume, case.pad_value, cfg.data.crop.crop_size, infer_cfg or cfg.infer, spacing,
+                              prior=prior)
         out.append((case, match_case({k: np.asarray(v, dtype=np.float64) * spacing for k, v in pred.items()},
                                      truth_mm(case))))
+    return out
+
+
+def checkpoint_case_rows(
+    checkpoint: Path, test: list[CachedCase], device: str = "cpu", infer_cfg=None
+) -> tuple[list[tuple[CachedCase, list[VertebraRow]]], float]:
+    """Per test case, the rows of ``checkpoint``'s whole-CT predictions; and seconds per case."""
+    from vertstudy.train.trainer import load_model, load_spine_prior
+
+    model, cfg = load_model(checkpoint, device=device)
+    t0 = time.perf_counter()
+    out = model_case_rows(model, cfg, test, load_spine_prior(checkpoint), infer_cfg)
     return out, (time.perf_counter() - t0) / max(len(test), 1)

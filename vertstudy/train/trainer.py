@@ -17,6 +17,11 @@ Per epoch, ``on_epoch`` receives one flat dict (also kept in ``TrainResult.histo
   the whole-CT metrics of the paper come from :mod:`vertstudy.train.inference`);
 - the same validation metrics per region, ``val_loc_error_mm_<region>``, ``val_id_rate_<region>``,
   ``val_map_<region>`` (regions of :data:`vertstudy.anatomy.REGIONS`);
+- with ``train.whole_ct_every = k > 0``: ``val_ct_id_rate``, ``val_ct_loc_error_mm``,
+  ``val_ct_false_per_case``: the validation cases labelled on the *whole* CT (tiles, votes,
+  ``infer.decoder``) every k epochs and after the last; between evaluations the last value is
+  repeated (NaN before the first). ``train.select_on = "val_ct"`` keeps as ``best.pt`` the
+  evaluated epoch with the highest whole-CT id rate (then the lowest error);
 - ``wall_s``: seconds for the epoch (training and validation, not the checkpoint writes);
   ``crops_per_s``: training crops per second of the training part.
 
@@ -31,7 +36,9 @@ Schedules (``train.schedule.kind``), stepped once per epoch:
 A non-finite training or validation loss ends training with status ``diverged``; no
 checkpoint is written for that epoch, so ``last.pt`` and ``best.pt`` hold the last good state.
 
-Checkpoints (``last.pt`` every epoch, ``best.pt`` at the lowest validation loss) are written
+Checkpoints (``last.pt`` every epoch, ``best.pt`` at the lowest validation loss or, see above,
+the best whole-CT validation) also hold the spine prior of the sequence decoder, fitted on the
+training cases (:func:`training_prior`), and are written
 atomically and hold only tensors and plain Python values, so :func:`load_checkpoint` reads
 them with ``torch.load(..., weights_only=True)``. They include the optimizer, scheduler and
 random-number states: resuming from ``last.pt`` (in this or a fresh process) continues the
@@ -226,6 +233,26 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def load_spine_prior(path: Path):
+    """The :class:`~vertstudy.train.decode.SpinePrior` a checkpoint stores (fitted on its training
+    cases), or ``None`` for a checkpoint written before priors were stored."""
+    from vertstudy.train.decode import SpinePrior
+
+    state = load_checkpoint(path)
+    return SpinePrior.from_state(state["spine_prior"]) if state.get("spine_prior") else None
+
+
+def training_prior(cases: list[CachedCase]):
+    """The spine prior of the training cases (canonical mm), or ``None`` when they hold no
+    two consecutive vertebrae."""
+    from vertstudy.train.decode import fit_spine_prior
+
+    try:
+        return fit_spine_prior([(c.indices, np.asarray(c.zyx_vox) * c.geometry.spacing_mm) for c in cases])
+    except ValueError:
+        return None
+
+
 def checkpoint_config(state: dict[str, Any], path: Path) -> Config:
     """The validated :class:`Config` stored in a checkpoint ``state`` read from ``path``."""
     return load_config(state["config"], where=f"{path} (stored config)")
@@ -350,6 +377,8 @@ class _State:
     best_epoch: int | None = None
     best_loss: float = math.inf
     history: list[dict[str, float]] = field(default_factory=list)
+    best_ct: tuple[float, float] = (-math.inf, -math.inf)  # (id rate, -error) of best.pt under select_on val_ct
+    last_ct: dict[str, float] = field(default_factory=dict)
 
 
 def _loaders(cfg: Config, train_cases: list[CachedCase], val_cases: list[CachedCase], device: torch.device):
@@ -364,8 +393,9 @@ def _loaders(cfg: Config, train_cases: list[CachedCase], val_cases: list[CachedC
     return train_set, train_loader, val_loader
 
 
-def _checkpoint_state(model, optimizer, scheduler, st: _State, cfg: Config) -> dict[str, Any]:
+def _checkpoint_state(model, optimizer, scheduler, st: _State, cfg: Config, prior=None) -> dict[str, Any]:
     return {
+        "spine_prior": None if prior is None else prior.to_state(),
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -374,6 +404,8 @@ def _checkpoint_state(model, optimizer, scheduler, st: _State, cfg: Config) -> d
         "best_epoch": st.best_epoch,
         "best_loss": st.best_loss,
         "history": st.history,
+        "best_ct": list(st.best_ct),
+        "last_ct": st.last_ct,
         "config": cfg.model_dump(),
         "rng": rng_states(),
     }
@@ -388,7 +420,9 @@ def _restore(path: Path, cfg: Config, model, optimizer, scheduler) -> _State:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_states(state["rng"])
-    return _State(state["epoch"], state["best_epoch"], float(state["best_loss"]), list(state["history"]))
+    best_ct = tuple(state.get("best_ct", (-math.inf, -math.inf)))
+    return _State(state["epoch"], state["best_epoch"], float(state["best_loss"]), list(state["history"]), best_ct,
+                  dict(state.get("last_ct", {})))
 
 
 def run_epoch(
@@ -421,6 +455,31 @@ def run_epoch(
         "wall_s": time.perf_counter() - t0,
     }
     return _ordered(record)
+
+
+WHOLE_CT_KEYS = ("val_ct_id_rate", "val_ct_loc_error_mm", "val_ct_false_per_case")
+
+
+def _whole_ct_due(train_cfg: TrainConfig, epoch: int) -> bool:
+    """Whether epoch ``epoch`` ends with a whole-CT validation (every k epochs and the last one)."""
+    k = train_cfg.whole_ct_every
+    return k > 0 and (epoch % k == 0 or epoch == train_cfg.epochs)
+
+
+def _whole_ct_validation(model, cfg: Config, val_cases: list[CachedCase], prior) -> dict[str, float]:
+    """Whole-CT labelling of the validation cases with the current weights: ``val_ct_id_rate``,
+    ``val_ct_loc_error_mm`` (mean over matched vertebrae) and ``val_ct_false_per_case``
+    (predicted classes absent from the truth, per case)."""
+    from vertstudy.train.evaluate import model_case_rows
+    from vertstudy.train.metrics import summarize
+
+    per_case = model_case_rows(model, cfg, val_cases, prior)
+    s = summarize([r for _, rows in per_case for r in rows])
+    return {
+        "val_ct_id_rate": float(s["id_rate"]),
+        "val_ct_loc_error_mm": float(s["loc_error_mm_mean"]),
+        "val_ct_false_per_case": float(s["n_false"]) / max(len(val_cases), 1),
+    }
 
 
 def _ordered(record: dict[str, Any]) -> dict[str, float]:
@@ -471,6 +530,7 @@ def train(
     train_set, train_loader, val_loader = _loaders(cfg, train_cases, val_cases, device)
     spacing_mm = float(train_cases[0].geometry.spacing_mm)
 
+    prior = training_prior(train_cases)
     status, message = "completed", ""
     while st.epoch < cfg.train.epochs:
         epoch = st.epoch + 1
@@ -480,14 +540,25 @@ def train(
         except Diverged as exc:
             status, message = "diverged", f"epoch {epoch}: {exc}"
             break
+        ct_now = _whole_ct_due(cfg.train, epoch) and bool(val_cases)
+        if ct_now:
+            st.last_ct = _whole_ct_validation(model, cfg, val_cases, prior)
+        if cfg.train.whole_ct_every:
+            record = _ordered({**record, **(st.last_ct or {k: math.nan for k in WHOLE_CT_KEYS})})
         monitored = record["val_loss"] if val_cases else record["loss"]
         step_scheduler(scheduler, monitored)
         st.epoch = epoch
-        improved = monitored < st.best_loss
-        if improved:
-            st.best_loss, st.best_epoch = monitored, epoch
+        if cfg.train.select_on == "val_ct" and val_cases:
+            score = (record["val_ct_id_rate"], -record["val_ct_loc_error_mm"])
+            improved = ct_now and bool(np.isfinite(score).all()) and score > st.best_ct
+            if improved:
+                st.best_ct, st.best_epoch = score, epoch
+        else:
+            improved = monitored < st.best_loss
+            if improved:
+                st.best_loss, st.best_epoch = monitored, epoch
         st.history.append(record)
-        state = _checkpoint_state(model, optimizer, scheduler, st, cfg)
+        state = _checkpoint_state(model, optimizer, scheduler, st, cfg, prior)
         save_checkpoint(last_path, state)
         if improved:
             save_checkpoint(best_path, state)
