@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from vertstudy import __version__
-from vertstudy.errors import VertstudyError
+from vertstudy.errors import ConfigError, VertstudyError
 
 FORMATS_IN = ("auto", "csi2014", "verse", "generic")
 
@@ -242,9 +242,26 @@ def cmd_bench_learn(args: argparse.Namespace) -> int:
     figures = bench_learn(
         train_cases=args.train_cases, val_cases=args.val_cases, test_cases=args.test_cases, minutes=args.minutes,
         width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm, lr=args.lr, seed=args.seed,
-        workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
+        workdir=Path(args.workdir) if args.workdir else None, progress=not args.json, crops=args.crops,
+        overrides=_overrides(args.set),
     )
     return _print_figures(figures, args.json, format_table)
+
+
+def _overrides(items: list[str] | None) -> dict:
+    """``["loss.map_reg=none", "data.crop.anywhere_fraction=0"]`` -> a dict of YAML-parsed values."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. loss.map_reg=none")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+    return out
 
 
 def cmd_cluster_start(args: argparse.Namespace) -> int:
@@ -543,6 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crop size in voxels (default 48 32 32)")
     p.add_argument("--spacing-mm", type=_positive_float, default=4.0, help="voxel spacing (default 4.0)")
     p.add_argument("--lr", type=_positive_float, default=0.003, help="initial learning rate (default 0.003)")
+    p.add_argument("--crops", type=_positive_int, default=None,
+                   help="train on this many crops (whole epochs) instead of --minutes, for ablations")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="a config field for this run, e.g. --set loss.map_reg=none (repeatable)")
     _bench_common(
         p, seed_help="seed (default 0)",
         workdir_help="folder for phantoms, cache and checkpoints (default: temporary, removed)")

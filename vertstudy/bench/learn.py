@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vertstudy.bench import format_figures, prepared_phantoms
@@ -32,17 +33,26 @@ from vertstudy.train.evaluate import baseline_case_rows, checkpoint_case_rows
 
 
 def learn_config(
-    width: float, crop_size: tuple[int, int, int], spacing_mm: float, lr: float, workers: int, seed: int
+    width: float, crop_size: tuple[int, int, int], spacing_mm: float, lr: float, workers: int, seed: int,
+    overrides: dict | None = None,
 ) -> Config:
-    """Paper defaults but for width, crop (inference stride: half the crop), spacing, lr and workers."""
-    return Config.model_validate(
+    """The defaults but for width, crop (inference stride: half the crop), spacing, lr and workers,
+    then ``overrides`` (dotted field names, e.g. ``{"loss.map_reg": "none"}``), validated."""
+    from vertstudy.config import load_config
+
+    return load_config(
         {
-            "model": {"width": width},
-            "data": {"prep": {"spacing_mm": spacing_mm}, "crop": {"crop_size": crop_size}},
-            "train": {"lr": lr, "workers": workers, "epochs": 1},
-            "infer": {"stride": tuple(max(1, c // 2) for c in crop_size)},
+            "model.width": width,
+            "data.prep.spacing_mm": spacing_mm,
+            "data.crop.crop_size": crop_size,
+            "train.lr": lr,
+            "train.workers": workers,
+            "train.epochs": 1,
+            "infer.stride": tuple(max(1, c // 2) for c in crop_size),
             "seed": seed,
-        }
+            **(overrides or {}),
+        },
+        where="bench learn --set",
     )
 
 
@@ -57,11 +67,18 @@ def whole_ct_rows(checkpoint: Path, test: list[CachedCase]) -> tuple[list, float
     return [r for _, rows in per_case for r in rows], seconds
 
 
-def _train_for(cfg: Config, train: list, val: list, out: Path, minutes: float, max_epochs: int, progress: bool):
-    """Train one epoch, then resume up to the epochs that fit ``minutes`` in total."""
+def _train_for(cfg: Config, train: list, val: list, out: Path, minutes: float | None, max_epochs: int,
+               progress: bool, crops: int | None = None):
+    """Train one epoch, then resume up to the epochs that fit ``minutes`` in total; or, with
+    ``crops``, exactly the epochs that show at least that many training crops."""
     from vertstudy.train.trainer import train as run
 
     t0 = time.perf_counter()
+    if crops is not None:
+        per_epoch = len(train) * cfg.data.crop.crops_per_case
+        epochs = max(1, math.ceil(crops / per_epoch))
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+        return run(cfg, train, val, out, progress=progress), time.perf_counter() - t0
     first = run(cfg, train, val, out, progress=progress)
     if first.status != "completed":
         return first, time.perf_counter() - t0
@@ -87,13 +104,22 @@ def bench_learn(
     seed: int = 0,
     workdir: Path | None = None,
     progress: bool = True,
+    crops: int | None = None,
+    overrides: dict | None = None,
 ) -> dict:
     """Train for about ``minutes`` and score whole-CT labelling of held-out phantoms against the
     mean-position baseline; returns the figures (names carry units).
 
     Defaults: 48 x 32 x 32 crops at 4 mm (192 x 128 x 128 mm, close to the paper's 208 x 160 x
     160 mm field of view), width 0.25, lr 0.003. ``threads``: torch intra-op threads during the
-    run (see ``bench train``).
+    run (see ``bench train``). ``crops``: train on a fixed number of crops instead of a time
+    budget (runs then do not depend on the machine's speed). ``overrides``: further config
+    fields (dotted names), for ablations.
+
+    The held-out figures come from :func:`vertstudy.train.diagnose.diagnose` on ``best.pt``:
+    ``test_id_rate`` / ``test_loc_error_mm`` / ``test_false_per_case`` for the configured decoder,
+    the same with a ``_kmeans`` and ``_sequence`` suffix for each decoder, and the whole
+    decomposition under ``diag_``.
     """
     previous = torch.get_num_threads()
     if threads is not None:
@@ -104,35 +130,53 @@ def bench_learn(
         cases = prepared_phantoms(work, train_cases + test_cases, seed, spacing_mm, progress)
         pool, test = cases[:train_cases], cases[train_cases:]
         train, val = pool[: train_cases - val_cases], pool[train_cases - val_cases :]
-        cfg = learn_config(width, crop_size, spacing_mm, lr, workers, seed)
+        cfg = learn_config(width, crop_size, spacing_mm, lr, workers, seed, overrides)
         shutil.rmtree(work / "run", ignore_errors=True)
-        result, train_s = _train_for(cfg, train, val, work / "run", minutes, max_epochs, progress)
+        result, train_s = _train_for(cfg, train, val, work / "run", minutes, max_epochs, progress, crops)
         figures = _figures(cfg, result, train_s, len(train), len(val), len(test))
         if result.best_checkpoint is None:
             return figures
-        from vertstudy.train.metrics import summarize
-
-        rows, infer_s = whole_ct_rows(result.best_checkpoint, test)
-        net, base = summarize(rows), summarize(baseline_rows(pool, test))
-        figures.update(
-            {
-                "test_loc_error_mm": net["loc_error_mm_mean"],
-                "test_loc_error_std_mm": net["loc_error_mm_std"],
-                "test_id_rate": net["id_rate"],
-                "test_vertebrae_in_truth": net["n_truth"],
-                "test_vertebrae_predicted": net["n_predicted"],
-                "test_vertebrae_matched": net["n_matched"],
-                "baseline_loc_error_mm": base["loc_error_mm_mean"],
-                "baseline_loc_error_std_mm": base["loc_error_mm_std"],
-                "baseline_id_rate": base["id_rate"],
-                "infer_s_per_case": infer_s,
-            }
-        )
+        figures.update(held_out_figures(result.best_checkpoint, pool, test))
         return figures
     finally:
         torch.set_num_threads(previous)
         if own:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def held_out_figures(checkpoint: Path, pool: list[CachedCase], test: list[CachedCase]) -> dict:
+    """Whole-CT figures of ``checkpoint`` on ``test`` for every decoder, its decomposition, and
+    the mean-position baseline fitted on ``pool``."""
+    from vertstudy.train.diagnose import diagnose
+    from vertstudy.train.metrics import summarize
+    from vertstudy.train.trainer import load_model, load_spine_prior
+
+    model, cfg = load_model(checkpoint)
+    t0 = time.perf_counter()
+    diag = diagnose(model, cfg, test, load_spine_prior(checkpoint))
+    diag_s = time.perf_counter() - t0
+    base = summarize(baseline_rows(pool, test))
+    out = {}
+    for dec in ("kmeans", "sequence"):
+        if f"shipped_{dec}_id_rate" in diag:
+            for key in ("id_rate", "loc_error_mm", "false_per_case"):
+                out[f"test_{key}_{dec}"] = diag[f"shipped_{dec}_{key}"]
+    chosen = cfg.infer.decoder if f"test_id_rate_{cfg.infer.decoder}" in out else "kmeans"
+    _, infer_s = whole_ct_rows(checkpoint, test[:1])  # the time of plain inference, on one case
+    out.update({
+        "decoder": chosen,
+        "test_id_rate": out[f"test_id_rate_{chosen}"],
+        "test_loc_error_mm": out[f"test_loc_error_mm_{chosen}"],
+        "test_false_per_case": out[f"test_false_per_case_{chosen}"],
+        "test_vertebrae_in_truth": sum(int(np.asarray(c.indices).size) for c in test),
+        "baseline_loc_error_mm": base["loc_error_mm_mean"],
+        "baseline_loc_error_std_mm": base["loc_error_mm_std"],
+        "baseline_id_rate": base["id_rate"],
+        "infer_s_per_case": infer_s,
+        "diagnose_s": diag_s,
+        **{f"diag_{k}": v for k, v in diag.items()},
+    })
+    return out
 
 
 def _figures(cfg: Config, result, train_s: float, n_train: int, n_val: int, n_test: int) -> dict:
