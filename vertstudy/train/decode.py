@@ -24,8 +24,8 @@ centreline). Here:
    :func:`population_prior`, fitted on the shipped real spine shapes). For each pair of
    consecutive classes ``k -> k+1`` the mean and variance (per canonical axis z, y, x, mm) of
    the offset between their centroids over the training cases that hold both. Between
-   classes ``k < l`` the offset is the sum of the consecutive ones (means and variances add), plus ``2 noise_mm^2`` per axis for the
-   prediction error of the two ends.
+   classes ``k < l`` the offset is the sum of the consecutive ones (means and variances
+   add), plus ``2 noise_mm^2`` per axis for the prediction error of the two ends.
 
 4. **Dynamic programming** (:func:`decode_sequence`). A labelling is a chain of (candidate,
    class) nodes with strictly increasing classes; its score is the sum of the nodes'
