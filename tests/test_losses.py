@@ -333,3 +333,21 @@ def test_total_loss_adds_the_js_term_of_present_vertebrae_only():
     fc = {"coords": out["coords"], "logits": out["logits"], "heatmaps": None}
     torch.testing.assert_close(total_loss(fc, batch, LossConfig(map_reg="js"), ModelConfig(loc_head="fc"))["reg"],
                                total_loss(fc, batch, LossConfig(map_reg="none"), ModelConfig(loc_head="fc"))["reg"])
+
+
+def test_js_map_loss_with_a_mask_computes_only_the_masked_maps_and_the_same_values():
+    from vertstudy.losses import js_map_loss
+
+    torch.manual_seed(1)
+    heatmaps = torch.randn(2, 26, 6, 5, 4, requires_grad=True)
+    coords = torch.rand(2, 26, 3) * 4
+    mask = torch.zeros(2, 26)
+    mask[0, [1, 5]] = 1
+    mask[1, 25] = 1
+    full = js_map_loss(heatmaps, coords, 1.0)
+    masked = js_map_loss(heatmaps, coords, 1.0, mask=mask)
+    torch.testing.assert_close(masked[mask.bool()], full[mask.bool()])
+    assert (masked[~mask.bool()] == 0).all()
+    masked.sum().backward()
+    assert heatmaps.grad[0, 1].abs().sum() > 0 and heatmaps.grad[0, 2].abs().sum() == 0
+    assert (js_map_loss(heatmaps, coords, 1.0, mask=torch.zeros(2, 26)) == 0).all()

@@ -129,7 +129,7 @@ def gaussian_map(coords: Tensor, shape: Sequence[int], sigma_vox: float) -> Tens
     return gz[..., :, None, None] * gy[..., None, :, None] * gx[..., None, None, :]
 
 
-def js_map_loss(heatmaps: Tensor, coords: Tensor, sigma_vox: float) -> Tensor:
+def js_map_loss(heatmaps: Tensor, coords: Tensor, sigma_vox: float, mask: Tensor | None = None) -> Tensor:
     """Jensen-Shannon divergence between each soft-max map and a Gaussian at its target (nats).
 
     The regulariser of dsntnn's ``js_reg_losses``: integral regression alone only constrains
@@ -137,20 +137,29 @@ def js_map_loss(heatmaps: Tensor, coords: Tensor, sigma_vox: float) -> Tensor:
     tiny; this term shapes the whole map toward a peak at the target from the first step.
 
     heatmaps: ``(B, 26, D, H, W)`` raw logits (soft-maxed over each map, paper eq. 5);
-    coords: ``(B, 26, 3)`` target crop voxels ``(z, y, x)``; sigma_vox: the target's sigma.
-    Returns ``(B, 26)`` in ``[0, log 2]``; no masking here.
+    coords: ``(B, 26, 3)`` target crop voxels ``(z, y, x)``; sigma_vox: the target's sigma;
+    mask: ``(B, 26)`` in {0, 1} or None: only these maps are computed (the others are 0), which
+    saves the work for absent vertebrae. Returns ``(B, 26)`` in ``[0, log 2]``.
     """
     from vertstudy.model.integral import softmax_3d
 
     if heatmaps.ndim != 5:
         raise ValueError(f"heatmaps must be (B, 26, D, H, W), got shape {tuple(heatmaps.shape)}")
-    p = softmax_3d(heatmaps).flatten(2)
-    g = gaussian_map(coords.to(p.dtype), heatmaps.shape[2:], sigma_vox).flatten(2)
+    keep = torch.ones(heatmaps.shape[:2], dtype=torch.bool, device=heatmaps.device) if mask is None \
+        else mask.to(torch.bool)
+    b, n = torch.nonzero(keep, as_tuple=True)
+    maps = heatmaps[b, n][None]  # (1, P, D, H, W)
+    out = torch.zeros(heatmaps.shape[:2], dtype=torch.promote_types(heatmaps.dtype, torch.float32),
+                      device=heatmaps.device)
+    if maps.shape[1] == 0:
+        return out
+    p = softmax_3d(maps).flatten(2)[0]
+    g = gaussian_map(coords[b, n][None].to(p.dtype), heatmaps.shape[2:], sigma_vox).flatten(2)[0]
     m = 0.5 * (p + g)
     log_m = torch.log(m.clamp_min(1e-30))
     kl_p = (torch.xlogy(p, p) - p * log_m).sum(dim=-1)
     kl_g = (torch.xlogy(g, g) - g * log_m).sum(dim=-1)
-    return 0.5 * (kl_p + kl_g)
+    return out.index_put((b, n), 0.5 * (kl_p + kl_g))
 
 
 def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
@@ -202,7 +211,7 @@ def total_loss(
     if model_cfg.loc_head == "integral" and loss_cfg.map_reg == "js" and loss_cfg.map_reg_weight > 0:
         if out.get("heatmaps") is None:
             raise ValueError("loss.map_reg 'js' needs out['heatmaps'], got None")
-        js = js_map_loss(out["heatmaps"], target, loss_cfg.map_reg_sigma_vox)
+        js = js_map_loss(out["heatmaps"], target, loss_cfg.map_reg_sigma_vox, mask=present)
         reg = reg + loss_cfg.map_reg_weight * masked_sum(js, present)
 
     if model_cfg.tasks == "loc+cls":
