@@ -409,3 +409,38 @@ def test_validation_loader_keeps_order(entry):
     np.testing.assert_array_equal(
         torch.cat([b["origin"] for b in batches]).numpy(), np.stack([ds[i]["origin"].numpy() for i in range(8)])
     )
+
+
+def test_crops_placed_anywhere_keep_the_spine_crops_of_the_paper_setting(entry):
+    """``anywhere_fraction`` draws from a stream of its own: at 0 every crop is the paper's
+    spine crop (the same as before the option existed), at 0.5 about half move, and the
+    others stay exactly where the paper setting puts them."""
+    paper, half, every = _dataset(entry, anywhere_fraction=0.0), _dataset(entry, anywhere_fraction=0.5), \
+        _dataset(entry, anywhere_fraction=1.0)
+    jitter_vox = 10.0 / entry.geometry.spacing_mm
+    moved = 0
+    for epoch in range(6):
+        for i in range(len(paper)):
+            origin, _ = paper.origin_and_augment(epoch, i)
+            expected = sample_crop_origin(entry, SMALL, jitter_vox, np.random.default_rng([5, epoch, i]))
+            assert (origin == expected).all()
+            other, _ = half.origin_and_augment(epoch, i)
+            moved += int(not (other == origin).all())
+            anywhere, _ = every.origin_and_augment(epoch, i)
+            centre = anywhere + (np.asarray(SMALL) - 1) / 2
+            assert ((centre >= -1) & (centre <= np.asarray(entry.geometry.shape_zyx))).all()
+    assert 0.3 * 48 < moved < 0.7 * 48
+
+
+def test_crops_anywhere_cover_the_volume_and_often_hold_no_vertebra(entry):
+    ds = _dataset(entry, anywhere_fraction=1.0)
+    centres, empty = [], 0
+    for epoch in range(10):
+        for i in range(len(ds)):
+            origin, _ = ds.origin_and_augment(epoch, i)
+            centres.append(origin + (np.asarray(SMALL) - 1) / 2)
+            empty += int(ds[(epoch, i)]["present"].sum() == 0)
+    centres = np.array(centres)
+    shape = np.asarray(entry.geometry.shape_zyx)
+    assert (centres.min(axis=0) < 0.2 * shape).all() and (centres.max(axis=0) > 0.8 * shape).all()
+    assert empty > 0

@@ -352,3 +352,36 @@ def test_progress_bar_run_and_auto_device_model(prepared, tmp_path, capsys):
     assert result.status == "completed" and result.device == "cpu"
     model, _ = load_model(result.last_checkpoint, device="auto")
     assert next(model.parameters()).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# -- whole-CT validation and the spine prior ----------------------------------------------------
+def test_whole_ct_validation_every_k_epochs_selects_best_pt_and_stores_the_prior(prepared, tmp_path):
+    from vertstudy.train.decode import SpinePrior
+    from vertstudy.train.trainer import WHOLE_CT_KEYS, load_spine_prior
+
+    cases, _ = prepared
+    cfg = tiny(train={"epochs": 3, "whole_ct_every": 2, "select_on": "val_ct"}, infer={"stride": (8, 8, 8)})
+    result = train(cfg, cases[:2], cases[2:], tmp_path)
+    assert result.status == "completed"
+    h = result.history
+    assert all(set(WHOLE_CT_KEYS) <= set(r) for r in h)
+    assert all(math.isnan(h[0][k]) for k in WHOLE_CT_KEYS)  # before the first evaluation
+    for r in h[1:]:  # evaluated after epochs 2 and 3 (the last)
+        assert 0.0 <= r["val_ct_id_rate"] <= 1.0 and r["val_ct_false_per_case"] >= 0
+    assert result.best_epoch in (2, 3)  # only evaluated epochs can be selected
+    best = max(h[1:], key=lambda r: (r["val_ct_id_rate"], -r["val_ct_loc_error_mm"]))
+    assert result.best_metrics["val_ct_id_rate"] == best["val_ct_id_rate"]
+    prior = load_spine_prior(result.best_checkpoint)
+    assert isinstance(prior, SpinePrior) and prior.count.sum() > 0
+    # the prior comes from the training cases only
+    truth = [(c.indices, c.zyx_vox * c.geometry.spacing_mm) for c in cases[:2]]
+    from vertstudy.train.decode import fit_spine_prior
+
+    assert (prior.mean == fit_spine_prior(truth).mean).all()
+
+
+def test_selection_on_whole_ct_needs_its_evaluations():
+    from vertstudy.config import load_config
+
+    with pytest.raises(ConfigError, match=r"select_on = 'val_ct' needs train.whole_ct_every > 0"):
+        load_config({"train.select_on": "val_ct"}, where="study.yaml")
