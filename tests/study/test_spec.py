@@ -236,3 +236,12 @@ def test_unreadable_study_files(tmp_path, case, text, exc_type, must):
     message = _message(exc_type, path)
     for part in must:
         assert part in message, (part, message)
+
+
+def test_a_whole_ct_search_metric_needs_whole_ct_validation():
+    spec = copy.deepcopy(BASE)
+    spec["search"] = {"algorithm": "optuna-tpe", "metric": "val_ct_id_rate", "mode": "max"}
+    with pytest.raises(ConfigError, match=r"'val_ct_id_rate' needs config 'train.whole_ct_every' > 0"):
+        validate_spec(spec, "s.yaml")
+    spec["config"] = {**spec.get("config", {}), "train.whole_ct_every": 4}
+    assert validate_spec(spec, "s.yaml").search.metric == "val_ct_id_rate"

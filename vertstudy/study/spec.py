@@ -37,7 +37,9 @@ from vertstudy.config import Config, load_config, validated
 from vertstudy.errors import ConfigError, InputError
 
 #: Metrics a trial reports every epoch (see :mod:`vertstudy.train.trainer`) that a search can optimize.
-METRICS = ("val_loss", "val_loc_error_mm", "val_id_rate", "val_map", "loss")
+METRICS = ("val_loss", "val_loc_error_mm", "val_id_rate", "val_map", "loss", "val_ct_id_rate", "val_ct_loc_error_mm")
+#: metrics that exist only when the trials label whole validation CTs (``train.whole_ct_every > 0``)
+WHOLE_CT_METRICS = ("val_ct_id_rate", "val_ct_loc_error_mm")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -220,6 +222,7 @@ class StudySpec(_Strict):
             raise ValueError(f"repeats > 1 needs search.algorithm 'grid', got {algo!r}")
         if not self.space and self.repeats == 1:
             raise ValueError("the search space is empty: add parameters under 'space' (or repeats > 1 for grid)")
+
         names = list(self.space)
         for i, (name, p) in enumerate(self.space.items()):
             if algo == "grid" and p.type != "choice":
@@ -278,8 +281,13 @@ def validate_spec(raw: Any, where: str) -> StudySpec:
     if bad:
         raise ConfigError(f"{where}: field names must be text, got {bad[0]!r}")
     spec = validated(StudySpec, where, **raw)
-    load_config(spec.config, where=f"{where}: config")
+    cfg = load_config(spec.config, where=f"{where}: config")
     load_config({**spec.config, **spec.smoke}, where=f"{where}: smoke")
+    metrics = (spec.search.metric, *(spec.search.metrics if spec.search.algorithm == "optuna-multi" else ()))
+    for metric in metrics:
+        if metric in WHOLE_CT_METRICS and cfg.train.whole_ct_every == 0:
+            raise ConfigError(f"{where}: search metric {metric!r} needs config 'train.whole_ct_every' > 0 "
+                              "(epochs between whole-CT validations)")
     _check_space(spec, where)
     return spec
 
