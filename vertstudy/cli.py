@@ -102,6 +102,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from vertstudy.train.diagnose import diagnose_checkpoint, format_decomposition
+
+    cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="vertstudy-diagnose-"))
+    try:
+        figures = diagnose_checkpoint(Path(args.checkpoint), Path(args.data), cache, fmt=args.format,
+                                      device=args.device, near_mm=args.near_mm, progress=not args.json)
+    finally:
+        if not args.cache:
+            import shutil
+
+            shutil.rmtree(cache, ignore_errors=True)
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(f"{figures['checkpoint']}: {figures['cases']} cases, {figures['vertebrae']} vertebrae\n")
+        print(format_decomposition(figures))
+    return 0
+
+
 # -- study -------------------------------------------------------------------------------
 def _print_table(title: str, rows: list[dict], columns: dict[str, str]) -> None:
     """``columns``: row key -> heading. Missing values print as ``-``."""
@@ -416,6 +438,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default auto)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=cmd_predict)
+
+    p = top.add_parser("diagnose", help="where a checkpoint loses identification on CTs with known centroids",
+                       description="Label every case of DATA (CTs with landmark files) four ways - every tile or "
+                                   "only tiles near the true spine, the classifier or the true classes - with "
+                                   "each decoder, plus crop-level recall, false positives and localization "
+                                   "error on spine-centred crops: which stage loses identification.")
+    p.add_argument("checkpoint", help="checkpoint written by the trainer (best.pt or last.pt)")
+    p.add_argument("data", help="folder of CTs with landmark files (any format data prepare reads)")
+    p.add_argument("--format", choices=FORMATS_IN, default="auto", help="data set format (default auto)")
+    p.add_argument("--cache", help="cache folder for the prepared cases (default: temporary, removed)")
+    p.add_argument("--near-mm", type=_positive_float, default=40.0,
+                   help="a tile is near the spine when its centre is this close to it (default 40)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default auto)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.set_defaults(func=cmd_diagnose)
 
     study = top.add_parser("study", help="run, resume, inspect and export hyperparameter studies on Ray",
                            description="Hyperparameter and ablation studies: Ray Tune + Optuna + W&B + Parquet.")

@@ -26,7 +26,9 @@ Figures are flat: ``{variant}_{decoder}_{id_rate | loc_error_mm | false_per_case
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -72,7 +74,7 @@ def near_tiles(case: CachedCase, origins: np.ndarray, crop_size: Sequence[int], 
     return distance_to_polyline(centres, curve) <= near_mm
 
 
-def _crop_view(model, cfg: Config, cases: list[CachedCase], crops_per_case: int) -> dict[str, float]:
+def crop_view(model, cfg: Config, cases: list[CachedCase], crops_per_case: int) -> dict[str, float]:
     """Crop-level recall, false-positive rate and localization error on spine-centred crops."""
     crop = tuple(int(c) for c in cfg.data.crop.crop_size)
     thr = cfg.infer.threshold
@@ -108,6 +110,17 @@ def _crop_view(model, cfg: Config, cases: list[CachedCase], crops_per_case: int)
     }
 
 
+@dataclass
+class Diagnosis:
+    """:func:`diagnose_cases`: the flat ``figures``, and per decoder the per-case rows of the
+    ``shipped`` variant (what inference gives), ``[(case, [VertebraRow, ...]), ...]``;
+    ``infer_s_per_case``: seconds of the network and the configured decoder per case."""
+
+    figures: dict[str, float]
+    case_rows: dict[str, list]
+    infer_s_per_case: float
+
+
 def diagnose(
     model: torch.nn.Module,
     cfg: Config,
@@ -122,17 +135,34 @@ def diagnose(
     ``prior``: the checkpoint's spine prior (``None``: the population prior).
     Returns the flat figures (NaN where nothing could be measured).
     """
+    return diagnose_cases(model, cfg, cases, prior, near_mm, crops_per_case, decoders).figures
+
+
+def diagnose_cases(
+    model: torch.nn.Module,
+    cfg: Config,
+    cases: list[CachedCase],
+    prior=None,
+    near_mm: float = NEAR_MM,
+    crops_per_case: int = 4,
+    decoders: Sequence[str] = DECODERS,
+) -> Diagnosis:
+    """:func:`diagnose` with the per-case rows of every decoder (see :class:`Diagnosis`)."""
     from vertstudy.train.inference import decode_votes, run_network, tile_origins, tile_votes
 
     crop = tuple(int(c) for c in cfg.data.crop.crop_size)
     rows: dict[tuple[str, str], list] = {(v, d): [] for v in VARIANTS for d in decoders}
+    case_rows: dict[str, list] = {d: [] for d in decoders}
     tiles_used = {v: 0 for v in VARIANTS}
+    infer_s = 0.0
     for case in cases:
         spacing = case.geometry.spacing_mm
         volume = np.asarray(case.volume(mmap=False), dtype=np.float32)
+        t0 = time.perf_counter()
         origins = tile_origins(volume.shape, crop, cfg.infer.stride)
         body = cfg.infer.body_fraction if cfg.infer.skip_empty_tiles else None
         tiles = run_network(model, volume, case.pad_value, crop, origins, cfg.infer.batch_size, body)
+        infer_s += time.perf_counter() - t0
         near = near_tiles(case, tiles.origins, crop, near_mm)
         truth = truth_mm(case)
         oracle = type(tiles)(tiles.origins, tiles.coords, oracle_probs(case, tiles.origins, crop), tiles.skipped)
@@ -142,9 +172,15 @@ def diagnose(
             votes = tile_votes(t, crop, cfg.infer.threshold, volume.shape)
             for dec in decoders:
                 infer = cfg.infer.model_copy(update={"decoder": dec})
+                t0 = time.perf_counter()
                 classes = decode_votes(votes, t, crop, infer, spacing, prior)
+                if name == "shipped" and dec == cfg.infer.decoder:
+                    infer_s += time.perf_counter() - t0
                 pred = {k: r.centre_zyx * spacing for k, r in classes.items()}
-                rows[(name, dec)].extend(match_case(pred, truth))
+                matched = match_case(pred, truth)
+                rows[(name, dec)].extend(matched)
+                if name == "shipped":
+                    case_rows[dec].append((case, matched))
     n = max(len(cases), 1)
     out: dict[str, float] = {}
     for (name, dec), rs in rows.items():
@@ -154,8 +190,8 @@ def diagnose(
         out[f"{name}_{dec}_false_per_case"] = float(s["n_false"]) / n
     for name in VARIANTS:
         out[f"{name}_tiles_per_case"] = tiles_used[name] / n
-    out.update(_crop_view(model, cfg, cases, crops_per_case))
-    return out
+    out.update(crop_view(model, cfg, cases, crops_per_case))
+    return Diagnosis(out, case_rows, infer_s / n)
 
 
 def format_decomposition(figures: dict, decoders: Sequence[str] = DECODERS, prefix: str = "") -> str:
@@ -186,3 +222,31 @@ def format_decomposition(figures: dict, decoders: Sequence[str] = DECODERS, pref
         f"crop centre: {figures[prefix + 'crop_centre_error_mm']:.1f} mm)."
     )
     return "\n".join(lines)
+
+
+def diagnose_checkpoint(checkpoint, data_dir, cache_dir, fmt: str = "auto", device: str = "auto",
+                        near_mm: float = NEAR_MM, progress: bool = False) -> dict:
+    """``vertstudy diagnose``: prepare the cases under ``data_dir`` (with landmarks) into
+    ``cache_dir`` at the checkpoint's preprocessing, then :func:`diagnose` them.
+
+    Returns the figures plus ``checkpoint``, ``cases`` and ``vertebrae``. Raises ``InputError``
+    naming the checkpoint or the folder when either is unusable or no case has landmarks.
+    """
+    from pathlib import Path
+
+    from vertstudy.data.prepare import prepare_dataset
+    from vertstudy.errors import InputError
+    from vertstudy.predict import load_checkpoint_model
+    from vertstudy.train.trainer import load_spine_prior
+
+    checkpoint, data_dir = Path(checkpoint), Path(data_dir)
+    model, cfg = load_checkpoint_model(checkpoint, device)
+    if not data_dir.is_dir():
+        raise InputError(data_dir, "not a folder; expected a folder of CTs with landmark files")
+    result = prepare_dataset(data_dir, Path(cache_dir), fmt=fmt, prep=cfg.data.prep, progress=progress)
+    cases = [c for c in sorted(result.cases, key=lambda c: c.case_id) if len(c.indices)]
+    if not cases:
+        raise InputError(data_dir, "no case with landmarks; the decomposition needs the true centroids")
+    figures = diagnose(model, cfg, cases, load_spine_prior(checkpoint), near_mm=near_mm)
+    return {"checkpoint": str(checkpoint), "cases": len(cases),
+            "vertebrae": int(sum(len(c.indices) for c in cases)), **figures}
