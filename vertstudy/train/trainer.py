@@ -19,8 +19,8 @@ Per epoch, ``on_epoch`` receives one flat dict (also kept in ``TrainResult.histo
   ``val_map_<region>`` (regions of :data:`vertstudy.anatomy.REGIONS`);
 - with ``train.whole_ct_every = k > 0``: ``val_ct_id_rate``, ``val_ct_loc_error_mm``,
   ``val_ct_false_per_case``: the validation cases labelled on the *whole* CT (tiles, votes,
-  ``infer.decoder``) every k epochs and after the last; between evaluations the last value is
-  repeated (NaN before the first). ``train.select_on = "val_ct"`` keeps as ``best.pt`` the
+  ``infer.decoder``) after the first epoch, every k-th and the last; between evaluations the
+  last value is repeated. ``train.select_on = "val_ct"`` keeps as ``best.pt`` the
   evaluated epoch with the highest whole-CT id rate (then the lowest error);
 - ``wall_s``: seconds for the epoch (training and validation, not the checkpoint writes);
   ``crops_per_s``: training crops per second of the training part.
@@ -460,10 +460,19 @@ def run_epoch(
 WHOLE_CT_KEYS = ("val_ct_id_rate", "val_ct_loc_error_mm", "val_ct_false_per_case")
 
 
+def _ct_score(record: dict) -> tuple[float, float]:
+    """Order of whole-CT validations: higher id rate, then lower error; a figure that could not be
+    measured (NaN: nothing predicted) ranks below any measured one, so the first evaluation is
+    always kept and ``best.pt`` always exists."""
+    rate, err = record["val_ct_id_rate"], record["val_ct_loc_error_mm"]
+    return (rate if math.isfinite(rate) else -1.0, -err if math.isfinite(err) else -math.inf)
+
+
 def _whole_ct_due(train_cfg: TrainConfig, epoch: int) -> bool:
-    """Whether epoch ``epoch`` ends with a whole-CT validation (every k epochs and the last one)."""
+    """Whether epoch ``epoch`` ends with a whole-CT validation: the first, every k-th and the last
+    (the first, so a search metric or ASHA reading it always has a value)."""
     k = train_cfg.whole_ct_every
-    return k > 0 and (epoch % k == 0 or epoch == train_cfg.epochs)
+    return k > 0 and (epoch == 1 or epoch % k == 0 or epoch == train_cfg.epochs)
 
 
 def _whole_ct_validation(model, cfg: Config, val_cases: list[CachedCase], prior) -> dict[str, float]:
@@ -549,8 +558,8 @@ def train(
         step_scheduler(scheduler, monitored)
         st.epoch = epoch
         if cfg.train.select_on == "val_ct" and val_cases:
-            score = (record["val_ct_id_rate"], -record["val_ct_loc_error_mm"])
-            improved = ct_now and bool(np.isfinite(score).all()) and score > st.best_ct
+            score = _ct_score(record)
+            improved = ct_now and score > st.best_ct
             if improved:
                 st.best_ct, st.best_epoch = score, epoch
         else:
