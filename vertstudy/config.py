@@ -157,12 +157,12 @@ class InferConfig(_Strict):
         10.0, gt=0, description="sequence decoder: votes within this distance (mm) of a candidate support it"
     )
     seq_min_score: float = Field(
-        0.15, ge=0, lt=1,
+        0.1, ge=0, lt=1,
         description="sequence decoder: a candidate's label score (mean probability over the tiles that see it) must "
         "exceed this to be worth predicting",
     )
     seq_pair_weight: float = Field(
-        0.05, ge=0, description="sequence decoder: weight of the spacing prior's log-likelihood against the scores"
+        0.02, ge=0, description="sequence decoder: weight of the spacing prior's log-likelihood against the scores"
     )
 
 
