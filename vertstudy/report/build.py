@@ -26,6 +26,7 @@ import numpy as np
 
 from vertstudy.errors import ConfigError
 from vertstudy.report.ablation import all_tables, choose
+from vertstudy.report.diagnosis import decoder_section, loss_section
 from vertstudy.report.document import (
     cost_section,
     definitions,
@@ -165,6 +166,8 @@ def build_report(locations: list[str], out: str | Path, date: str | None = None,
             robust_blocks, robust = robustness_section(tables, choice, draw)
             step("failure gallery")
             gallery_blocks, gallery = gallery_section(tables, choice, draw)
+            loss_blocks, loss = loss_section(choice)
+            decoder_blocks, decoders = decoder_section(choice)
             step("cost")
             cost_blocks, cost = cost_section(tables, draw)
             step("writing")
@@ -177,8 +180,8 @@ def build_report(locations: list[str], out: str | Path, date: str | None = None,
                      f"stud{'y' if len(tables.studies) == 1 else 'ies'} ({', '.join(tables.studies)}), "
                      f"{len(tables.trials)} ended trial(s)" + (f"; trials ran with vertstudy {', '.join(versions)}"
                                                               if versions else "") + "."),
-                *status_blocks, *tables_section(results), *search_blocks, *robust_blocks, *gallery_blocks,
-                *cost_blocks, *definitions(),
+                *status_blocks, *tables_section(results), *search_blocks, *loss_blocks, *decoder_blocks,
+                *robust_blocks, *gallery_blocks, *cost_blocks, *definitions(),
             ]
             files = {
                 "report.md": to_markdown(blocks),
@@ -187,7 +190,8 @@ def build_report(locations: list[str], out: str | Path, date: str | None = None,
                 "report.json": json.dumps(_jsonable({
                     "report": "vertstudy", "date": date, "studies": tables.studies, "status": status,
                     "tables": {r.key: r.to_json() for r in results}, "search": search, "robustness": robust,
-                    "gallery": gallery, "cost": cost, "figures": sorted(drawn),
+                    "where_lost": loss, "decoders": decoders, "gallery": gallery, "cost": cost,
+                    "figures": sorted(drawn),
                 }), indent=1, allow_nan=False) + "\n",
             }
             for name, text in files.items():

@@ -115,17 +115,50 @@ def vertebra_rows(per_case) -> list[dict[str, Any]]:
 
 
 def evaluate_held_out(checkpoint: Path | None, data: StudyData, device: str) -> tuple[dict[str, float], list[dict]]:
-    """Whole-CT evaluation of ``checkpoint`` on the held-out cases: ``test_*`` figures and rows."""
-    from vertstudy.train.evaluate import checkpoint_case_rows
+    """Whole-CT evaluation of ``checkpoint`` on the held-out cases: ``test_*`` figures and rows.
+
+    The rows and the plain ``test_*`` figures are those of the configured decoder
+    (``infer.decoder``); beside them, :func:`decoder_figures` of every decoder
+    (``test_dec_<decoder>_*``, also per field-of-view condition) and the error decomposition
+    of :mod:`vertstudy.train.diagnose` (``test_diag_*``), so reports can show where
+    identification is lost and what the decoder contributes.
+    """
+    from vertstudy.train.diagnose import diagnose_cases
     from vertstudy.train.metrics import summarize
+    from vertstudy.train.trainer import load_model, load_spine_prior
 
     if checkpoint is None or not data.test:
         return {}, []
-    per_case, seconds = checkpoint_case_rows(checkpoint, data.cases("test"), device=device)
+    model, cfg = load_model(checkpoint, device=device)
+    cases = data.cases("test")
+    found = diagnose_cases(model, cfg, cases, load_spine_prior(checkpoint))
+    per_case = found.case_rows[cfg.infer.decoder]
     summary = summarize([r for _, rows in per_case for r in rows])
     figures = {f"test_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
-    figures["test_infer_s_per_case"] = seconds
+    figures["test_infer_s_per_case"] = found.infer_s_per_case
+    for dec, dec_rows in found.case_rows.items():
+        figures.update(decoder_figures(dec, dec_rows))
+    figures.update({f"test_diag_{k}": float(v) for k, v in found.figures.items()})
     return figures, vertebra_rows(per_case)
+
+
+def decoder_figures(decoder: str, per_case: list) -> dict[str, float]:
+    """``test_dec_<decoder>_{id_rate, loc_error_mm, false_per_case}`` over all cases and with a
+    ``_fov_<value>`` suffix per field-of-view tag of the cases (phantoms: full, long, short)."""
+    from vertstudy.train.metrics import summarize
+
+    groups: dict[str, list] = {"": per_case}
+    for case, rows in per_case:
+        if "fov" in case.tags:
+            groups.setdefault(f"_fov_{case.tags['fov']}", []).append((case, rows))
+    out = {}
+    for suffix, part in groups.items():
+        s = summarize([r for _, rows in part for r in rows])
+        out[f"test_dec_{decoder}_id_rate{suffix}"] = float(s["id_rate"])
+        out[f"test_dec_{decoder}_loc_error_mm{suffix}"] = float(s["loc_error_mm_mean"])
+        out[f"test_dec_{decoder}_false_per_case{suffix}"] = float(s["n_false"]) / max(len(part), 1)
+        out[f"test_dec_{decoder}_cases{suffix}"] = float(len(part))
+    return out
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
