@@ -43,7 +43,7 @@ class CropConfig(_Strict):
     jitter_mm: float = Field(40.0, ge=0, description="random offset of the crop centre from the spine, mm")
     crops_per_case: int = Field(4, ge=1, description="training crops drawn per case per epoch")
     anywhere_fraction: float = Field(
-        0.3, ge=0, le=1,
+        0.0, ge=0, le=1,
         description="fraction of training crops centred uniformly anywhere in the volume instead of on the "
         "spine, so the classifier learns absence (paper: 0, every crop on the spine)",
     )
@@ -84,7 +84,7 @@ class LossConfig(_Strict):
     balance_b: float = Field(3.0, gt=0, description="balance factor B of the positive terms (paper: 2-4)")
     reg_lambda: float = Field(0.4, ge=0, description="weight lambda of the smooth-L1 regression (paper: 0.4)")
     map_reg: Literal["none", "js"] = Field(
-        "js",
+        "none",
         description="integral head: divergence term pulling each present class's soft-max map toward a Gaussian at "
         "its target (dsntnn's js_reg_losses); 'none' is the paper",
     )
