@@ -50,10 +50,13 @@ def test_every_study_loads_and_its_smoke_version_is_small_and_valid(path):
     assert small.data.phantoms is not None and small.data.root is None
 
 
-def test_quickstart_searches_b_lambda_schedule_and_crop_two_at_a_time():
+def test_quickstart_searches_b_lambda_and_schedule_two_at_a_time_on_whole_ct_validation():
     spec = load_study(STUDIES / "quickstart.yaml")
-    assert {"loss.balance_b", "loss.reg_lambda", "train.schedule.kind", "data.crop.crop_size"} <= set(spec.space)
-    assert spec.concurrency == 2
+    assert {"loss.balance_b", "loss.reg_lambda", "train.lr", "train.schedule.kind"} <= set(spec.space)
+    assert spec.concurrency == 2 and spec.num_samples == 2
+    assert spec.search.metric == "val_ct_id_rate" and spec.search.mode == "max"
+    cfg = load_config(spec.config)
+    assert cfg.train.whole_ct_every > 0 and cfg.train.select_on == "val_ct" and cfg.infer.decoder == "sequence"
     assert spec.search.algorithm == "optuna-tpe"
     assert spec.data.phantoms is not None and spec.resources.gpus == 0
 
@@ -122,10 +125,10 @@ def test_table_grids_and_their_seeds(name, param, values):
 
 
 def test_decode_maps_labels_back_and_rejects_unknown_ones():
-    spec = load_study(STUDIES / "quickstart.yaml")
-    values = decode(spec, {"data.crop.crop_size": "56x40x40", "train.schedule.kind": "step",
+    spec = load_study(STUDIES / "search.yaml")
+    values = decode(spec, {"data.crop.crop_size": "112x88x88", "train.schedule.kind": "step",
                            "train.schedule.step_size": 5.0, "loss.balance_b": 3, "seed": "2"})
-    assert values == {"data.crop.crop_size": [56, 40, 40], "train.schedule.kind": "step",
+    assert values == {"data.crop.crop_size": [112, 88, 88], "train.schedule.kind": "step",
                       "train.schedule.step_size": 5, "loss.balance_b": 3.0, "seed": 2}
     assert isinstance(values["train.schedule.step_size"], int) and isinstance(values["loss.balance_b"], float)
     with pytest.raises(ConfigError, match="64x64x64"):
