@@ -180,8 +180,8 @@ def build_report(locations: list[str], out: str | Path, date: str | None = None,
                      f"stud{'y' if len(tables.studies) == 1 else 'ies'} ({', '.join(tables.studies)}), "
                      f"{len(tables.trials)} ended trial(s)" + (f"; trials ran with vertstudy {', '.join(versions)}"
                                                               if versions else "") + "."),
-                *status_blocks, *tables_section(results), *search_blocks, *loss_blocks, *decoder_blocks,
-                *robust_blocks, *gallery_blocks, *cost_blocks, *definitions(),
+                *status_blocks, *tables_section(results), *search_blocks, *robust_blocks, *loss_blocks,
+                *decoder_blocks, *gallery_blocks, *cost_blocks, *definitions(),
             ]
             files = {
                 "report.md": to_markdown(blocks),
