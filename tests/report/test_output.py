@@ -109,3 +109,30 @@ def test_unknown_chosen_trial_is_one_clear_error(study_dirs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--chosen 'nope_00000'" in err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+
+def test_where_identification_is_lost_and_the_decoders_match_the_trials_table(report_dir, report_json, study_dirs):
+    """Every completed trial wrote the decomposition and both decoders' figures; the report's two
+    diagnosis sections are means of the chosen configuration's trial columns."""
+    import pandas as pd
+
+    trials = pd.concat([pq.read_table(study_dirs[n] / "trials.parquet").to_pandas() for n in study_dirs])
+    done = trials[(trials["status"] == "completed") & trials["test_id_rate"].notna()]
+    assert len(done)
+    for dec in ("kmeans", "sequence"):
+        for col in (f"test_diag_shipped_{dec}_id_rate", f"test_diag_both_{dec}_id_rate", f"test_dec_{dec}_id_rate"):
+            assert done[col].between(0, 1).all(), col
+        assert (done[f"test_dec_{dec}_false_per_case"] >= 0).all()
+    # the configured decoder (the default, sequence) gives the plain figures and the rows
+    assert (done["test_id_rate"] == done["test_dec_sequence_id_rate"]).all()
+    assert (done["test_diag_shipped_sequence_id_rate"] == done["test_dec_sequence_id_rate"]).all()
+    assert (done["test_diag_oracle_kmeans_false_per_case"] == 0).all()  # true classes vote only where present
+    lost, decoders = report_json["where_lost"], report_json["decoders"]
+    for key, col in (("near_sequence", "test_diag_near_sequence_id_rate"),
+                     ("oracle_kmeans", "test_diag_oracle_kmeans_id_rate")):
+        assert done[col].min() - 1e-12 <= lost[key]["id_rate"] <= done[col].max() + 1e-12
+    assert done["test_dec_kmeans_id_rate"].min() - 1e-12 <= decoders["kmeans"]["id_rate"] <= \
+        done["test_dec_kmeans_id_rate"].max() + 1e-12
+    md = (report_dir / "report.md").read_text(encoding="utf-8")
+    assert "## Where identification is lost" in md and "## K-means (paper) versus sequence decoding" in md

@@ -119,8 +119,8 @@ def decoder_section(choice: Choice) -> tuple[list[Block], dict]:
                    f"{DECODER_NAMES[d]} false / case"]
     rows, js = [], {}
     for suffix, label in [("", "all held-out"), *((f"_fov_{f}", f"fov = {f}") for f in fovs)]:
-        n = cell(trials, f"test_dec_{decoders[0]}_cases{suffix}").split(" ")[0]
-        row = [label, n]
+        cases = _mean_sd(trials.get(f"test_dec_{decoders[0]}_cases{suffix}", pd.Series(dtype=float)))[0]
+        row = [label, f"{cases:.0f}" if math.isfinite(cases) else DASH]
         for d in decoders:
             row += [cell(trials, f"test_dec_{d}_id_rate{suffix}", 100),
                     cell(trials, f"test_dec_{d}_loc_error_mm{suffix}"),
