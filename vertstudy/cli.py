@@ -426,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_show)
 
     p = top.add_parser("predict", help="label the vertebrae of one CT with a trained checkpoint",
-                       description="Tile the CT with overlapping crops, cluster each class's votes (paper III-B) "
+                       description="Tile the CT with overlapping crops, decode the votes (infer.decoder of the "
+                                   "checkpoint: the sequence decoder or the paper's per-class K-means) "
                                    "and write the centroids in the image's own space: VerSe ctd JSON or a 3D "
                                    "Slicer markups file, and optionally a sagittal/coronal picture.")
     p.add_argument("image", metavar="IMAGE_OR_DICOM_DIR", help="image file (NIfTI, NRRD, MHA) or DICOM series folder")
