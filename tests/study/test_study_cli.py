@@ -150,14 +150,17 @@ def test_driver_killed_mid_study_then_resumed(ray_cluster, storage, tmp_path):
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(ray_cluster, storage, tmp_path):
     """SIGINT (Ctrl-C) to the driver: Tune saves its state, the tables hold the ended trials,
     the command says how to continue and exits 130; `study resume` then finishes the study."""
-    path = write_study(tmp_path / "ctrlc.yaml", tiny_study("ctrlc", storage, num_samples=4, config={"train.epochs": 3}))
+    # 12 epochs a trial, and the signal goes as soon as a trial's first epoch is checkpointed: a
+    # fixed sleep let a fast machine finish all 4 short trials before Ctrl-C (CI, 2026-12-01)
+    path = write_study(tmp_path / "ctrlc.yaml", tiny_study("ctrlc", storage, num_samples=4, config={"train.epochs": 12}))
     study_dir = storage / "ctrlc"
     cmd = [sys.executable, "-m", "vertstudy.cli", "study", "run", str(path), "--address", ray_cluster, "--no-progress"]
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline and not (study_dir / "ray" / "tuner.pkl").exists():
-        time.sleep(0.5)
-    time.sleep(8)  # trials are running
+    while time.time() < deadline and not any((study_dir / "ray").glob("*/checkpoint_*")):
+        assert driver.poll() is None, driver.stdout.read()
+        time.sleep(0.2)
+    assert driver.poll() is None, "the study ended before any trial was interrupted:\n" + driver.stdout.read()
     driver.send_signal(signal.SIGINT)
     out, _ = driver.communicate(timeout=240)
     assert driver.returncode == 130, out
