@@ -152,7 +152,8 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(ray_cluster, storage, tmp_p
     the command says how to continue and exits 130; `study resume` then finishes the study."""
     # 12 epochs a trial, and the signal goes as soon as a trial's first epoch is checkpointed: a
     # fixed sleep let a fast machine finish all 4 short trials before Ctrl-C (CI, 2026-12-01)
-    path = write_study(tmp_path / "ctrlc.yaml", tiny_study("ctrlc", storage, num_samples=4, config={"train.epochs": 12}))
+    study = tiny_study("ctrlc", storage, num_samples=4, config={"train.epochs": 12})
+    path = write_study(tmp_path / "ctrlc.yaml", study)
     study_dir = storage / "ctrlc"
     cmd = [sys.executable, "-m", "vertstudy.cli", "study", "run", str(path), "--address", ray_cluster, "--no-progress"]
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
