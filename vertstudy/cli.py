@@ -150,7 +150,9 @@ def _print_result(result) -> None:
     print(f"trials: {counts}; wall time {result.wall_s:.0f} s" + (" (interrupted)" if result.interrupted else ""))
     best, base = result.best, result.baseline
     if best:
-        print(f"best trial {best['trial_id']}: validation crops {_cell(best.get('best_val_loc_error_mm'))} mm, "
+        metric = best.get("search_metric") or ""
+        by = f" (by {metric} = {_cell(best.get(f'best_{metric}'))})" if metric else ""
+        print(f"best trial {best['trial_id']}{by}: validation crops {_cell(best.get('best_val_loc_error_mm'))} mm, "
               f"id rate {_cell(best.get('best_val_id_rate'))}; held-out whole CTs "
               f"{_cell(best.get('test_loc_error_mm_mean'))} mm, id rate {_cell(best.get('test_id_rate'))}")
     if base:

@@ -248,10 +248,13 @@ def test_robustness_and_gallery_of_the_chosen_configuration(report_json, report_
 def test_search_summary_and_cost(report_json, study_dirs):
     trials = load(study_dirs, "trials")
     abl = trials[trials["study"] == "abl"].copy()
+    # ranked by the study's own search metric (the default: lowest crop error), as `study run` ranks
+    assert set(abl["search_metric"]) == {"val_loc_error_mm"} and set(abl["search_mode"]) == {"min"}
     abl["r"] = -abl["best_val_id_rate"]
-    best = abl.sort_values(["r", "best_val_loc_error_mm", "key"]).iloc[0]
+    best = abl.sort_values(["best_val_loc_error_mm", "r", "key"]).iloc[0]
     search = report_json["search"]["abl"]
     assert search["best"][0]["trial"] == best["key"]
+    assert search["objective"].startswith("the lowest localization error (best epoch, validation crops)")
     assert set(search["importances"]) == {"model.loc_head", "model.tasks", "seed"}
     assert abs(sum(search["importances"].values()) - 1) < 1e-6
     assert report_json["search"]["cls"]["importances"] is None  # 2 completed trials: skipped

@@ -13,9 +13,11 @@ network whose weights became non-finite, so they would only measure the divergen
 
 **Table IV** reports the *chosen configuration*: the signature (all ``cfg.*`` except seed and
 run-only fields) whose completed trials have the highest mean validation identification rate
-(``best_val_id_rate``, the best epoch's, on validation crops), ties broken by the lower mean
-``best_val_loc_error_mm``, then more trials. Held-out test figures never take part in the
-choice. ``--chosen TRIAL`` picks that trial's configuration instead.
+(the best epoch's: on whole validation CTs when every candidate trial labelled them,
+``best_val_ct_id_rate``, else on validation crops, ``best_val_id_rate``; see
+:func:`vertstudy.study.objective.comparison_objective`), ties broken by the lower mean
+validation error of the same kind, then more trials. Held-out test figures never take part in
+the choice. ``--chosen TRIAL`` picks that trial's configuration instead.
 
 Figures: see :mod:`vertstudy.report.stats`. Table II's mAP has no per-case rows (whole-CT
 inference yields points, not class scores), so it is the mean of the trials' ``best_val_map``
@@ -34,6 +36,7 @@ import pandas as pd
 from vertstudy.errors import ConfigError
 from vertstudy.report.load import Tables
 from vertstudy.report.stats import REGIONS, Estimate, bootstrap, clean, estimates, estimates_json, pooled, seed_spread
+from vertstudy.study.objective import Objective, comparison_objective, default_objective
 
 #: config fields that say where and how fast a trial ran, not what it learned
 RUN_ONLY = ("cfg.seed", "cfg.train.device", "cfg.train.workers", "cfg.train.amp", "cfg.infer.batch_size")
@@ -224,6 +227,7 @@ class Choice:
     score: dict = field(default_factory=dict)  # mean validation figures of the chosen configuration
     candidates: int = 0
     same_settings: dict = field(default_factory=dict)  # status counts of all trials of that configuration
+    objective: Objective = field(default_factory=default_objective)  # what "validation" chose by
 
 
 def choose(tables: Tables, chosen: str | None = None) -> Choice:
@@ -251,10 +255,12 @@ def choose(tables: Tables, chosen: str | None = None) -> Choice:
         if not cand:
             return Choice(None, trials.iloc[:0], "validation")
 
+        objective = comparison_objective(trials[ok])
+
         def rank(s):
             sel = trials[ok & (sigs == s)]
-            rate = sel["best_val_id_rate"].astype(float)
-            err = sel["best_val_loc_error_mm"].astype(float)
+            rate = sel[objective.rate].astype(float)
+            err = sel[objective.error].astype(float)
             r = float(rate.mean()) if rate.notna().any() else -math.inf
             e = float(err.mean()) if err.notna().any() else math.inf
             return (-r, e, -len(sel), s)
@@ -263,9 +269,10 @@ def choose(tables: Tables, chosen: str | None = None) -> Choice:
         how = "validation"
         candidates = len(cand)
     sel = trials[ok & (sigs == best)]
-    score = {"best_val_id_rate": clean(sel["best_val_id_rate"].astype(float).mean()) if len(sel) else None,
-             "best_val_loc_error_mm": clean(sel["best_val_loc_error_mm"].astype(float).mean()) if len(sel) else None}
-    return Choice(best, sel, how, score, candidates, status_counts(trials[sigs == best]))
+    objective = comparison_objective(trials[ok]) if how == "validation" else default_objective()
+    score = {c: clean(sel[c].astype(float).mean()) if len(sel) and c in sel else None
+             for c in dict.fromkeys(("best_val_id_rate", "best_val_loc_error_mm", objective.rate, objective.error))}
+    return Choice(best, sel, how, score, candidates, status_counts(trials[sigs == best]), objective)
 
 
 def baseline_rows(tables: Tables, studies, cases) -> pd.DataFrame:
@@ -315,7 +322,8 @@ def table4(tables: Tables, choice: Choice) -> TableResult:
     config = config_of(choice.signature)
     how = ("chosen with --chosen" if choice.how == "--chosen" else
            f"chosen among {choice.candidates} configuration(s) by the highest mean validation identification rate "
-           f"(best epoch, validation crops), ties by the lower validation error; held-out figures take no part")
+           f"(best epoch, {choice.objective.measured_on}), ties by the lower validation error; held-out figures "
+           "take no part")
     result.notes.append(f"Configuration: {describe(config)}; {how}.")
     if len(keys) < 2:
         result.notes.append(f"One trial: no spread over seeds. {fill.replace('fills it', 'gives 3 seeds')}")

@@ -225,16 +225,18 @@ def _best_trials(s: SearchSummary) -> list[Block]:
     top = s.ranked.head(TOP)
     if not len(top):
         return [Para("No completed or pruned trial with validation figures to rank.", "note")]
-    cols = ["Rank", "Trial", "Status", "Val. id. rate (%)", "Val. error (mm)", "Held-out id. rate (%)",
+    o = s.objective
+    on = "CTs" if o.measured_on.startswith("whole") else "crops"
+    cols = ["Rank", "Trial", "Status", f"Val. id. rate, {on} (%)", f"Val. error, {on} (mm)", "Held-out id. rate (%)",
             "Held-out error (mm)", *(f"`{p}`" for p in s.params)]
     rows = []
     for i, (_, r) in enumerate(top.iterrows()):
-        rows.append([str(i + 1), f"`{r['trial_id']}`", r["status"], num(r["best_val_id_rate"], 100),
-                     num(r["best_val_loc_error_mm"]), num(r["test_id_rate"], 100), num(r["test_loc_error_mm_mean"]),
+        rows.append([str(i + 1), f"`{r['trial_id']}`", r["status"], num(r.get(o.rate), 100),
+                     num(r.get(o.error)), num(r["test_id_rate"], 100), num(r["test_loc_error_mm_mean"]),
                      *(value_text(r[f"param:{p}"]) for p in s.params)])
-    return [Table(cols, rows, caption=f"Best trials of {len(s.ranked)} ranked (objective: validation "
-                                      "identification rate, ties by the lower validation error; best epoch, "
-                                      "validation crops). Held-out: whole-CT figures of completed trials.")]
+    return [Table(cols, rows, caption=f"Best trials of {len(s.ranked)} ranked by {o.describe()}. "
+                                      "Held-out: whole-CT figures of completed trials; they take no part in the "
+                                      "ranking.")]
 
 
 def robustness_section(tables: Tables, choice: Choice, draw) -> tuple[list[Block], list[dict]]:

@@ -27,11 +27,13 @@ from vertstudy.study.tables import read_table
 STATUSES = ("completed", "pruned", "error", "diverged")
 #: trial columns every part of the report may read; absent ones are filled with NaN / "".
 TRIAL_NUMBERS = (
-    "best_val_id_rate", "best_val_loc_error_mm", "best_val_map", "best_val_loss", "test_id_rate",
+    "best_val_id_rate", "best_val_loc_error_mm", "best_val_map", "best_val_loss", "best_val_ct_id_rate",
+    "best_val_ct_loc_error_mm", "test_id_rate",
     "test_loc_error_mm_mean", "test_n_truth", "wall_s", "started_at", "ended_at", "resources_cpu", "resources_gpu",
     "epochs", "best_epoch",
 )
-TRIAL_TEXTS = ("status", "params", "message", "device", "hostname", "vertstudy_version", "git_sha")
+TRIAL_TEXTS = ("status", "params", "message", "device", "hostname", "vertstudy_version", "git_sha", "search_metric",
+               "search_mode")
 VERTEBRA_FLAGS = ("in_truth", "predicted", "identified")
 POINT_COLUMNS = tuple(f"{kind}_{axis}_mm" for kind in ("true", "pred") for axis in "zyx")
 

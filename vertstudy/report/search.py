@@ -3,10 +3,12 @@
 Everything comes from ``trials.parquet`` (``params``: the JSON of what the search sampled;
 ``best_val_*``: the best epoch's validation figures) and ``epochs.parquet``.
 
-- **Objective** (ranking): the validation identification rate ``best_val_id_rate`` (higher is
-  better), ties by the lower ``best_val_loc_error_mm`` (mm). Completed and pruned trials are
-  ranked (a pruned trial has validation figures up to where it stopped); failed and diverged
-  trials are not.
+- **Objective** (ranking): the study's own search metric, as ``study run`` ranks it, ties by the
+  other figure of the same kind (see :mod:`vertstudy.study.objective`); tables without a
+  recorded metric rank by the crop-level validation identification rate ``best_val_id_rate``,
+  ties by the lower ``best_val_loc_error_mm`` (mm). Completed and pruned trials are ranked (a
+  pruned trial has validation figures up to where it stopped); failed and diverged trials are
+  not.
 - **Importances**: Optuna's fANOVA (``FanovaImportanceEvaluator(seed=0)``) on an in-memory
   study rebuilt from the completed trials alone: each sampled numeric parameter becomes a
   ``FloatDistribution`` (``IntDistribution`` when every value is whole) over its observed range,
@@ -28,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from vertstudy.report.load import start_order
+from vertstudy.study.objective import Objective, default_objective, study_objective
 
 #: searched parameters drawn first (the issue's B, lambda, LR schedule, crop size), by dotted name
 PREFERRED = ("loss.balance_b", "loss.reg_lambda", "train.lr", "train.schedule.kind", "data.crop.crop_size")
@@ -51,15 +54,13 @@ def sampled(trials: pd.DataFrame) -> pd.DataFrame:
                         dtype=object)
 
 
-def objective_order(trials: pd.DataFrame) -> pd.DataFrame:
-    """The ranked trials (module docstring), best first."""
-    ok = trials[trials["status"].isin(RANKED_STATUSES)].copy()
-    rate = ok["best_val_id_rate"].astype(float)
-    err = ok["best_val_loc_error_mm"].astype(float)
-    ok = ok[rate.notna() | err.notna()]
-    ok["_r"] = -ok["best_val_id_rate"].astype(float).fillna(-math.inf)
-    ok["_e"] = ok["best_val_loc_error_mm"].astype(float).fillna(math.inf)
-    return ok.sort_values(["_r", "_e", "key"], kind="mergesort").drop(columns=["_r", "_e"])
+def objective_order(trials: pd.DataFrame, objective: Objective | None = None) -> pd.DataFrame:
+    """The ranked trials (module docstring), best first; ``objective``: default the crop-level one."""
+    objective = objective or default_objective()
+    ok = trials[trials["status"].isin(RANKED_STATUSES)]
+    ok = objective.order_key(ok)
+    ok = ok[(ok["_o1"] < math.inf) | (ok["_o2"] < math.inf)]
+    return ok.sort_values(["_o1", "_o2", "key"], kind="mergesort").drop(columns=["_o1", "_o2"])
 
 
 def _distribution(values: list):
@@ -129,17 +130,20 @@ class SearchSummary:
     history: pd.DataFrame  # every trial in start order (column "order"), with sampled parameters
     order_note: str
     top_keys: list[str] = field(default_factory=list)
+    objective: Objective = field(default_factory=default_objective)
 
     def to_json(self) -> dict:
         def cell(v):
             return v if isinstance(v, (str, bool)) else None if v is None else (
                 float(v) if isinstance(v, (int, float, np.number)) and math.isfinite(float(v)) else None)
 
+        o = self.objective
         best = [{"trial": r["key"], "status": r["status"], "best_val_id_rate": cell(r["best_val_id_rate"]),
                  "best_val_loc_error_mm": cell(r["best_val_loc_error_mm"]),
+                 **{c: cell(r[c]) for c in (o.column, o.tie, o.rate, o.error) if c in r},
                  "test_id_rate": cell(r["test_id_rate"]), "test_loc_error_mm_mean": cell(r["test_loc_error_mm_mean"]),
                  "params": json.loads(r["params"])} for _, r in self.ranked.head(TOP).iterrows()]
-        return {"params": self.params, "best": best, "importances": self.importances,
+        return {"params": self.params, "objective": o.describe(), "best": best, "importances": self.importances,
                 "importance_target": self.importance_target, "ranked_trials": len(self.ranked)}
 
 
@@ -148,11 +152,12 @@ def search_summary(trials: pd.DataFrame, study: str) -> SearchSummary:
     mine = trials[trials["study"] == study]
     params = sampled(mine)
     mine = pd.concat([mine, params.add_prefix("param:")], axis=1)
-    ranked = objective_order(mine)
+    objective = study_objective(mine)
+    ranked = objective_order(mine, objective)
     imp, target, note = importances(trials[trials["study"] == study])
     history, by_start = start_order(mine)
     order_note = ("in the order the trials started" if by_start
                   else "in trial-id order (these tables have no start times)")
     history = history.assign(order=np.arange(1, len(history) + 1))
     return SearchSummary(study, list(params.columns), ranked, imp, target, note, history, order_note,
-                         list(ranked["key"].head(TOP)))
+                         list(ranked["key"].head(TOP)), objective)

@@ -68,8 +68,10 @@ def _meta(spec: StudySpec) -> dict[str, Any]:
     """Provenance every ``trials.parquet`` row carries, and whether trials log to W&B."""
     from vertstudy import __version__
 
+    one = spec.search.algorithm != "optuna-multi"  # a multi-objective search has no single metric
     return {"vertstudy_version": __version__, "git_sha": _git_sha(), "wandb": spec.wandb.mode != "disabled",
-            "cpus": float(spec.resources.cpus), "gpus": float(spec.resources.gpus)}
+            "cpus": float(spec.resources.cpus), "gpus": float(spec.resources.gpus),
+            "search_metric": spec.search.metric if one else "", "search_mode": spec.search.mode if one else ""}
 
 
 def _work_dir(spec: StudySpec) -> Path:
@@ -342,16 +344,18 @@ def reconcile_optuna(spec: StudySpec, study_dir: str) -> int:
 
 
 def summarize_study(spec: StudySpec, study_dir: str, outcomes, wall_s: float, interrupted: bool) -> StudyResult:
+    from vertstudy.study.objective import metric_objective
     from vertstudy.study.tables import read_table
 
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
     rows = read_table(study_dir, "trials").to_pylist()
-    metric, sign = spec.search.metric, (1 if spec.search.mode == "min" else -1)
+    metric = spec.search.metric
+    objective = metric_objective(metric, spec.search.mode)  # the report ranks by the same rule
     scored = [r for r in rows if r.get("status") == "completed" and r.get(f"best_{metric}") is not None
               and r[f"best_{metric}"] == r[f"best_{metric}"]]
-    best = min(scored, key=lambda r: sign * r[f"best_{metric}"]) if scored else {}
+    best = min(scored, key=lambda r: (*objective.row_key(r), r["trial_id"])) if scored else {}
     return StudyResult(study_dir, counts, best, baseline_summary(study_dir), wall_s, interrupted)
 
 
