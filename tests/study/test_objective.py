@@ -69,3 +69,18 @@ def test_configurations_are_compared_on_whole_cts_only_when_every_trial_has_them
     frame = trials()
     assert comparison_objective(frame[frame["status"] == "completed"]).rate == "best_val_ct_id_rate"
     assert comparison_objective(frame).rate == "best_val_id_rate"  # trial e has no whole-CT figure
+
+
+def test_a_pruned_trial_s_best_epoch_follows_its_own_selection_rule():
+    from vertstudy.study.tables import fallback_best_epoch
+
+    nan = math.nan
+    epochs = [  # whole-CT validation at epochs 1 and 3, carried forward in between
+        {"epoch": 1, "val_loss": 9.0, "val_ct_id_rate": nan, "val_ct_loc_error_mm": nan},
+        {"epoch": 2, "val_loss": 5.0, "val_ct_id_rate": nan, "val_ct_loc_error_mm": nan},
+        {"epoch": 3, "val_loss": 7.0, "val_ct_id_rate": 0.4, "val_ct_loc_error_mm": 12.0},
+        {"epoch": 4, "val_loss": 6.0, "val_ct_id_rate": 0.4, "val_ct_loc_error_mm": 12.0},
+    ]
+    assert fallback_best_epoch(epochs, "val_loss") == 2
+    assert fallback_best_epoch(epochs, "val_ct") == 3
+    assert fallback_best_epoch([{"epoch": 1, "val_loss": 3.0}], "val_ct") == 1  # no whole-CT figure: val_loss

@@ -357,7 +357,7 @@ def test_progress_bar_run_and_auto_device_model(prepared, tmp_path, capsys):
 # -- whole-CT validation and the spine prior ----------------------------------------------------
 def test_whole_ct_validation_every_k_epochs_selects_best_pt_and_stores_the_prior(prepared, tmp_path):
     from vertstudy.train.decode import SpinePrior
-    from vertstudy.train.trainer import WHOLE_CT_KEYS, _ct_score, load_spine_prior
+    from vertstudy.train.trainer import WHOLE_CT_KEYS, ct_score, load_spine_prior
 
     cases, _ = prepared
     cfg = tiny(train={"epochs": 3, "whole_ct_every": 2, "select_on": "val_ct"}, infer={"stride": (8, 8, 8)})
@@ -367,7 +367,7 @@ def test_whole_ct_validation_every_k_epochs_selects_best_pt_and_stores_the_prior
     assert all(set(WHOLE_CT_KEYS) <= set(r) for r in h)
     for r in h:  # evaluated after epochs 1 (the first), 2 (every 2nd) and 3 (the last)
         assert 0.0 <= r["val_ct_id_rate"] <= 1.0 and r["val_ct_false_per_case"] >= 0
-    key = [_ct_score(r) for r in h]
+    key = [ct_score(r) for r in h]
     best = h[max(range(3), key=lambda i: (key[i], -i))]  # the first of equals: later ones must improve
     assert result.best_epoch == best["epoch"]
     prior = load_spine_prior(result.best_checkpoint)
@@ -380,13 +380,13 @@ def test_whole_ct_validation_every_k_epochs_selects_best_pt_and_stores_the_prior
 
 
 def test_whole_ct_score_ranks_unmeasured_figures_last():
-    from vertstudy.train.trainer import _ct_score
+    from vertstudy.train.trainer import ct_score
 
     nan = math.nan
-    assert _ct_score({"val_ct_id_rate": 0.5, "val_ct_loc_error_mm": 9.0}) > \
-        _ct_score({"val_ct_id_rate": 0.5, "val_ct_loc_error_mm": 12.0}) > \
-        _ct_score({"val_ct_id_rate": 0.0, "val_ct_loc_error_mm": nan}) > \
-        _ct_score({"val_ct_id_rate": nan, "val_ct_loc_error_mm": nan}) > (-math.inf, -math.inf)
+    assert ct_score({"val_ct_id_rate": 0.5, "val_ct_loc_error_mm": 9.0}) > \
+        ct_score({"val_ct_id_rate": 0.5, "val_ct_loc_error_mm": 12.0}) > \
+        ct_score({"val_ct_id_rate": 0.0, "val_ct_loc_error_mm": nan}) > \
+        ct_score({"val_ct_id_rate": nan, "val_ct_loc_error_mm": nan}) > (-math.inf, -math.inf)
 
 
 def test_selection_on_whole_ct_needs_its_evaluations():

@@ -91,6 +91,19 @@ def _number(v: Any) -> Any:
     return v
 
 
+def fallback_best_epoch(epochs: list[dict[str, Any]], select_on: str) -> int:
+    """The best epoch of a trial that ended without a final report (pruned), by the rule its
+    trainer keeps ``best.pt`` by (``train.select_on``): the lowest ``val_loss``, or the first
+    epoch with the best whole-CT validation (:func:`vertstudy.train.trainer.ct_score`)."""
+    if select_on == "val_ct":
+        from vertstudy.train.trainer import ct_score
+
+        scored = [e for e in epochs if "val_ct_id_rate" in e and "val_ct_loc_error_mm" in e]
+        if scored:
+            return int(max(scored, key=lambda e: (ct_score(e), -e["epoch"]))["epoch"])
+    return int(min(epochs, key=lambda e: e.get("val_loss", math.inf))["epoch"])
+
+
 def trial_row(study: str, o: TrialOutcome, meta: dict[str, Any]) -> dict[str, Any]:
     """One ``trials.parquet`` row: ids, status, ``cfg.*``, final (``val_*``) and best
     (``best_val_*``) validation metrics, held-out ``test_*`` metrics, provenance."""
@@ -102,8 +115,8 @@ def trial_row(study: str, o: TrialOutcome, meta: dict[str, Any]) -> dict[str, An
         if k.startswith("val_") or k in ("loss", "loss_cls", "loss_reg", "lr"):
             row[k] = _number(v)
     best_epoch = o.final.get("best_epoch")
-    if best_epoch is None and o.epochs:
-        best_epoch = min(o.epochs, key=lambda e: e.get("val_loss", math.inf))["epoch"]
+    if best_epoch is None and o.epochs:  # a pruned trial: its best epoch by the trial's own rule
+        best_epoch = fallback_best_epoch(o.epochs, o.config.get("train.select_on", "val_loss"))
     best = next((e for e in o.epochs if e.get("epoch") == best_epoch), {})
     for k, v in best.items():
         if k.startswith("val_"):

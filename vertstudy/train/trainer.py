@@ -460,7 +460,7 @@ def run_epoch(
 WHOLE_CT_KEYS = ("val_ct_id_rate", "val_ct_loc_error_mm", "val_ct_false_per_case")
 
 
-def _ct_score(record: dict) -> tuple[float, float]:
+def ct_score(record: dict) -> tuple[float, float]:
     """Order of whole-CT validations: higher id rate, then lower error; a figure that could not be
     measured (NaN: nothing predicted) ranks below any measured one, so the first evaluation is
     always kept and ``best.pt`` always exists."""
@@ -558,7 +558,7 @@ def train(
         step_scheduler(scheduler, monitored)
         st.epoch = epoch
         if cfg.train.select_on == "val_ct" and val_cases:
-            score = _ct_score(record)
+            score = ct_score(record)
             improved = ct_now and score > st.best_ct
             if improved:
                 st.best_ct, st.best_epoch = score, epoch
