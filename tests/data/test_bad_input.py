@@ -119,6 +119,29 @@ def test_nan_voxels(tmp_path):
     raises_naming(path, "NaN", read_any, path)
 
 
+@pytest.mark.parametrize("name, pixel", [("nan.nii.gz", sitk.sitkFloat32), ("nan.nii", sitk.sitkFloat64),
+                                         ("inf.nii.gz", sitk.sitkFloat64)])
+def test_non_finite_voxels_in_a_nifti_are_found_in_the_file_itself(tmp_path, name, pixel):
+    """SimpleITK's NIfTI reader reads NaN and inf voxels as 0 (checked here, so the test fails
+    loudly if a SimpleITK release stops doing so); read_any finds them in the file's bytes."""
+    image = small_image(pixel)
+    image[3, 4, 5] = math.nan if name.startswith("nan") else math.inf
+    image[0, 0, 0] = -math.inf
+    path = tmp_path / name
+    sitk.WriteImage(image, str(path))
+    back = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    assert np.isfinite(back).all() and back[5, 4, 3] == 0.0
+    message = raises_naming(path, "NaN or infinite", read_any, path)
+    assert "has 2 NaN or infinite voxels" in message
+
+
+def test_a_clean_float_nifti_still_reads(tmp_path):
+    image = small_image(sitk.sitkFloat32) - 1000.0
+    path = tmp_path / "clean.nii.gz"
+    sitk.WriteImage(image, str(path))
+    assert read_any(path).image.GetSize() == (16, 16, 16)
+
+
 def test_zero_spacing(tmp_path):
     path = mha_with_spacing(tmp_path / "zero.mha", "0 1 1")
     raises_naming(path, r"spacing .*not positive", read_any, path)
@@ -163,6 +186,15 @@ def test_explicit_landmark_file_missing(tmp_path):
 
 
 # --- landmark files: one builder per (format, problem) ----------------------------------------------
+
+
+GARBAGE = bytes(range(256)) * 4  # what a binary file (or a corrupted copy) holds
+LATIN1_LML = "#LML caf\xe9 convention=lps\n1\tL1\t8.0\t20.0\t108.0\n".encode("latin-1")
+
+
+def bytes_file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 def lml_raw(tmp_path: Path, text: str) -> Path:
@@ -282,6 +314,13 @@ CORPUS = {
     "csv outside": (lambda t: csv_case(t, f"label,x,y,z\nL3,{P[0]},{P[1]},-900\n"), r"landmark L3 .*outside"),
     # tags file
     "tags not an object": (lambda t: tags_case(t, "[1]"), "tags file must hold a JSON object"),
+    # unreadable as text, or no landmark at all: an error, never a case without landmarks
+    "lml binary garbage": (lambda t: bytes_file(lml_raw(t, ""), GARBAGE), "landmark file is binary"),
+    "lml latin-1": (lambda t: bytes_file(lml_raw(t, ""), LATIN1_LML), r"not UTF-8 text \(byte 8"),
+    "lml header only": (lambda t: lml_case(t, "\n\n"), "holds no landmark line"),
+    "ctd binary garbage": (lambda t: bytes_file(ctd_raw(t, ""), GARBAGE), "file is binary"),
+    "json binary garbage": (lambda t: bytes_file(json_case(t, []), GARBAGE), "file is binary"),
+    "csv binary garbage": (lambda t: bytes_file(csv_case(t, ""), GARBAGE), "file is binary"),
 }
 
 

@@ -80,6 +80,10 @@ def read_image(path: str | Path) -> sitk.Image:
     _check_header_spacing(path)
     if path.name.lower().endswith((".nii", ".nii.gz")):
         check_nifti_complete(path)
+        bad = nifti_nonfinite_voxels(path)
+        if bad:
+            raise InputError(path, f"image has {bad} NaN or infinite voxels in the file (SimpleITK's NIfTI reader "
+                             "would read them as 0 HU); all voxels must be finite HU")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -108,16 +112,21 @@ def _check_header_spacing(path: Path) -> None:
         )
 
 
-def _nifti_expected_bytes(header: bytes) -> int | None:
-    """Header + voxel bytes a NIfTI-1/2 file must hold, or ``None`` if the header is not NIfTI."""
+#: NIfTI float datatypes (the codes of nifti1.h) and their numpy types, whose voxels can be NaN/inf
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_layout(header: bytes) -> tuple[str, int, int, int, int] | None:
+    """``(byte order, datatype, bitpix, voxels, data offset)`` of a NIfTI-1/2 header, or ``None``
+    if the header is not NIfTI."""
     for endian in "<>":
         if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
             dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(endian + "hh", header[70:74])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
             break
         if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "hh", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
             offset = struct.unpack(endian + "q", header[168:176])[0]
             break
@@ -129,7 +138,43 @@ def _nifti_expected_bytes(header: bytes) -> int | None:
     voxels = 1
     for d in dims[1 : ndim + 1]:
         voxels *= max(int(d), 1)
-    return max(offset, 348) + voxels * bitpix // 8
+    return endian, int(datatype), int(bitpix), voxels, max(int(offset), 348)
+
+
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Header + voxel bytes a NIfTI-1/2 file must hold, or ``None`` if the header is not NIfTI."""
+    layout = _nifti_layout(header)
+    if layout is None:
+        return None
+    _, _, bitpix, voxels, offset = layout
+    return offset + voxels * bitpix // 8
+
+
+def nifti_nonfinite_voxels(path: Path) -> int:
+    """The number of NaN or infinite voxels stored in a float NIfTI file (0 for other types).
+
+    SimpleITK's NIfTI reader turns such voxels into 0 without a word (0 HU: water where the
+    data had holes), so they are counted from the file's own bytes, streamed in chunks."""
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        with gzip.open(path, "rb") if compressed else path.open("rb") as f:
+            layout = _nifti_layout(f.read(540))
+            if layout is None or layout[1] not in _NIFTI_FLOATS:
+                return 0
+            endian, datatype, _, voxels, offset = layout
+            dtype = np.dtype(endian + _NIFTI_FLOATS[datatype])
+            f.seek(offset)
+            bad, left, chunk = 0, voxels, (1 << 22) // dtype.itemsize
+            while left > 0:
+                data = f.read(min(left, chunk) * dtype.itemsize)
+                if not data:
+                    break
+                values = np.frombuffer(data[: len(data) - len(data) % dtype.itemsize], dtype=dtype)
+                bad += int(np.count_nonzero(~np.isfinite(values)))
+                left -= values.size
+            return bad
+    except (OSError, EOFError, zlib.error):
+        return 0  # unreadable: check_nifti_complete and read_image report it
 
 
 def _gzip_length(path: Path) -> int:

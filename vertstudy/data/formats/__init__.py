@@ -148,13 +148,29 @@ def sniff_landmark_format(path: Path) -> str:
 # --- helpers shared by the readers -------------------------------------------------------------
 
 
-def load_json(path: Path):
-    """Parse a JSON file; ``InputError`` naming it when missing, empty or invalid."""
+def landmark_text(path: Path, expected: str, kind: str = "file") -> str:
+    """The text of a landmark, tags or JSON file: UTF-8 (a BOM is dropped). ``InputError`` naming
+    the file when it is missing, empty, binary (NUL bytes) or not UTF-8, rather than reading
+    garbage as a file with no landmarks. ``expected``: what the file should hold, for the message;
+    ``kind``: what the messages call the file."""
     if not path.exists():
-        raise InputError(path, "file not found")
-    text = path.read_text(encoding="utf-8", errors="replace")
+        raise InputError(path, f"{kind} not found")
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise InputError(path, f"{kind} is binary (it holds NUL bytes), not text; expected UTF-8 text: {expected}")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(path, f"{kind} is not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                         f"expected UTF-8 text: {expected}") from None
     if not text.strip():
-        raise InputError(path, "file is empty; expected JSON")
+        raise InputError(path, f"{kind} is empty; expected {expected}")
+    return text
+
+
+def load_json(path: Path):
+    """Parse a JSON file; ``InputError`` naming it when missing, empty, not UTF-8 text or invalid."""
+    text = landmark_text(path, "JSON")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

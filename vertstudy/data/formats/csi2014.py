@@ -46,6 +46,7 @@ from vertstudy.data.formats import (
     check_case_id,
     finish_case,
     is_hidden,
+    landmark_text,
     load_tags,
     tags_json,
     unique_ids,
@@ -129,9 +130,7 @@ def parse_lml(path: Path) -> tuple[str | None, list[tuple[int, str, Point]]]:
     path = Path(path)
     if not path.exists():
         raise InputError(path, "landmark file not found")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise InputError(path, "landmark file is empty; expected a header line and one landmark per line")
+    text = landmark_text(path, "a header line and one landmark per line", "landmark file")
     convention: str | None = None
     points: list[tuple[int, str, Point]] = []
     first = True
@@ -153,6 +152,9 @@ def parse_lml(path: Path) -> tuple[str | None, list[tuple[int, str, Point]]]:
         if name is None:
             raise InputError(path, f"line {line_no}: unknown label {raw_name!r}; {_ACCEPTED}")
         points.append((line_no, name, xyz))
+    if not points:
+        raise InputError(path, f"landmark file holds no landmark line; expected one per line after the header: "
+                         f"{_EXPECTED_LINE}")
     return convention, points
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from vertstudy.anatomy import EXTRA_NAMES, NAMES, parse_name
 from vertstudy.data.case import Case, make_landmarks
-from vertstudy.data.formats import CaseRef, finish_case, is_hidden, load_json, load_tags, unique_ids
+from vertstudy.data.formats import CaseRef, finish_case, is_hidden, landmark_text, load_json, load_tags, unique_ids
 from vertstudy.data.io import has_image_suffix, read_image, strip_image_suffix
 from vertstudy.errors import InputError
 
@@ -175,9 +175,7 @@ def parse_centroids_json(path: Path) -> list[tuple[str, Point]]:
 def parse_centroids_csv(path: Path) -> list[tuple[str, Point]]:
     """(canonical name, LPS (x, y, z) mm) points of a centroid CSV file with header ``label,x,y,z``."""
     expected = "expected a CSV with header 'label,x,y,z' and one row per vertebra, e.g. 'L1,12.5,-40.0,210.3'"
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise InputError(path, f"file is empty; {expected}")
+    text = landmark_text(path, expected.removeprefix("expected "))
     reader = csv.reader(text.splitlines())
     header = [h.strip().lower() for h in next(reader)]
     if not {"label", "x", "y", "z"} <= set(header):
