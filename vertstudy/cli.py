@@ -63,7 +63,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     prep = validated(PrepConfig, "--spacing-mm", spacing_mm=args.spacing_mm)
     result = prepare_dataset(
         Path(args.root), Path(args.cache), fmt=args.format, prep=prep, workers=args.workers,
-        strict=args.strict, progress=not args.quiet,
+        strict=args.strict, progress=not args.quiet, for_prediction=args.for_prediction,
     )
     console = Console()
     table = Table(title=f"prepared {args.root}", show_header=False)
@@ -415,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing-mm", type=_positive_float, default=2.0, help="isotropic spacing in mm (default 2.0)")
     p.add_argument("--workers", type=_positive_int, default=2, help="parallel processes (default 2)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad case (finished cases are kept)")
+    p.add_argument("--for-prediction", action="store_true",
+                   help="CTs to label: prepare cases without landmarks (a training set refuses them as bad cases)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_prepare)
 

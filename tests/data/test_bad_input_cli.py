@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -44,6 +45,12 @@ def _entries(cache):
     return [p for p in (cache / "cases").glob("*/*")] if (cache / "cases").exists() else []
 
 
+def _indexed(cache) -> list[str]:
+    """Case ids in the data set index that ``data prepare`` wrote under ``cache``."""
+    (index,) = (cache / "datasets").glob("*.json")
+    return sorted(c["case_id"] for c in json.loads(index.read_text(encoding="utf-8"))["cases"])
+
+
 def _good_case(folder):
     image = blob_image(points_mm=[(-5.0, 30.0, 290.0)])
     write_generic_case(folder, "good", image, {"L1": (-5.0, 30.0, 290.0)})
@@ -69,3 +76,30 @@ def test_prepare_reports_bad_case_and_strict_stops(tmp_path, capsys, name):
         assert "skipped" in out.out and bad.name in out.out
     else:  # the only case was bad: nothing could be prepared
         assert code == 2 and "no case" in out.err and len(_entries(tmp_path / "lenient")) == 0
+
+
+def test_a_training_set_whose_landmark_files_are_missing_is_refused_unless_for_prediction(tmp_path, capsys):
+    """--format auto reads CTs without landmark files as the generic format with no landmarks:
+    for training each is a bad case (skipped with its reason, or the first one stops --strict);
+    --for-prediction prepares them."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a", "b"):
+        sitk.WriteImage(small_image(), str(data / f"{name}.nii.gz"))
+    _good_case(data)
+    assert _prepare(data, tmp_path / "strict", "--strict") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "has no landmarks (no landmark file was found" in err
+    assert "a.nii.gz" in err and "--for-prediction" in err
+    assert _prepare(data, tmp_path / "lenient") == 0
+    out = capsys.readouterr().out
+    skipped = [line for line in out.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 2 and all("has no landmarks" in line for line in skipped), out
+    assert "cases skipped" in out
+    assert _indexed(tmp_path / "lenient") == ["good"]  # refused cases are not in the data set's index
+    assert _prepare(data, tmp_path / "predict", "--for-prediction") == 0
+    assert _indexed(tmp_path / "predict") == ["a", "b", "good"]
+    # a centroid file that lists no vertebra is refused the same way
+    (data / "a.json").write_text("[]", encoding="utf-8")
+    assert _prepare(data, tmp_path / "strict2", "--strict") == 2
+    assert "a.json lists none" in capsys.readouterr().err

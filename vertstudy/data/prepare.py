@@ -3,6 +3,8 @@
 ``prepare_dataset`` is what ``vertstudy data prepare`` runs: bad cases are reported and
 skipped (or, with ``strict``, end the run with the first one, keeping the finished entries);
 the index of the prepared cases is written to ``<cache>/datasets/`` for studies to load.
+A data set is for training unless ``for_prediction``: then a case without landmarks (no
+landmark file found, or one that lists none) is a bad case too, not a case with 0 vertebrae.
 """
 
 from __future__ import annotations
@@ -52,9 +54,19 @@ def _worker_init(threads: int) -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
 
 
-def _prepare_one(ref, cache_dir: Path, prep: PrepConfig) -> tuple[str, bool]:
+#: where each format looks for a case's landmarks, for the message of a case without them
+LANDMARK_FILES = {"csi2014": "<id>.lml beside the image", "verse": "a *_ctd.json centroid file beside the image",
+                  "generic": "<stem>.json or <stem>.csv beside the image"}
+
+
+def _prepare_one(ref, cache_dir: Path, prep: PrepConfig, for_prediction: bool = False) -> tuple[str, bool]:
     """Worker task: returns (entry path, hit). InputError propagates to the parent."""
     entry, hit = get_or_prepare(ref, cache_dir, prep)
+    if not for_prediction and not len(entry.indices):
+        where = "no landmark file was found" if ref.landmarks is None else f"{Path(ref.landmarks).name} lists none"
+        raise InputError(ref.image, f"case {ref.case_id} has no landmarks ({where}; format {ref.fmt}); a data set "
+                         f"for training needs them: {LANDMARK_FILES.get(ref.fmt, 'a landmark file')}, or prepare it "
+                         "with --for-prediction")
     return str(entry.path), hit
 
 
@@ -66,10 +78,12 @@ def prepare_dataset(
     workers: int = 1,
     strict: bool = False,
     progress: bool = True,
+    for_prediction: bool = False,
 ) -> PrepareResult:
     """Preprocess every case under ``root`` into ``cache_dir``; returns the result and writes the index.
 
     Raises ``InputError`` when ``root`` holds no case, or (``strict``) on the first bad case.
+    ``for_prediction``: cases without landmarks are prepared (CTs to label), not refused.
     """
     from vertstudy.data.formats import discover
 
@@ -84,7 +98,7 @@ def prepare_dataset(
         if workers <= 1:
             for i, ref in enumerate(refs):
                 try:
-                    done[i] = _prepare_one(ref, cache_dir, prep)
+                    done[i] = _prepare_one(ref, cache_dir, prep, for_prediction)
                 except InputError as exc:
                     if strict:
                         raise
@@ -94,7 +108,7 @@ def prepare_dataset(
             threads = max(1, (os.cpu_count() or 1) // workers)
             with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(threads,)) as pool:
                 pending: dict[Future, int] = {
-                    pool.submit(_prepare_one, ref, cache_dir, prep): i for i, ref in enumerate(refs)
+                    pool.submit(_prepare_one, ref, cache_dir, prep, for_prediction): i for i, ref in enumerate(refs)
                 }
                 try:
                     while pending:
