@@ -116,6 +116,22 @@ def test_trial_failing_once_resumes_from_its_checkpoint(ray_cluster, storage):
     assert "fault drill" in (Path(result.study_dir) / "ray" / trial["trial_id"] / "error.txt").read_text()
 
 
+def test_a_trial_whose_latest_checkpoint_is_corrupt_resumes_from_an_older_one(ray_cluster, storage):
+    """Epoch 2's checkpoint reaches the storage with a truncated last.pt and the trial fails: the
+    retry passes it over for epoch 1's checkpoint (one line in the trial's message) and completes."""
+    spec = tiny_spec("corrupt-ckpt", storage, num_samples=1, inject_corrupt_checkpoint_at_epoch=2,
+                     config={"train.epochs": 3})
+    result = run_study(spec, progress=False)
+    (trial,) = check_consistent(result.study_dir, spec, expected_trials=1)
+    assert trial["status"] == "completed" and trial["epochs"] == 3
+    assert "resumed from checkpoint_000000: checkpoint_000001 unusable (last.pt: not a readable checkpoint" \
+        in trial["message"], trial["message"]
+    reports = [r["epoch"] for r in results_of(result.study_dir, trial["trial_id"]) if r.get("phase") == "epoch"]
+    assert reports == [1, 2, 2, 3]  # epoch 2 trained again from epoch 1's checkpoint
+    epochs = table(result.study_dir, "epochs")
+    assert sorted(e["epoch"] for e in epochs) == [1, 2, 3]  # the tables count it once
+
+
 def test_diverging_trial_ends_diverged_and_the_study_goes_on(ray_cluster, storage):
     spec = tiny_spec(
         "diverge", storage, num_samples=1, search={"algorithm": "grid"},

@@ -205,6 +205,10 @@ class StudySpec(_Strict):
     inject_failure_at_epoch: int | None = Field(
         None, ge=1, description="fault drill: each trial raises once after this epoch's checkpoint (tests resume)"
     )
+    inject_corrupt_checkpoint_at_epoch: int | None = Field(
+        None, ge=1, description="fault drill: each trial reports this epoch's checkpoint with a truncated last.pt, "
+        "then raises once (tests the fallback to an older checkpoint)"
+    )
 
     @field_validator("name")
     @classmethod

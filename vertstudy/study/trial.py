@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -84,18 +85,80 @@ def trial_config(spec: StudySpec, params: dict[str, Any]) -> Config:
     return cfg.model_copy(update=update) if update else cfg
 
 
-def _restore(work: Path) -> Path | None:
-    """Copy Tune's latest checkpoint (if any) into ``work``; the ``last.pt`` to resume from."""
+CHECKPOINT_FILES = ("last.pt", "best.pt", FINAL)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the trial checkpoint in ``folder`` cannot be resumed from (a truncated or corrupt
+    ``last.pt`` / ``best.pt`` / final report, e.g. a node that died mid-write or a full disk),
+    or ``None`` when every file it holds loads."""
+    from vertstudy.errors import InputError
+    from vertstudy.train.trainer import load_checkpoint
+
+    if not (folder / "last.pt").exists() and not (folder / FINAL).exists():
+        return "it holds no last.pt"
+    for name in ("last.pt", "best.pt"):
+        if (folder / name).exists():
+            try:
+                load_checkpoint(folder / name)
+            except InputError as exc:
+                return f"{name}: {str(exc).split(': ', 1)[-1]}"
+    if (folder / FINAL).exists():
+        try:
+            json.loads((folder / FINAL).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            return f"{FINAL}: {exc}"
+    return None
+
+
+def _older_checkpoints(checkpoint) -> list:
+    """Tune's other kept checkpoints of this trial, newest first (``checkpoint_NNNNNN`` beside
+    ``checkpoint`` on its storage filesystem)."""
+    import pyarrow.fs as pafs
     from ray import tune
 
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as d:
-        for name in ("last.pt", "best.pt", FINAL):
-            if (Path(d) / name).exists():
-                shutil.copy2(Path(d) / name, work / name)
-    return work / "last.pt" if (work / "last.pt").exists() else None
+    fs = checkpoint.filesystem
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(parent))
+    except OSError:
+        return []
+    names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+    return [tune.Checkpoint(f"{parent}/{n}", filesystem=fs) for n in names]
+
+
+def _restore(work: Path) -> tuple[Path | None, str]:
+    """Copy Tune's latest usable checkpoint (if any) into ``work``: the ``last.pt`` to resume
+    from, and a note ('' when the latest checkpoint was usable). A checkpoint whose files do not
+    load (:func:`checkpoint_problem`) is passed over for the newest older one Tune kept; when
+    none loads, the trial starts again from epoch 1."""
+    from ray import tune
+
+    latest = tune.get_checkpoint()
+    if latest is None:
+        return None, ""
+    bad: list[str] = []
+    for checkpoint in [latest, *_older_checkpoints(latest)]:
+        for name in CHECKPOINT_FILES:
+            (work / name).unlink(missing_ok=True)
+        with checkpoint.as_directory() as d:
+            for name in CHECKPOINT_FILES:
+                if (Path(d) / name).exists():
+                    shutil.copy2(Path(d) / name, work / name)
+        problem = checkpoint_problem(work)
+        label = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+        if problem is None:
+            note = f"resumed from {label}: " + "; ".join(bad) if bad else ""
+            if note:
+                print(f"vertstudy: {note}", file=sys.stderr, flush=True)
+            return (work / "last.pt" if (work / "last.pt").exists() else None), note
+        bad.append(f"{label} unusable ({problem})")
+    for name in CHECKPOINT_FILES:
+        (work / name).unlink(missing_ok=True)
+    note = "restarted from epoch 1: " + "; ".join(bad)
+    print(f"vertstudy: {note}", file=sys.stderr, flush=True)
+    return None, note
 
 
 def vertebra_rows(per_case) -> list[dict[str, Any]]:
@@ -178,7 +241,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     work = Path(tempfile.mkdtemp(prefix="vertstudy-trial-"))
     t0 = time.perf_counter()
     try:
-        resume = _restore(work)
+        resume, restore_note = _restore(work)
         restored = resume is not None
         if (work / FINAL).exists():
             # Ray restored a trial that had already ended (its driver was killed before saving
@@ -190,8 +253,12 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
             def on_epoch(record: dict) -> None:
                 run.log_epoch(record)
+                corrupt = spec.inject_corrupt_checkpoint_at_epoch == record["epoch"] and not (restored or restore_note)
+                if corrupt:  # as if the node died while writing last.pt
+                    data = (work / "last.pt").read_bytes()
+                    (work / "last.pt").write_bytes(data[: len(data) // 2])
                 tune.report({**record, **where, "phase": "epoch"}, checkpoint=tune.Checkpoint.from_directory(str(work)))
-                if spec.inject_failure_at_epoch == record["epoch"] and not restored:
+                if (spec.inject_failure_at_epoch == record["epoch"] and not restored) or corrupt:
                     raise InjectedFailure(f"fault drill: trial {trial_id} fails once after epoch {record['epoch']}")
 
             result = train(cfg, data.cases("train"), data.cases("val"), work, on_epoch=on_epoch, resume=resume)
@@ -203,7 +270,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
                 **(result.history[-1] if result.history else {}),
                 "phase": "final",
                 "status": result.status,
-                "message": result.message,
+                "message": "; ".join(m for m in (result.message, restore_note) if m),
                 "epoch": result.epochs,
                 "best_epoch": result.best_epoch if result.best_epoch is not None else -1,
                 **{f"best_{k}": v for k, v in metrics.items() if k.startswith("val_")},

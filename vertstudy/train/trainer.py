@@ -227,7 +227,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a truncated or foreign file
-        raise InputError(path, f"not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        why = str(exc).strip().split(". ", 1)[0].splitlines()[0] if str(exc).strip() else ""
+        raise InputError(path, f"not a readable checkpoint ({type(exc).__name__}: {why}); it may be truncated or "
+                         "corrupt") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise InputError(path, f"not a vertstudy checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     return state
