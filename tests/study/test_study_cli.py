@@ -176,6 +176,42 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(ray_cluster, storage, tmp_p
     assert len({t["trial_id"] for t in trials}) == len(trials) == 4
 
 
+@pytest.mark.slow
+def test_two_drivers_of_one_study_and_a_resume_while_it_runs(ray_cluster, storage, tmp_path):
+    """Two drivers of one study started at once: one runs it, the other refuses in one line naming
+    the running driver (exit 2); a `study resume` while that driver trains refuses the same way
+    instead of interrupting it; the study completes with its one trial and every epoch once."""
+    data = {"phantoms": {"count": 5, "seed": 7}, "split": {"val": 1, "test": 1}}  # a set no other test wrote
+    path = write_study(tmp_path / "a.yaml", tiny_study("twice", storage, num_samples=1, data=data,
+                                                       config={"train.epochs": 80}))  # ~30 s of training
+    study_dir = storage / "twice"
+
+    def driver(*argv):
+        return subprocess.Popen([sys.executable, "-m", "vertstudy.cli", *argv, "--address", ray_cluster,
+                                 "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    drivers = [driver("study", "run", str(path)), driver("study", "run", str(path))]
+    deadline = time.time() + 300
+    while time.time() < deadline and not any((study_dir / "ray").glob("*/checkpoint_*")):
+        time.sleep(0.5)
+    assert any(d.poll() is None for d in drivers), "the study ended before the resume could be tried"
+    resume = subprocess.run([sys.executable, "-m", "vertstudy.cli", "study", "resume", str(study_dir), "--address",
+                             ray_cluster, "--no-progress"], capture_output=True, text=True, timeout=300)
+    results = [(d.wait(timeout=600), *d.communicate()) for d in drivers]
+    assert sorted(code for code, _, _ in results) == [0, 2], results
+    refused = next(err for code, _, err in results if code == 2).strip()
+    assert refused.count("\n") == 0 and refused.startswith("error: ") and "Traceback" not in refused, refused
+    assert "its driver is running on" in refused and "(pid " in refused, refused
+    # the resume came while the driver was training: refused in one line, the driver unharmed (0, not 130)
+    assert resume.returncode == 2, resume.stdout + resume.stderr
+    assert resume.stderr.strip().count("\n") == 0 and "its driver is running on" in resume.stderr, resume.stderr
+    trials = pq.read_table(study_dir / "trials.parquet").to_pylist()
+    assert [t["status"] for t in trials] == ["completed"], trials
+    rows = pq.read_table(study_dir / "epochs.parquet").to_pylist()
+    assert sorted(e["epoch"] for e in rows) == list(range(1, 81))
+    assert not list(storage.glob(".twice.driver.lease*"))  # released
+
+
 def test_data_root_that_is_not_a_directory_leaves_nothing(tmp_path, capsys):
     study = tiny_study("noroot", tmp_path / "st")
     study["data"] = {"root": str(tmp_path / "nowhere"), "format": "verse", "split": {"val": 1, "test": 1}}

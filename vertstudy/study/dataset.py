@@ -120,21 +120,28 @@ def local_entry(entry: str, node_cache: str) -> Path:
 
 
 def _phantom_root(data: DataSpec, work: Path, progress: bool) -> Path:
-    """Write the study's phantoms under ``work/_phantoms/<preset>-s<seed>-n<count>`` once; a
-    finished set is reused by every study on the same storage."""
+    """Write the study's phantoms under ``work/_phantoms/<preset>-s<seed>-n<count>`` once, under
+    a file lock; a finished set is reused by every study on the same storage."""
+    from filelock import FileLock
+
     from vertstudy.data.phantom import PhantomConfig, write_phantoms
 
     ph = data.phantoms
     root = work / "_phantoms" / f"{ph.preset}-s{ph.seed}-n{ph.count}"
     if (root / ".complete").exists():
         return root
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_phantoms(tmp, cases=ph.count, seed=ph.seed, config=PhantomConfig.preset(ph.preset), workers=2,
-                   progress=progress)
-    (tmp / ".complete").write_text("done\n", encoding="utf-8")
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # several drivers on one storage (same study or not): one writes the set, the others wait for it
+    with FileLock(str(root.with_name(root.name + ".lock"))):
+        if (root / ".complete").exists():
+            return root
+        tmp = root.with_name(root.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_phantoms(tmp, cases=ph.count, seed=ph.seed, config=PhantomConfig.preset(ph.preset), workers=2,
+                       progress=progress)
+        (tmp / ".complete").write_text("done\n", encoding="utf-8")
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
     return root
 
 

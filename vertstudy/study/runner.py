@@ -254,16 +254,20 @@ def run_study(spec: StudySpec, address: str | None = None, progress: bool = True
               ) -> StudyResult:
     """Run a validated study from scratch (see the module docstring). ``callbacks``: extra Tune
     callbacks (benchmarks use them to time events)."""
+    from vertstudy.study.lease import DriverLease
+
     t0 = time.perf_counter()
     _quiet_ray()
-    if address:  # a cluster that cannot be reached fails before the study directory exists
+    storage.check_writable(spec.storage)
+    with DriverLease(study_dir_of(spec), spec.name):  # one live driver per study, refused before Ray speaks
+        if address:  # a cluster that cannot be reached fails before the study directory exists
+            _ensure_ray(address)
+        study_dir, data = prepare_study(spec, progress=progress)
+        write_baseline(spec, study_dir, data)
+        meta = _meta(spec)
         _ensure_ray(address)
-    study_dir, data = prepare_study(spec, progress=progress)
-    write_baseline(spec, study_dir, data)
-    meta = _meta(spec)
-    _ensure_ray(address)
-    write_tables(study_dir, build_tables(spec.name, [], meta))
-    return _fit(_tuner(spec, data, study_dir, meta, progress, callbacks), spec, study_dir, meta, t0)
+        write_tables(study_dir, build_tables(spec.name, [], meta))
+        return _fit(_tuner(spec, data, study_dir, meta, progress, callbacks), spec, study_dir, meta, t0)
 
 
 def load_study_dir(study_dir: str) -> tuple[StudySpec, StudyData]:
@@ -280,11 +284,20 @@ def load_study_dir(study_dir: str) -> tuple[StudySpec, StudyData]:
 
 def resume_study(study_dir: str, address: str | None = None, progress: bool = True) -> StudyResult:
     """Continue an interrupted study: ended trials are kept, unfinished ones continue from their
-    latest checkpoint, errored ones are retried, and new trials are sampled up to ``num_samples``."""
+    latest checkpoint, errored ones are retried, and new trials are sampled up to ``num_samples``.
+    ``ConfigError`` while another driver of the study is alive (:mod:`vertstudy.study.lease`)."""
+    from vertstudy.study.lease import DriverLease
+
+    study_dir = storage.canonical(study_dir)
+    spec, _ = load_study_dir(study_dir)
+    with DriverLease(study_dir, spec.name):  # refuses while the study's driver is alive
+        return _resume(study_dir, address, progress)
+
+
+def _resume(study_dir: str, address: str | None, progress: bool) -> StudyResult:
     from ray import tune
 
     t0 = time.perf_counter()
-    study_dir = storage.canonical(study_dir)
     spec, data = load_study_dir(study_dir)
     exp = experiment_dir(study_dir)
     meta = _meta(spec)
