@@ -248,7 +248,7 @@ def choose(tables: Tables, chosen: str | None = None) -> Choice:
             raise ConfigError(f"--chosen {chosen!r} {why} of the studies {', '.join(tables.studies)}; give a "
                               "trial_id from trials.parquet, or study/trial_id")
         best = sigs[hit.index[0]]
-        how = "--chosen"
+        how, objective = "--chosen", default_objective()
         candidates = int(sigs[ok].nunique())
     else:
         cand = sorted(set(sigs[ok]))
@@ -269,7 +269,6 @@ def choose(tables: Tables, chosen: str | None = None) -> Choice:
         how = "validation"
         candidates = len(cand)
     sel = trials[ok & (sigs == best)]
-    objective = comparison_objective(trials[ok]) if how == "validation" else default_objective()
     score = {c: clean(sel[c].astype(float).mean()) if len(sel) and c in sel else None
              for c in dict.fromkeys(("best_val_id_rate", "best_val_loc_error_mm", objective.rate, objective.error))}
     return Choice(best, sel, how, score, candidates, status_counts(trials[sigs == best]), objective)

@@ -55,12 +55,9 @@ class Objective:
         return out[0], out[1]
 
     def order_key(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Two sort columns (``_o1``, ``_o2``; ascending is best first, NaN last) added to ``frame``."""
-        out = frame.copy()
-        for name, col, up in (("_o1", self.column, self.maximize), ("_o2", self.tie, self.tie_maximize)):
-            values = out[col].astype(float) if col in out else pd.Series(float("nan"), index=out.index)
-            out[name] = (-values if up else values).fillna(float("inf"))
-        return out
+        """``frame`` with :meth:`row_key` as two sort columns ``_o1``, ``_o2`` (ascending is best)."""
+        keys = [self.row_key(row) for row in frame.to_dict("records")]
+        return frame.assign(_o1=[k[0] for k in keys], _o2=[k[1] for k in keys])
 
 
 def _name(column: str) -> str:

@@ -289,16 +289,15 @@ def resume_study(study_dir: str, address: str | None = None, progress: bool = Tr
     from vertstudy.study.lease import DriverLease
 
     study_dir = storage.canonical(study_dir)
-    spec, _ = load_study_dir(study_dir)
+    spec, data = load_study_dir(study_dir)
     with DriverLease(study_dir, spec.name):  # refuses while the study's driver is alive
-        return _resume(study_dir, address, progress)
+        return _resume(study_dir, spec, data, address, progress)
 
 
-def _resume(study_dir: str, address: str | None, progress: bool) -> StudyResult:
+def _resume(study_dir: str, spec: StudySpec, data: StudyData, address: str | None, progress: bool) -> StudyResult:
     from ray import tune
 
     t0 = time.perf_counter()
-    spec, data = load_study_dir(study_dir)
     exp = experiment_dir(study_dir)
     meta = _meta(spec)
     _quiet_ray()

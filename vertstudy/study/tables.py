@@ -139,7 +139,7 @@ def trial_row(study: str, o: TrialOutcome, meta: dict[str, Any]) -> dict[str, An
     if o.status == "pruned" and not message:
         message = f"stopped by the scheduler after epoch {row['epochs']}"
     row["message"] = message[:500]
-    row["search_metric"] = str(meta.get("search_metric", ""))  # what `study run` ranked by (report/objective.py)
+    row["search_metric"] = str(meta.get("search_metric", ""))  # what `study run` ranked by (study/objective.py)
     row["search_mode"] = str(meta.get("search_mode", ""))
     row["vertstudy_version"] = meta.get("vertstudy_version", "")
     row["git_sha"] = meta.get("git_sha", "")

@@ -138,10 +138,13 @@ def _restore(work: Path) -> tuple[Path | None, str]:
     latest = tune.get_checkpoint()
     if latest is None:
         return None, ""
-    bad: list[str] = []
-    for checkpoint in [latest, *_older_checkpoints(latest)]:
+    def clear() -> None:
         for name in CHECKPOINT_FILES:
             (work / name).unlink(missing_ok=True)
+
+    bad: list[str] = []
+    for checkpoint in [latest, *_older_checkpoints(latest)]:
+        clear()
         with checkpoint.as_directory() as d:
             for name in CHECKPOINT_FILES:
                 if (Path(d) / name).exists():
@@ -154,8 +157,7 @@ def _restore(work: Path) -> tuple[Path | None, str]:
                 print(f"vertstudy: {note}", file=sys.stderr, flush=True)
             return (work / "last.pt" if (work / "last.pt").exists() else None), note
         bad.append(f"{label} unusable ({problem})")
-    for name in CHECKPOINT_FILES:
-        (work / name).unlink(missing_ok=True)
+    clear()
     note = "restarted from epoch 1: " + "; ".join(bad)
     print(f"vertstudy: {note}", file=sys.stderr, flush=True)
     return None, note

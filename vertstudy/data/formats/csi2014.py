@@ -128,8 +128,6 @@ def parse_lml(path: Path) -> tuple[str | None, list[tuple[int, str, Point]]]:
     unknown declared convention.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "landmark file not found")
     text = landmark_text(path, "a header line and one landmark per line", "landmark file")
     convention: str | None = None
     points: list[tuple[int, str, Point]] = []
