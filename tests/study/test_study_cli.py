@@ -212,6 +212,55 @@ def test_two_drivers_of_one_study_and_a_resume_while_it_runs(ray_cluster, storag
     assert not list(storage.glob(".twice.driver.lease*"))  # released
 
 
+VOLATILE = {"study", "trial_id", "checkpoint", "started_at", "ended_at", "wall_s", "node", "hostname", "wandb_run",
+            "test_infer_s_per_case", "crops_per_s"}  # who, where and how fast: everything else is the science
+
+
+def steady_rows(study_dir: Path, table: str) -> list[str]:
+    rows = pq.read_table(study_dir / f"{table}.parquet").to_pylist()
+    return sorted(json.dumps({k: v for k, v in r.items() if k not in VOLATILE}, sort_keys=True, default=str)
+                  for r in rows)
+
+
+def test_drivers_of_different_studies_started_together_on_one_storage(ray_cluster, storage, tmp_path, capsys):
+    """Three drivers started at once on one storage and one cluster, all asking for a phantom set
+    no one has written: two different studies and the first one again. The duplicate refuses in
+    one line; each study completes with only its own trials, and its tables are exactly what the
+    same study run alone gives (Ray stages every driver's files in a folder named by the second
+    it started, so two drivers in one second used to share it and copy each other's trials)."""
+    data = {"phantoms": {"count": 5, "seed": 13}, "split": {"val": 1, "test": 1}}
+    studies = {
+        name: write_study(tmp_path / f"{name}.yaml", tiny_study(name, storage, num_samples=1, concurrency=1, data=data,
+                                                               config={"train.epochs": epochs}))
+        for name, epochs in (("left", 3), ("right", 4))
+    }
+
+    def driver(path):
+        return subprocess.Popen([sys.executable, "-m", "vertstudy.cli", "study", "run", str(path), "--address",
+                                 ray_cluster, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    drivers = [driver(studies["left"]), driver(studies["right"]), driver(studies["left"])]
+    results = [(d.wait(timeout=600), *d.communicate()) for d in drivers]
+    assert sorted(code for code, _, _ in results) == [0, 0, 2], results
+    refused = next(err for code, _, err in results if code == 2).strip()
+    assert refused.count("\n") == 0 and "its driver is running on" in refused and "Traceback" not in refused, refused
+    for name in studies:
+        trials = pq.read_table(storage / name / "trials.parquet").to_pylist()
+        assert [t["status"] for t in trials] == ["completed"], (name, trials)
+        assert {p.parent.name for p in (storage / name / "ray").glob("*/params.json")} == {trials[0]["trial_id"]}
+        assert {r["trial_id"] for r in pq.read_table(storage / name / "vertebrae.parquet").to_pylist()} == \
+            {trials[0]["trial_id"]}
+    for name, path in studies.items():  # the same studies alone, one after the other
+        alone = yaml.safe_load(path.read_text(encoding="utf-8"))
+        alone["name"] = f"{name}-alone"
+        code, err = run_cli(capsys, "study", "run", str(write_study(tmp_path / f"{name}-alone.yaml", alone)),
+                            "--address", ray_cluster, "--no-progress")
+        assert code == 0, err
+        for table in ("trials", "epochs", "vertebrae", "baseline"):
+            assert steady_rows(storage / name, table) == steady_rows(storage / f"{name}-alone", table), (name, table)
+
+
 def test_data_root_that_is_not_a_directory_leaves_nothing(tmp_path, capsys):
     study = tiny_study("noroot", tmp_path / "st")
     study["data"] = {"root": str(tmp_path / "nowhere"), "format": "verse", "split": {"val": 1, "test": 1}}

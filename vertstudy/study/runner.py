@@ -30,6 +30,7 @@ from typing import Any
 from vertstudy.config import load_config
 from vertstudy.errors import ConfigError
 from vertstudy.study import storage
+from vertstudy.study.compat import StagingTurn, replace_callbacks
 from vertstudy.study.dataset import StudyData, materialize
 from vertstudy.study.results import EXPERIMENT, ended_outcomes, experiment_dir
 from vertstudy.study.search import open_optuna_storage, optuna_storage_url, scheduler, searcher
@@ -165,10 +166,14 @@ def refresh_tables(spec: StudySpec, study_dir: str, meta: dict, ended: dict[str,
     return outcomes
 
 
-def _fit(tuner, spec: StudySpec, study_dir: str, meta: dict, t0: float, discard: bool = False) -> StudyResult:
+def _fit(tuner, turn: StagingTurn, spec: StudySpec, study_dir: str, meta: dict, t0: float, discard: bool = False
+         ) -> StudyResult:
+    """``tuner.fit()``, then the tables. ``turn``: the :class:`StagingTurn` among the tuner's
+    callbacks (this driver's turn to name its staging folder on this host)."""
     interrupted = False
     try:
-        tuner.fit()
+        with turn:
+            tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
     if discard:  # a killed driver's last trial may have been started after our first look
@@ -267,7 +272,8 @@ def run_study(spec: StudySpec, address: str | None = None, progress: bool = True
         meta = _meta(spec)
         _ensure_ray(address)
         write_tables(study_dir, build_tables(spec.name, [], meta))
-        return _fit(_tuner(spec, data, study_dir, meta, progress, callbacks), spec, study_dir, meta, t0)
+        turn = StagingTurn()
+        return _fit(_tuner(spec, data, study_dir, meta, progress, (turn, *callbacks)), turn, spec, study_dir, meta, t0)
 
 
 def load_study_dir(study_dir: str) -> tuple[StudySpec, StudyData]:
@@ -303,10 +309,11 @@ def _resume(study_dir: str, spec: StudySpec, data: StudyData, address: str | Non
     _quiet_ray()
     _ensure_ray(address)
     discard_unrecorded_trials(study_dir)
+    turn = StagingTurn()
     exp_path, exp_fs = storage.ray_storage(exp)
     if not tune.Tuner.can_restore(exp_path, storage_filesystem=exp_fs):
         # killed before Ray saved its first state: nothing ran yet, start the trials afresh
-        return _fit(_tuner(spec, data, study_dir, meta, progress), spec, study_dir, meta, t0)
+        return _fit(_tuner(spec, data, study_dir, meta, progress, (turn,)), turn, spec, study_dir, meta, t0)
     from vertstudy.study.space import grid_space
 
     tuner = tune.Tuner.restore(
@@ -314,8 +321,8 @@ def _resume(study_dir: str, spec: StudySpec, data: StudyData, address: str | Non
         param_space=grid_space(spec) if spec.search.algorithm == "grid" else {}, storage_filesystem=exp_fs,
     )
     # the restored run config carries the callbacks pickled by the killed driver: use fresh ones
-    tuner._local_tuner.get_run_config().callbacks = _callbacks(spec, study_dir, meta, progress)
-    return _fit(tuner, spec, study_dir, meta, t0, discard=True)
+    replace_callbacks(tuner, _callbacks(spec, study_dir, meta, progress, (turn,)))
+    return _fit(tuner, turn, spec, study_dir, meta, t0, discard=True)
 
 
 def discard_unrecorded_trials(study_dir: str) -> list[str]:

@@ -19,6 +19,7 @@ from ray.tune.search.optuna import OptunaSearch
 from vertstudy.config import load_config
 from vertstudy.errors import ConfigError
 from vertstudy.study import storage
+from vertstudy.study.compat import mark_completed
 from vertstudy.study.spec import StudySpec
 
 
@@ -33,7 +34,7 @@ class ResumableOptunaSearch(OptunaSearch):
         try:
             super().on_trial_result(trial_id, result)
         except optuna.exceptions.UpdateFinishedTrialError:
-            self._completed_trials.add(trial_id)
+            mark_completed(self, trial_id)
 
 
 def open_optuna_storage(spec: StudySpec, study_dir: str):

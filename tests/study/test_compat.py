@@ -1,0 +1,65 @@
+"""The Ray behaviour :mod:`vertstudy.study.compat` assumes, checked against the installed Ray: a
+Ray upgrade that changes it fails here, by name, instead of mixing studies in the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from vertstudy.study.compat import StagingTurn, mark_completed, session_artifacts_dir, staging_stamp
+
+
+@pytest.fixture(scope="module")
+def ray_session(short_dir):
+    import ray
+
+    ray.init(num_cpus=1, _temp_dir=str(short_dir / "ray"), include_dashboard=False, log_to_driver=False,
+             object_store_memory=80 * 1024 * 1024)
+    yield
+    ray.shutdown()
+
+
+def storage_context(path: Path):
+    from ray.train._internal.storage import StorageContext
+
+    return StorageContext(storage_path=str(path), experiment_dir_name="ray")
+
+
+def test_tune_stages_a_driver_in_a_folder_named_by_the_second_it_started(ray_session, tmp_path):
+    before = staging_stamp()
+    context = storage_context(tmp_path)
+    after = staging_stamp()
+    staging = Path(context.experiment_driver_staging_path)
+    assert staging.parent.parent.parent == session_artifacts_dir()
+    assert staging.parent.name == "ray" and staging.name == "driver_artifacts"
+    assert before <= staging.parts[-3] <= after, "Tune no longer names the staging folder by date_str()"
+
+
+def test_drivers_taking_turns_get_staging_folders_of_their_own(ray_session, tmp_path):
+    folders = []
+    for _ in range(3):  # back to back, as fast as drivers started together would be
+        with StagingTurn() as turn:
+            folders.append(storage_context(tmp_path).experiment_driver_staging_path)
+            turn.setup()  # Tune calls it once the staging folder is named: the next driver may go
+    assert len(set(folders)) == 3, folders
+
+
+def test_a_staging_turn_pickles_without_its_lock(ray_session):
+    import pickle
+
+    with StagingTurn() as turn:
+        copy = pickle.loads(pickle.dumps(turn))
+    assert copy._lock is None and turn._lock is None
+
+
+def test_a_finished_optuna_trial_ignores_late_results():
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = OptunaSearch(space={"b": optuna.distributions.FloatDistribution(2.0, 4.0)}, metric="m", mode="min")
+    search.suggest("t1")
+    mark_completed(search, "t1")
+    search.on_trial_result("t1", {"m": 1.0})  # would report to a trial Optuna already holds finished
+    search.on_trial_complete("t1", {"m": 1.0})
+    assert search._ot_study.trials[0].state == optuna.trial.TrialState.RUNNING  # untouched: ignored

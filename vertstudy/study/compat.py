@@ -1,0 +1,91 @@
+"""Every place vertstudy leans on a Ray internal, in one module.
+
+Ray Tune's public API does not cover three things a study needs; each is wrapped here, and
+``tests/study/test_compat.py`` checks the behaviour each wrapper assumes, so a Ray upgrade that
+changes it fails there, loudly, instead of mixing studies or dropping callbacks in the field.
+
+- **The driver's staging folder.** Tune stages a driver's experiment files (the JSON logger's
+  ``result.json``, W&B's offline runs, the searcher's state) in
+  ``<Ray session dir>/artifacts/<timestamp>/<experiment name>/driver_artifacts`` and copies that
+  folder to the study's storage. The timestamp has one-second resolution and every study's
+  experiment is named ``ray``, so two drivers on one host that build their Tuner in the same
+  second share one staging folder, and each copies the other's trials into its own study.
+  :class:`StagingTurn` makes the drivers on one host start at least a second apart.
+- **The callbacks of a restored Tuner.** ``Tuner.restore`` keeps the run config pickled by the
+  killed driver, callbacks included; :func:`replace_callbacks` puts fresh ones in.
+- **A finished Optuna trial's late results.** See
+  :class:`vertstudy.study.search.ResumableOptunaSearch`, which uses :func:`mark_completed`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ray.tune import Callback
+
+
+def session_artifacts_dir() -> Path:
+    """``<Ray session dir>/artifacts`` on this host: the parent of every driver's staging folder
+    (Ray must be initialized). Ray's own ``_get_ray_train_session_dir``."""
+    from ray.train.constants import _get_ray_train_session_dir
+
+    return Path(_get_ray_train_session_dir())
+
+
+def staging_stamp() -> str:
+    """The timestamp Tune puts in a new driver's staging folder, at this moment."""
+    from ray.tune.utils.util import date_str
+
+    return date_str()
+
+
+class StagingTurn(Callback):
+    """Hold this around ``Tuner.fit()`` and pass it to Tune as a callback: drivers on one host
+    take turns under a file lock in the session's artifacts folder, each waiting until the
+    staging timestamp differs from the previous driver's, until Tune has named its staging folder
+    (Tune's controller calls its callbacks' ``setup`` right after). So no two drivers share a
+    staging folder; it costs at most a second per driver, and only when drivers start together."""
+
+    _lock = None
+
+    def __enter__(self):
+        from filelock import FileLock
+
+        artifacts = session_artifacts_dir()
+        artifacts.mkdir(parents=True, exist_ok=True)
+        self._last = artifacts / ".vertstudy-last-staging"
+        self._lock = FileLock(str(artifacts / ".vertstudy-staging.lock"))
+        self._lock.acquire()
+        last = self._last.read_text(encoding="utf-8").strip() if self._last.exists() else ""
+        while staging_stamp() == last:
+            time.sleep(0.05)
+        return self
+
+    def setup(self, *args, **info) -> None:
+        self._end_turn()
+
+    def __exit__(self, *exc) -> None:
+        self._end_turn()
+
+    def _end_turn(self) -> None:
+        if self._lock is not None:
+            try:
+                self._last.write_text(staging_stamp(), encoding="utf-8")
+            finally:
+                self._lock.release()
+                self._lock = None
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks; a held lock stays here
+        return {}
+
+
+def replace_callbacks(tuner, callbacks: list) -> None:
+    """Give a restored ``Tuner`` this driver's callbacks instead of the pickled ones."""
+    tuner._local_tuner.get_run_config().callbacks = callbacks
+
+
+def mark_completed(searcher, trial_id: str) -> None:
+    """Tell Ray's ``OptunaSearch`` that ``trial_id``'s Optuna trial is finished, so it ignores the
+    trial's further results."""
+    searcher._completed_trials.add(trial_id)
