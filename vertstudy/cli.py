@@ -7,6 +7,7 @@ exit code 2; Ctrl-C exits 130. Nothing below this module reads argv or the envir
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -160,6 +161,14 @@ def _print_result(result) -> None:
               f"id rate {_cell(base.get('id_rate'))}")
     if result.interrupted:
         print(f"continue with: vertstudy study resume {result.study_dir}")
+    elif result.counts.get("error"):
+        print(f"{result.counts['error']} trial(s) ended in error after their retries (see the message column); "
+              f"`vertstudy study resume {result.study_dir}` retries them from their last checkpoint "
+              "(after a full disk, free space first)")
+
+
+def _exit_code(result) -> int:
+    return 130 if result.interrupted else 0
 
 
 def cmd_study_run(args: argparse.Namespace) -> int:
@@ -181,7 +190,7 @@ def cmd_study_run(args: argparse.Namespace) -> int:
         spec = smoke(spec)
     result = run_study(spec, address=_address(args), progress=not args.no_progress)
     _print_result(result)
-    return 130 if result.interrupted else 0
+    return _exit_code(result)
 
 
 def _address(args: argparse.Namespace) -> str | None:
@@ -194,7 +203,7 @@ def cmd_study_resume(args: argparse.Namespace) -> int:
 
     result = resume_study(args.dir, address=_address(args), progress=not args.no_progress)
     _print_result(result)
-    return 130 if result.interrupted else 0
+    return _exit_code(result)
 
 
 def cmd_study_status(args: argparse.Namespace) -> int:
@@ -653,6 +662,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except VertstudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror}; free space, then run the command again (a study: `vertstudy study "
+              "resume <storage>/<name>` keeps every trial that ended)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -27,3 +27,8 @@ class InputError(VertstudyError):
 
 class ConfigError(VertstudyError):
     """A bad configuration value: names the field, the bad value and what is accepted."""
+
+
+class StorageError(VertstudyError):
+    """The storage refused a write (a full disk, a quota): names the location, says what was kept
+    and how to continue."""

@@ -261,6 +261,76 @@ def test_drivers_of_different_studies_started_together_on_one_storage(ray_cluste
             assert steady_rows(storage / name, table) == steady_rows(storage / f"{name}-alone", table), (name, table)
 
 
+@pytest.fixture
+def small_disk():
+    """A 48 MB tmpfs of its own (the tests run as root here); skipped, saying why, where mounting
+    is refused."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="vs-disk-", dir="/tmp"))
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(path)], capture_output=True, text=True)
+    if out.returncode != 0:
+        path.rmdir()
+        why = (out.stderr or out.stdout).strip()[:200]
+        pytest.skip(f"cannot mount a small tmpfs here ({why}): full-disk drill not run")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    path.rmdir()
+
+
+def fill(disk: Path) -> Path:
+    """Write zeros to ``disk`` until it is full; returns the filler file."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_mid_study_stops_in_one_line_and_the_study_resumes(ray_cluster, small_disk, tmp_path):
+    """The study's storage fills up while its first trial trains: the driver stops with one
+    line that says to free space and resume (no traceback), no file Ray or vertstudy keeps is
+    left truncated, and after space is freed `study resume` completes every trial exactly once."""
+    store = small_disk / "st"
+    study = tiny_study("full", store, num_samples=2, concurrency=1, max_retries=1, config={"train.epochs": 30})
+    path = write_study(tmp_path / "full.yaml", study)
+    study_dir = store / "full"
+    driver = subprocess.Popen([sys.executable, "-m", "vertstudy.cli", "study", "run", str(path), "--address",
+                               ray_cluster, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any((study_dir / "ray").glob("*/checkpoint_*")):
+        assert driver.poll() is None, driver.communicate()
+        time.sleep(0.2)
+    filler = fill(small_disk)
+    filled_at = time.time()
+    out, err = driver.communicate(timeout=600)
+    stopped_s = time.time() - filled_at
+    assert driver.returncode == 2, out + err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "full" in last and f"vertstudy study resume {study_dir}" in last, last
+    kept = [*study_dir.glob("ray/experiment_state-*.json"), *study_dir.glob("ray/*/params.json")]
+    for f in kept:  # whole or absent, never cut by the full disk
+        assert json.loads(f.read_text(encoding="utf-8")), f
+    for f in study_dir.glob("ray/*/result.json"):
+        assert [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines()], f
+    filler.unlink()
+    resumed = subprocess.run([sys.executable, "-m", "vertstudy.cli", "study", "resume", str(study_dir), "--address",
+                              ray_cluster, "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    trials = pq.read_table(study_dir / "trials.parquet").to_pylist()
+    assert [t["status"] for t in trials] == ["completed", "completed"], [(t["status"], t["message"]) for t in trials]
+    assert {t["trial_id"] for t in trials} == {p.parent.name for p in (study_dir / "ray").glob("*/params.json")}
+    epochs = pq.read_table(study_dir / "epochs.parquet").to_pylist()
+    assert sorted((e["trial_id"], e["epoch"]) for e in epochs) == sorted((t["trial_id"], n) for t in trials
+                                                                         for n in range(1, 31))
+    print(f"full disk: the driver stopped {stopped_s:.0f} s after the disk filled; resume completed both trials")
+
+
 def test_data_root_that_is_not_a_directory_leaves_nothing(tmp_path, capsys):
     study = tiny_study("noroot", tmp_path / "st")
     study["data"] = {"root": str(tmp_path / "nowhere"), "format": "verse", "split": {"val": 1, "test": 1}}

@@ -31,8 +31,11 @@ class TablesCallback(tune.Callback):
     def _safe_refresh(self) -> None:
         try:
             self._refresh(dict(self._ended), {k: list(v) for k, v in self._results.items()})
-        except Exception:
-            logging.getLogger("vertstudy").warning("could not rewrite the study tables", exc_info=True)
+        except Exception as exc:  # one line: a full disk or a storage hiccup is not a bug of ours
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            logging.getLogger("vertstudy").warning(
+                "could not rewrite the study tables (%s: %s); they are rebuilt when the next trial ends, "
+                "at the end of the study, or by `vertstudy study export`", type(exc).__name__, first)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._results.setdefault(trial.trial_id, []).append(dict(result))

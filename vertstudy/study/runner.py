@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vertstudy.config import load_config
-from vertstudy.errors import ConfigError
+from vertstudy.errors import ConfigError, StorageError
 from vertstudy.study import storage
 from vertstudy.study.compat import StagingTurn, replace_callbacks
 from vertstudy.study.dataset import StudyData, materialize
@@ -120,9 +120,10 @@ def _quiet_ray() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     for name in ("ray.tune", "ray.train", "ray.air"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    controller = logging.getLogger("ray.tune.execution.tune_controller")
-    if not any(isinstance(f, _OneLineTrialErrors) for f in controller.filters):
-        controller.addFilter(_OneLineTrialErrors())
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state"):
+        logger = logging.getLogger(name)  # a failed trial, a failed save of Ray's state (a full disk)
+        if not any(isinstance(f, _OneLineTrialErrors) for f in logger.filters):
+            logger.addFilter(_OneLineTrialErrors())
 
 
 class _OneLineTrialErrors(logging.Filter):
@@ -134,7 +135,8 @@ class _OneLineTrialErrors(logging.Filter):
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             first = (str(exc).strip().splitlines() or [""])[0][:300]
-            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {first} (retried if retries remain)"
+            then = " (retried if retries remain)" if "tune_controller" in record.name else ""
+            record.msg = f"{record.getMessage().rstrip(': ')}: {type(exc).__name__}: {first}{then}"
             record.args, record.exc_info, record.exc_text = (), None, None
         return True
 
@@ -176,9 +178,23 @@ def _fit(tuner, turn: StagingTurn, spec: StudySpec, study_dir: str, meta: dict, 
             tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
+    except Exception as exc:
+        full = storage_full_reason(exc)
+        if full is None:
+            raise
+        raise StorageError(  # Optuna's database or Ray's state could not be written: stop, resumable
+            f"{study_dir}: the storage is full ({full}); every trial that ended is kept: free space, then "
+            f"`vertstudy study resume {study_dir}`"
+        ) from None
     if discard:  # a killed driver's last trial may have been started after our first look
         discard_unrecorded_trials(study_dir)
-    outcomes = refresh_tables(spec, study_dir, meta)
+    try:
+        outcomes = refresh_tables(spec, study_dir, meta)
+    except OSError as exc:  # a full disk: Ray's results are intact, the tables can be rebuilt
+        raise StorageError(
+            f"{study_dir}: could not write the study tables ({exc.strerror or exc}); the trials' results are kept: "
+            f"free space, then `vertstudy study resume {study_dir}`"
+        ) from None
     # Tune handles Ctrl-C itself (it saves its state and returns): fewer ended trials than the
     # study has means it was interrupted, and its running Optuna trials continue on resume
     interrupted = interrupted or len(outcomes) < total_trials(spec)
@@ -214,6 +230,24 @@ def _tuner(spec: StudySpec, data: StudyData, study_dir: str, meta: dict, progres
             ),
         ),
     )
+
+
+def storage_full_reason(exc: BaseException) -> str | None:
+    """The message of the full-disk error (ENOSPC, EDQUOT, SQLite's "database or disk is full")
+    behind ``exc`` or any exception it was raised from; ``None`` when there is none."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc.strerror or str(exc)
+        text = str(exc)
+        for sign in ("No space left on device", "database or disk is full", "Disk quota exceeded"):
+            if sign in text:
+                return sign
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def write_baseline(spec: StudySpec, study_dir: str, data: StudyData) -> dict[str, float]:

@@ -5,6 +5,7 @@ filesystem's own syntax, always joined with ``/``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import uuid
@@ -115,19 +116,38 @@ def write_text(location: str, text: str) -> None:
 
 
 class _AtomicFile(io.FileIO):
-    """A file written under a hidden temporary name and renamed over ``final`` when closed."""
+    """A file written under a hidden temporary name and renamed over ``final`` when closed; after
+    a failed write (a full disk: ENOSPC, a quota) the temporary file is removed instead, so the
+    earlier ``final`` stays whole (Ray closes its streams after a failed write as after a good one)."""
 
     def __init__(self, final: str):
         self._final = final
+        self._failed = False
         head, tail = os.path.split(final)
         self._tmp = os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
         super().__init__(self._tmp, "wb")
 
+    def write(self, data) -> int:
+        try:
+            return super().write(data)
+        except BaseException:
+            self._failed = True
+            raise
+
     def close(self) -> None:
         if self.closed:
             return
-        super().close()
-        os.replace(self._tmp, self._final)
+        try:
+            super().close()
+        except BaseException:
+            self._failed = True
+            raise
+        finally:
+            if self._failed:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._tmp)
+        if not self._failed:
+            os.replace(self._tmp, self._final)
 
 
 class AtomicLocalHandler(pafs.FileSystemHandler):
