@@ -9,20 +9,22 @@
 #   ray job submit --address "$VERTSTUDY_DASHBOARD" -- vertstudy study run "$PWD/studies/quickstart.yaml" --smoke
 #   cluster/local.sh status [DIR]
 #   cluster/local.sh kill-worker [DIR] INDEX   # SIGKILL a worker node (fault drills)
+#   cluster/local.sh start [DIR] --netns --health-check-s 3  # workers with addresses of their own (root)
+#   cluster/local.sh cut-worker [DIR] INDEX [--heal]  # take a worker's link down / up (a partition)
 #   cluster/local.sh stop [DIR]
 set -euo pipefail
 cmd=${1:-}
 if [ -z "$cmd" ] || [ "$cmd" = "-h" ] || [ "$cmd" = "--help" ]; then
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 shift
 dir=/tmp/vs-cluster
-if [ $# -gt 0 ] && [ "${1#-}" = "$1" ] && [ "$cmd" != "kill-worker" -o $# -gt 1 ]; then
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ] && { [ "$cmd" != "kill-worker" ] && [ "$cmd" != "cut-worker" ] || [ $# -gt 1 ]; }; then
   dir=$1
   shift
 fi
 case "$cmd" in
-  start|status|stop|kill-worker) exec vertstudy cluster "$cmd" --dir "$dir" "$@" ;;
-  *) echo "local.sh: unknown command '$cmd' (accepted: start, status, kill-worker, stop)" >&2; exit 2 ;;
+  start|status|stop|kill-worker|cut-worker) exec vertstudy cluster "$cmd" --dir "$dir" "$@" ;;
+  *) echo "local.sh: unknown command '$cmd' (accepted: start, status, kill-worker, cut-worker, stop)" >&2; exit 2 ;;
 esac

@@ -302,8 +302,10 @@ def cmd_cluster_start(args: argparse.Namespace) -> int:
 
     c = start_local_cluster(Path(args.dir), workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                             head_cpus=args.head_cpus, object_store_mb=args.object_store_mb,
-                            log=lambda m: print(m, file=sys.stderr))
-    print(f"local Ray cluster up: head + {len(c.workers())} workers, token authentication on")
+                            log=lambda m: print(m, file=sys.stderr), netns=args.netns,
+                            health_check_s=args.health_check_s)
+    print(f"local Ray cluster up: head + {len(c.workers())} workers, token authentication on"
+          + (f"; workers in network namespaces ({', '.join(n.ip for n in c.workers())})" if c.network else ""))
     print(f"  address:   {c.address}   (vertstudy study run --address, ray.init)")
     print(f"  jobs:      {c.dashboard_url}   (ray job submit --address; dashboard on localhost only)")
     print(f"  for a shell: source {c.root / 'env.sh'}")
@@ -322,8 +324,8 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
     print(f"{c.root}: {'running' if c.running() else 'not running'}; address {c.address}, jobs {c.dashboard_url}")
     for n in c.nodes:
         role = "head" if n.index == 0 else f"worker {n.index}"
-        print(f"  {role:<9} {n.cpus:g} CPU  node {n.node_id}  raylet pid {n.raylet_pid}  "
-              f"{'alive' if n.alive else 'killed'}")
+        state = "killed" if not n.alive else "cut off" if n.cut else "alive"
+        print(f"  {role:<9} {n.cpus:g} CPU  {n.ip:<15} node {n.node_id}  raylet pid {n.raylet_pid}  {state}")
     return 0
 
 
@@ -332,6 +334,14 @@ def cmd_cluster_kill_worker(args: argparse.Namespace) -> int:
 
     pids = kill_worker(Path(args.dir), args.index)
     print(f"worker {args.index}: SIGKILLed {len(pids)} processes (raylet and what it started)")
+    return 0
+
+
+def cmd_cluster_cut_worker(args: argparse.Namespace) -> int:
+    from vertstudy.localcluster import cut_worker
+
+    cut_worker(Path(args.dir), args.index, heal=args.heal)
+    print(f"worker {args.index}: network link {'up again' if args.heal else 'down (its processes keep running)'}")
     return 0
 
 
@@ -518,6 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs of the head (default 0: trials run on workers only)")
     p.add_argument("--object-store-mb", type=_positive_int, default=100,
                    help="object store of each node in MB (default 100; Ray would take 30%% of RAM per node)")
+    p.add_argument("--netns", action="store_true",
+                   help="run each worker in a network namespace of its own, with its own IP address on a private "
+                        "bridge, as separate hosts (needs root and iproute2; lets cut-worker partition a node)")
+    p.add_argument("--health-check-s", type=_nonneg_float, default=0.0,
+                   help="seconds without an answer after which the head declares a node dead (default 0: Ray's, "
+                        "about 30 s)")
     p.set_defaults(func=cmd_cluster_start)
     p = cluster_sub.add_parser("status", help="the nodes of a local cluster", description="Print the nodes of the "
                                "local cluster in --dir: role, CPUs, Ray node id, raylet pid, alive or killed.")
@@ -529,6 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", required=True, help=dir_help)
     p.add_argument("index", type=_positive_int, help="worker index (1..N)")
     p.set_defaults(func=cmd_cluster_kill_worker)
+    p = cluster_sub.add_parser("cut-worker", help="take one worker's network link down (fault drills; --netns)",
+                               description="Take worker INDEX's network link down: a partition, not a kill - its "
+                                           "processes keep running. --heal brings the link up again. Only for a "
+                                           "cluster started with --netns.")
+    p.add_argument("--dir", required=True, help=dir_help)
+    p.add_argument("index", type=_positive_int, help="worker index (1..N)")
+    p.add_argument("--heal", action="store_true", help="bring the link up again")
+    p.set_defaults(func=cmd_cluster_cut_worker)
     p = cluster_sub.add_parser("stop", help="stop every process of a local cluster",
                                description="Stop the local cluster in --dir (only its processes).")
     p.add_argument("--dir", required=True, help=dir_help)

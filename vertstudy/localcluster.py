@@ -8,8 +8,13 @@ driver gets ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``; ``<root>/env.sh
 with ``RAY_ADDRESS`` for a shell. The dashboard (and with it ``ray job submit``) listens on
 127.0.0.1 only.
 
-Nodes on one machine share its IP address: they are told apart by their node id (the raylet's
-``--node_id``), which is what the study tables record in ``node``. ``kill_worker`` SIGKILLs a
+By default nodes on one machine share its IP address: they are told apart by their node id (the
+raylet's ``--node_id``), which is what the study tables record in ``node``. With
+``netns=True`` (root and iproute2) every worker runs in a network namespace of its own with its
+own address on a private bridge (:mod:`vertstudy.localnet`), as separate hosts would, and
+``cut_worker`` / ``heal_worker`` take a worker's link down and up (a network partition).
+``health_check_s`` shortens how long the head waits before it declares a silent node dead
+(Ray's default is about 30 s). ``kill_worker`` SIGKILLs a
 worker's raylet and everything it started (its trial workers and agents), which is what the
 cluster sees when a machine dies. ``stop_local_cluster`` stops only this cluster's processes
 (found by ``root`` in their command line), never another Ray on the machine.
@@ -52,6 +57,8 @@ class Node:
     raylet_pid: int = 0
     base_port: int = 0
     alive: bool = True
+    ip: str = "127.0.0.1"
+    cut: bool = False  # its network link is down (cut_worker)
 
 
 @dataclass
@@ -63,11 +70,22 @@ class LocalCluster:
     dashboard_port: int
     object_store_mb: int
     nodes: list[Node] = field(default_factory=list)
+    head_ip: str = "127.0.0.1"
+    network: str = ""  # prefix of its network namespaces and bridge (netns=True), else ""
+    subnet: str = ""
+    health_check_s: float = 0.0  # 0: Ray's default
 
     @property
     def address(self) -> str:
         """The GCS address (``ray.init(address=...)``, ``vertstudy study run --address``)."""
-        return f"127.0.0.1:{self.gcs_port}"
+        return f"{self.head_ip}:{self.gcs_port}"
+
+    @property
+    def net(self):
+        """Its :class:`vertstudy.localnet.Network` (``None`` when nodes share the host's address)."""
+        from vertstudy.localnet import Network
+
+        return Network(self.network, self.subnet) if self.network else None
 
     @property
     def dashboard_url(self) -> str:
@@ -172,7 +190,13 @@ def _ray_start(cluster: LocalCluster, node: Node, ports: dict[str, int], log) ->
                  f"--ray-client-server-port={ports['client']}"]
     else:
         args += [f"--address={cluster.address}"]
-    env = {**os.environ, **cluster.env()}
+    if cluster.network:
+        from vertstudy.localnet import in_namespace
+
+        args.append(f"--node-ip-address={node.ip}")
+        if node.index > 0:
+            args = in_namespace(cluster.net, node.index, args)
+    env = {**os.environ, **cluster.env(), **_health_env(cluster.health_check_s)}
     env.pop("RAY_ADDRESS")  # `ray start` takes --address; a stale RAY_ADDRESS would confuse the head
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
     (cluster.root / "logs").mkdir(exist_ok=True)
@@ -183,6 +207,21 @@ def _ray_start(cluster: LocalCluster, node: Node, ports: dict[str, int], log) ->
     node.base_port = ports["node_manager"]
     node.raylet_pid, node.node_id = _find_raylet(ports["node_manager"])
     log(f"node {node.index} ({'head' if node.index == 0 else 'worker'}, {node.cpus:g} CPU) up: {node.node_id[:12]}")
+
+
+def _health_env(health_check_s: float) -> dict[str, str]:
+    """Ray settings (read from the environment by every Ray process) under which the head
+    declares a node dead after about ``health_check_s`` seconds without an answer, and a node
+    that cannot reach the head gives up (exits) after about twice that; empty for Ray's defaults."""
+    if health_check_s <= 0:
+        return {}
+    period_ms = 500
+    return {
+        "RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": str(period_ms),
+        "RAY_health_check_timeout_ms": str(period_ms),
+        "RAY_health_check_failure_threshold": str(max(2, round(health_check_s * 1000 / period_ms))),
+        "RAY_gcs_rpc_server_reconnect_timeout_s": str(max(5, round(2 * health_check_s))),
+    }
 
 
 def _processes() -> dict[int, tuple[int, str]]:
@@ -223,14 +262,18 @@ def _descendants(pid: int, procs: dict[int, tuple[int, str]]) -> list[int]:
 
 
 def start_local_cluster(root: Path, workers: int = 2, cpus_per_worker: float = 1, head_cpus: float = 0,
-                        object_store_mb: int = 100, log=print) -> LocalCluster:
+                        object_store_mb: int = 100, log=print, netns: bool = False,
+                        health_check_s: float = 0.0) -> LocalCluster:
     """Start a head and ``workers`` worker nodes in ``root`` (created; must not hold a running cluster).
 
     ``object_store_mb`` caps each node's object store (Ray's default claims ~30 % of RAM per node).
-    On failure everything started so far is stopped again."""
-    if workers < 0 or cpus_per_worker <= 0 or head_cpus < 0 or object_store_mb < 75:
-        raise ConfigError(f"workers >= 0, cpus per worker > 0, head cpus >= 0, object store >= 75 MB; got "
-                          f"{workers}, {cpus_per_worker}, {head_cpus}, {object_store_mb}")
+    ``netns``: each worker in a network namespace of its own, with its own address (see the
+    module docstring). ``health_check_s``: seconds of silence after which the head declares a
+    node dead (0: Ray's default). On failure everything started so far is stopped again."""
+    if workers < 0 or cpus_per_worker <= 0 or head_cpus < 0 or object_store_mb < 75 or health_check_s < 0:
+        raise ConfigError(f"workers >= 0, cpus per worker > 0, head cpus >= 0, object store >= 75 MB, health "
+                          f"check >= 0 s; got {workers}, {cpus_per_worker}, {head_cpus}, {object_store_mb}, "
+                          f"{health_check_s}")
     if not Path(ray_command()).exists() and shutil.which("ray") is None:
         raise ConfigError("the `ray` command is not on PATH: install vertstudy (pip install -e .) in this environment")
     root = Path(root).resolve()
@@ -243,13 +286,25 @@ def start_local_cluster(root: Path, workers: int = 2, cpus_per_worker: float = 1
     base = _port_block(n_nodes)
     head = _node_ports(base, 0, n_nodes)
     cluster = LocalCluster(root=root, gcs_port=head["gcs"], dashboard_port=head["dashboard"],
-                           object_store_mb=object_store_mb)
+                           object_store_mb=object_store_mb, health_check_s=health_check_s)
     fd = os.open(cluster.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
     try:
+        if netns:
+            from vertstudy.localnet import make_network, namespaces_allowed
+
+            why_not = namespaces_allowed()
+            if why_not:
+                raise ConfigError(f"--netns: {why_not} (network namespaces need root and iproute2)")
+            cluster.network = network_prefix(root)
+            net = make_network(cluster.network, workers)
+            cluster.subnet, cluster.head_ip = net.subnet, net.head_ip
+            cluster.save()
         for index in range(n_nodes):
             node = Node(index=index, cpus=head_cpus if index == 0 else cpus_per_worker)
+            if netns:
+                node.ip = cluster.head_ip if index == 0 else cluster.net.worker_ip(index)
             _ray_start(cluster, node, _node_ports(base, index, n_nodes), log)
             cluster.nodes.append(node)
             cluster.save()
@@ -259,6 +314,13 @@ def start_local_cluster(root: Path, workers: int = 2, cpus_per_worker: float = 1
         stop_local_cluster(root, log=lambda *_: None)
         raise
     return cluster
+
+
+def network_prefix(root: Path) -> str:
+    """The name prefix of a cluster's namespaces and bridge: ``vs`` + 5 hex digits of its root."""
+    import hashlib
+
+    return "vs" + hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:5]
 
 
 def _wait_for_nodes(cluster: LocalCluster, n: int, timeout_s: float = 60.0) -> None:
@@ -278,11 +340,7 @@ def _wait_for_nodes(cluster: LocalCluster, n: int, timeout_s: float = 60.0) -> N
 
 def kill_worker(root: Path, index: int) -> list[int]:
     """SIGKILL worker node ``index`` (>= 1): its raylet and every process it started. Returns the pids."""
-    cluster = load_cluster(root)
-    node = next((n for n in cluster.nodes if n.index == index), None)
-    if node is None or index == 0:
-        raise ConfigError(f"worker index {index}: not a worker of the cluster in {cluster.root} "
-                          f"(workers: {', '.join(str(n.index) for n in cluster.workers()) or 'none'})")
+    cluster, node = _worker(root, index)
     procs = _processes()
     pids = [node.raylet_pid, *_descendants(node.raylet_pid, procs)] if node.raylet_pid in procs else []
     for pid in pids:
@@ -295,8 +353,33 @@ def kill_worker(root: Path, index: int) -> list[int]:
     return pids
 
 
+def _worker(root: Path, index: int) -> tuple[LocalCluster, Node]:
+    cluster = load_cluster(root)
+    node = next((n for n in cluster.nodes if n.index == index), None)
+    if node is None or index == 0:
+        raise ConfigError(f"worker index {index}: not a worker of the cluster in {cluster.root} "
+                          f"(workers: {', '.join(str(n.index) for n in cluster.workers()) or 'none'})")
+    return cluster, node
+
+
+def cut_worker(root: Path, index: int, heal: bool = False) -> None:
+    """Take worker ``index``'s network link down (``heal``: up again). Its processes keep running:
+    the head stops hearing from it, declares it dead after the health-check time, and its
+    trials are retried elsewhere. Only for clusters started with ``netns=True``."""
+    from vertstudy import localnet
+
+    cluster, node = _worker(root, index)
+    if cluster.net is None:
+        raise ConfigError(f"{cluster.root}: its nodes share the host's network; start the cluster with --netns to "
+                          "cut one off")
+    (localnet.heal if heal else localnet.cut)(cluster.net, index)
+    node.cut = not heal
+    cluster.save()
+
+
 def stop_local_cluster(root: Path, log=print, timeout_s: float = 15.0) -> int:
-    """Stop every process of the cluster in ``root`` (SIGTERM, then SIGKILL); returns how many."""
+    """Stop every process of the cluster in ``root`` (SIGTERM, then SIGKILL) and remove its network
+    namespaces (if any); returns how many processes."""
     root = Path(root).resolve()
     marker = str(root / "ray") + "/"
     procs = _processes()
@@ -313,6 +396,12 @@ def stop_local_cluster(root: Path, log=print, timeout_s: float = 15.0) -> int:
         deadline = time.monotonic() + (timeout_s if sig == signal.SIGTERM else 2.0)
         while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and _running(p) for p in ours):
             time.sleep(0.2)
+    if (root / STATE).exists():
+        network = json.loads((root / STATE).read_text(encoding="utf-8")).get("network", "")
+        if network:
+            from vertstudy.localnet import remove_network
+
+            remove_network(network)
     log(f"stopped {len(ours)} processes of the local cluster in {root}")
     return len(ours)
 

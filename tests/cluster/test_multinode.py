@@ -44,9 +44,17 @@ def root():
 
 @pytest.fixture(scope="module")
 def cluster(root):
-    """Head + 2 workers through the CLI (the way a developer starts one); stopped at the end."""
+    """Head + 2 workers through the CLI (the way a developer starts one); stopped at the end. The
+    workers run in network namespaces of their own, with addresses of their own, as separate
+    hosts would, wherever `ip netns add` is allowed (else on the host's address, said below)."""
+    from vertstudy.localnet import namespaces_allowed
+
+    why_not = namespaces_allowed()
+    if why_not:
+        print(f"\nnetwork namespaces not allowed here ({why_not}): the workers share the host's address")
     out = subprocess.run([*CLI, "cluster", "start", "--dir", str(root / "c"), "--workers", "2",
-                          "--object-store-mb", "80"], capture_output=True, text=True, timeout=300)
+                          "--object-store-mb", "80", *([] if why_not else ["--netns"])],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "token authentication on" in out.stdout
     yield load_cluster(root / "c")

@@ -316,8 +316,8 @@ def test_a_full_disk_mid_study_stops_in_one_line_and_the_study_resumes(ray_clust
     kept = [*study_dir.glob("ray/experiment_state-*.json"), *study_dir.glob("ray/*/params.json")]
     for f in kept:  # whole or absent, never cut by the full disk
         assert json.loads(f.read_text(encoding="utf-8")), f
-    for f in study_dir.glob("ray/*/result.json"):
-        assert [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines()], f
+    for f in study_dir.glob("ray/*/result.json"):  # no torn line (empty for a trial that had not reported yet)
+        [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines()]
     filler.unlink()
     resumed = subprocess.run([sys.executable, "-m", "vertstudy.cli", "study", "resume", str(study_dir), "--address",
                               ray_cluster, "--no-progress"], capture_output=True, text=True, timeout=600)

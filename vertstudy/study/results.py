@@ -51,14 +51,31 @@ def trial_dirs(study_dir: str) -> dict[str, str]:
     return {Path(d).name: d for d, f in zip(dirs, found) if f.type == pafs.FileType.File}
 
 
-def _latest_checkpoint(fs, trial_dir: str) -> str | None:
+def _latest_checkpoint(fs, trial_dir: str, results: list[dict[str, Any]]) -> str | None:
+    """The folder holding the trial's files (``best.pt``, ...) in its latest checkpoint that the
+    driver recorded (``checkpoint_dir_name`` of its last result carrying one): a checkpoint
+    directory written by an attempt the driver no longer heard from (a partitioned node) is not
+    it (when Tune has removed it, the newest kept before it). Inside, the newest ``attempt-*``
+    folder (see :func:`vertstudy.study.trial.attempt_name`). Without a recorded name, the
+    highest-numbered checkpoint directory."""
     import pyarrow.fs as pafs
 
-    names = sorted(
-        i.path for i in fs.get_file_info(pafs.FileSelector(trial_dir, recursive=False))
-        if i.type == pafs.FileType.Directory and Path(i.path).name.startswith("checkpoint_")
-    )
-    return names[-1] if names else None
+    def subdirs(folder: str, prefix: str) -> list[str]:
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(folder, recursive=False))
+        except (FileNotFoundError, OSError):
+            return []
+        return sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix))
+
+    recorded = [r["checkpoint_dir_name"] for r in results if r.get("checkpoint_dir_name")]
+    names = subdirs(trial_dir, "checkpoint_")
+    if recorded:  # the recorded one, or (removed since) the newest kept before it
+        names = [n for n in names if Path(n).name <= recorded[-1]]
+    if not names:
+        return None
+    checkpoint = names[-1]
+    attempts = subdirs(checkpoint, "attempt-")
+    return attempts[-1] if attempts else checkpoint
 
 
 def read_trial(study_dir: str, trial_id: str) -> tuple[dict[str, Any], list[dict[str, Any]], str | None]:
@@ -77,7 +94,8 @@ def read_trial(study_dir: str, trial_id: str) -> tuple[dict[str, Any], list[dict
 
     params_text = text("params.json")
     params = json.loads(params_text) if params_text.strip() else {}
-    return params, _read_json_lines(text("result.json")), _latest_checkpoint(fs, tdir)
+    results = _read_json_lines(text("result.json"))
+    return params, results, _latest_checkpoint(fs, tdir, results)
 
 
 def trial_error(study_dir: str, trial_id: str) -> str:

@@ -86,6 +86,28 @@ def trial_config(spec: StudySpec, params: dict[str, Any]) -> Config:
 
 
 CHECKPOINT_FILES = ("last.pt", "best.pt", FINAL)
+ATTEMPT_PREFIX = "attempt-"
+
+
+def attempt_name() -> str:
+    """The folder one attempt of a trial writes its checkpoint files under, inside each of Tune's
+    ``checkpoint_NNNNNN`` directories: ``attempt-<start time, ns>-<pid>``.
+
+    A worker cut off from the cluster (a network partition) keeps training until its raylet
+    gives up, and may still write a checkpoint into the trial's storage, under a name the
+    retried attempt on another node writes too; per-attempt folders keep those files apart, and
+    a restore takes the newest attempt's (a retry always starts after the attempt before it was
+    declared dead, so later names are later attempts, given clocks that agree within seconds)."""
+    import os
+
+    return f"{ATTEMPT_PREFIX}{time.time_ns():020d}-{os.getpid()}"
+
+
+def payload_dir(checkpoint_dir: Path) -> Path:
+    """Where a Tune checkpoint directory keeps the trial's files: its newest attempt folder, or
+    the directory itself (checkpoints written before attempt folders existed)."""
+    attempts = sorted(p for p in checkpoint_dir.glob(f"{ATTEMPT_PREFIX}*") if p.is_dir())
+    return attempts[-1] if attempts else checkpoint_dir
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -146,9 +168,10 @@ def _restore(work: Path) -> tuple[Path | None, str]:
     for checkpoint in [latest, *_older_checkpoints(latest)]:
         clear()
         with checkpoint.as_directory() as d:
+            source = payload_dir(Path(d))
             for name in CHECKPOINT_FILES:
-                if (Path(d) / name).exists():
-                    shutil.copy2(Path(d) / name, work / name)
+                if (source / name).exists():
+                    shutil.copy2(source / name, work / name)
         problem = checkpoint_problem(work)
         label = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
         if problem is None:
@@ -240,7 +263,9 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     torch.set_num_threads(max(1, int(spec.resources.cpus)))
     where = {"node": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
              "device": select_device(cfg.train.device).type}
-    work = Path(tempfile.mkdtemp(prefix="vertstudy-trial-"))
+    staging = Path(tempfile.mkdtemp(prefix="vertstudy-trial-"))  # reported to Tune as each checkpoint
+    work = staging / attempt_name()  # this attempt's files (see attempt_name)
+    work.mkdir()
     t0 = time.perf_counter()
     try:
         resume, restore_note = _restore(work)
@@ -249,7 +274,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
             # Ray restored a trial that had already ended (its driver was killed before saving
             # that): report the same final result again instead of evaluating again
             tune.report(json.loads((work / FINAL).read_text(encoding="utf-8")),
-                        checkpoint=tune.Checkpoint.from_directory(str(work)))
+                        checkpoint=tune.Checkpoint.from_directory(str(staging)))
             return
         with TrialRun(setup.wandb, spec.name, trial_id, flat_config(cfg), resume=restored) as run:
 
@@ -259,7 +284,8 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
                 if corrupt:  # as if the node died while writing last.pt
                     data = (work / "last.pt").read_bytes()
                     (work / "last.pt").write_bytes(data[: len(data) // 2])
-                tune.report({**record, **where, "phase": "epoch"}, checkpoint=tune.Checkpoint.from_directory(str(work)))
+                tune.report({**record, **where, "phase": "epoch"},
+                            checkpoint=tune.Checkpoint.from_directory(str(staging)))
                 if (spec.inject_failure_at_epoch == record["epoch"] and not restored) or corrupt:
                     raise InjectedFailure(f"fault drill: trial {trial_id} fails once after epoch {record['epoch']}")
 
@@ -290,7 +316,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
                 final[key] = float(metrics.get(key, math.nan)) if result.status == "completed" else math.nan
             run.summary({k: v for k, v in final.items() if k != "vertebrae"})
         (work / FINAL).write_text(json.dumps(final), encoding="utf-8")
-        tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(work)))
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(staging)))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
