@@ -14,7 +14,6 @@ from vertstudy.losses import (
     classification_loss,
     heatmap_loss,
     heatmap_targets,
-    is_finite,
     masked_sum,
     regression_loss,
     total_loss,
@@ -275,15 +274,6 @@ def test_total_loss_is_float32_for_bfloat16_outputs():
     out = {"coords": out["coords"].bfloat16(), "logits": out["logits"].bfloat16(), "heatmaps": None}
     losses = total_loss(out, batch, LossConfig(map_reg="none"), ModelConfig())
     assert all(v.dtype == torch.float32 for v in losses.values())
-
-
-def test_is_finite():
-    ok = {"total": torch.tensor(1.0), "cls": torch.tensor(0.5), "reg": torch.tensor(0.5)}
-    assert is_finite(ok)
-    assert not is_finite({**ok, "total": torch.tensor(float("nan"))})
-    assert not is_finite({**ok, "reg": torch.tensor(float("inf"))})
-    assert is_finite(torch.tensor(3.0))
-    assert not is_finite(torch.tensor(float("-inf")))
 
 
 # -- the map regulariser (loss.map_reg = "js", beyond the paper) ---------------------------------

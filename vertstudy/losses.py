@@ -222,9 +222,3 @@ def total_loss(
     else:
         cls = torch.zeros((), dtype=reg.dtype, device=reg.device)
     return {"total": cls + reg, "cls": cls, "reg": reg}
-
-
-def is_finite(losses: Mapping[str, Tensor] | Tensor) -> bool:
-    """True when every loss value (a dict of scalars, or one tensor) is finite (no NaN, no inf)."""
-    values = losses.values() if isinstance(losses, Mapping) else (losses,)
-    return all(bool(torch.isfinite(torch.as_tensor(v).detach()).all()) for v in values)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -45,10 +44,13 @@ def _entries(cache):
     return [p for p in (cache / "cases").glob("*/*")] if (cache / "cases").exists() else []
 
 
-def _indexed(cache) -> list[str]:
-    """Case ids in the data set index that ``data prepare`` wrote under ``cache``."""
-    (index,) = (cache / "datasets").glob("*.json")
-    return sorted(c["case_id"] for c in json.loads(index.read_text(encoding="utf-8"))["cases"])
+def _prepared_ids(root, cache, for_prediction: bool = False) -> list[str]:
+    """Case ids of the data set ``data prepare`` made of ``root`` in ``cache`` (read back from the cache)."""
+    from vertstudy.data.prepare import prepare_dataset
+
+    result = prepare_dataset(root, cache, workers=1, progress=False, for_prediction=for_prediction)
+    assert result.hits == len(result.cases)  # all prepared by the command already
+    return sorted(c.case_id for c in result.cases)
 
 
 def _good_case(folder):
@@ -96,9 +98,9 @@ def test_a_training_set_whose_landmark_files_are_missing_is_refused_unless_for_p
     skipped = [line for line in out.splitlines() if line.startswith("skipped ")]
     assert len(skipped) == 2 and all("has no landmarks" in line for line in skipped), out
     assert "cases skipped" in out
-    assert _indexed(tmp_path / "lenient") == ["good"]  # refused cases are not in the data set's index
+    assert _prepared_ids(data, tmp_path / "lenient") == ["good"]  # refused cases are not in the data set
     assert _prepare(data, tmp_path / "predict", "--for-prediction") == 0
-    assert _indexed(tmp_path / "predict") == ["a", "b", "good"]
+    assert _prepared_ids(data, tmp_path / "predict", for_prediction=True) == ["a", "b", "good"]
     # a centroid file that lists no vertebra is refused the same way
     (data / "a.json").write_text("[]", encoding="utf-8")
     assert _prepare(data, tmp_path / "strict2", "--strict") == 2

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vertstudy.data.phantom import PhantomConfig, generate_case
-from vertstudy.data.show import curved_slab, render_case, render_case_views
+from vertstudy.data.show import curved_slab, render_case_views, show_case
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -57,10 +57,13 @@ def test_curved_slab_follows_the_track():
     assert curved_slab(vol, np.zeros(4), axis=2, half_vox=0)[1:].max() == 0.0
 
 
-def test_render_case_of_a_flipped_phantom(tmp_path):
+def test_show_a_flipped_phantom_written_as_files(tmp_path):
+    from vertstudy.data.formats.verse import write_case
+
     case = generate_case(0, 0, PhantomConfig(p_flipped=1.0, p_fov_short=1.0, p_fov_full=0.0))
     assert case.tags["direction"] == "flipped"
-    width, height = _png_size(render_case(case, tmp_path / "c.png"))
+    image = next(p for p in write_case(case, tmp_path / "ct") if p.name.endswith(".nii.gz"))
+    width, height = _png_size(show_case(image, tmp_path / "c.png"))
     assert width == 1200 and height >= 600
 
 

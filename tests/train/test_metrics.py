@@ -16,7 +16,6 @@ from vertstudy.train.metrics import (
     crop_metrics,
     match_case,
     mean_average_precision,
-    mean_average_precision_by_region,
     per_class_average_precision,
     summarize,
 )
@@ -145,15 +144,6 @@ def test_average_precision_hand_case():
     np.testing.assert_allclose(ap[[0, 1, 7]], [5 / 6, 1.0, 0.25])
     assert np.isnan(np.delete(ap, [0, 1, 7])).all()
     assert mean_average_precision(probs, present) == pytest.approx(25 / 36)
-
-
-def test_map_per_region():
-    # cervical (0, 1): (5/6 + 1) / 2 = 11/12; thoracic (7): 1/4; lumbar, sacral: no positives -> NaN
-    probs, present = _map_case()
-    by = mean_average_precision_by_region(probs, present)
-    assert by["map_cervical"] == pytest.approx(11 / 12)
-    assert by["map_thoracic"] == pytest.approx(0.25)
-    assert math.isnan(by["map_lumbar"]) and math.isnan(by["map_sacral"])
 
 
 def test_map_without_any_positive_is_nan():

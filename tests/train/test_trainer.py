@@ -22,7 +22,6 @@ from vertstudy.config import Config, TrainConfig
 from vertstudy.errors import ConfigError, InputError
 from vertstudy.train.trainer import (
     EPOCH_KEYS,
-    TIMING_KEYS,
     load_checkpoint,
     load_model,
     make_optimizer,
@@ -39,9 +38,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # bit-reproducible run
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """Four short-view coarse phantoms prepared at 4 mm: (cases, index path)."""
+    """Four short-view coarse phantoms prepared at 4 mm: (cases, their cache entry folders)."""
     result = prepared_short_phantoms(tmp_path_factory.mktemp("trainer-data"), cases=4, seed=3)
-    return result.cases, result.index_path
+    return result.cases, [str(c.path) for c in result.cases]
 
 
 def tiny(**sections) -> Config:
@@ -62,6 +61,9 @@ def tiny(**sections) -> Config:
             else:
                 target[key] = value
     return Config.model_validate(values)
+
+
+TIMING_KEYS = ("wall_s", "crops_per_s")  # the only per-epoch values that differ between identical runs
 
 
 def deterministic(history: list[dict]) -> list[dict]:
@@ -281,18 +283,18 @@ _RESUME_SCRIPT = """
 import sys, torch
 from pathlib import Path
 from vertstudy.config import Config
-from vertstudy.data.prepare import load_index
+from vertstudy.data.cache import load_entry
 from vertstudy.train.trainer import train
 torch.set_num_threads(1)
 cfg = Config.model_validate_json(Path(sys.argv[1]).read_text(encoding="utf-8"))
-cases = load_index(Path(sys.argv[2]))
-result = train(cfg, cases[:2], cases[2:], Path(sys.argv[3]), resume=Path(sys.argv[4]))
+cases = [load_entry(Path(p)) for p in sys.argv[4:]]
+result = train(cfg, cases[:2], cases[2:], Path(sys.argv[2]), resume=Path(sys.argv[3]))
 assert result.status == "completed", result
 """
 
 
 def test_resume_in_a_fresh_process_reproduces_the_straight_run(prepared, tmp_path):
-    cases, index = prepared
+    cases, entries = prepared
     cfg = _resume_cfg()
     straight, part = _straight_and_first_epoch(cfg, cases, tmp_path, "part")
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
@@ -302,9 +304,9 @@ def test_resume_in_a_fresh_process_reproduces_the_straight_run(prepared, tmp_pat
             "-c",
             _RESUME_SCRIPT,
             str(tmp_path / "cfg.json"),
-            str(index),
             str(tmp_path / "fresh"),
             str(part.last_checkpoint),
+            *entries,
         ],
         check=True,
         timeout=120,

@@ -57,17 +57,6 @@ class Grid:
         return self.origin_xyz[2] + self.spacing_xyz[2] * np.arange(self.shape_zyx[0])
 
 
-def intersect(a: Box, b: Box) -> Box | None:
-    """Intersection of two boxes, or None."""
-    out = []
-    for sa, sb in zip(a, b):
-        lo, hi = max(sa.start, sb.start), min(sa.stop, sb.stop)
-        if hi <= lo:
-            return None
-        out.append(slice(lo, hi))
-    return tuple(out)
-
-
 def relative(inner: Box, outer: Box) -> Box:
     """``inner`` expressed in the index space of ``outer`` (inner must lie inside outer)."""
     return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))

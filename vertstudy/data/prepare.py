@@ -1,16 +1,13 @@
-"""Prepare a data set: discover its cases, preprocess each into the cache in parallel, index it.
+"""Prepare a data set: discover its cases and preprocess each into the cache in parallel.
 
 ``prepare_dataset`` is what ``vertstudy data prepare`` runs: bad cases are reported and
-skipped (or, with ``strict``, end the run with the first one, keeping the finished entries);
-the index of the prepared cases is written to ``<cache>/datasets/`` for studies to load.
+skipped (or, with ``strict``, end the run with the first one, keeping the finished entries).
 A data set is for training unless ``for_prediction``: then a case without landmarks (no
 landmark file found, or one that lists none) is a bad case too, not a case with 0 vertebrae.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -21,7 +18,7 @@ import numpy as np
 
 from vertstudy.anatomy import NAMES, NUM_CLASSES
 from vertstudy.config import PrepConfig
-from vertstudy.data.cache import CachedCase, _atomic_json, get_or_prepare, load_entry
+from vertstudy.data.cache import CachedCase, get_or_prepare, load_entry
 from vertstudy.errors import InputError
 from vertstudy.progress import progress_counter
 
@@ -37,7 +34,6 @@ class PrepareResult:
     cases: list[CachedCase]
     skipped: list[tuple[str, str]]
     hits: int
-    index_path: Path
     extra_labels: Counter = field(default_factory=Counter)
 
     def class_counts(self) -> np.ndarray:
@@ -130,40 +126,7 @@ def prepare_dataset(
     extra: Counter = Counter()
     for case in cases:
         extra.update(case.extra_labels)
-    index_path = write_index(cache_dir, root, fmt, prep, cases, skipped)
-    return PrepareResult(cases, skipped, sum(hit for _, hit in done.values()), index_path, extra)
-
-
-def write_index(
-    cache_dir: Path, root: Path, fmt: str, prep: PrepConfig, cases: list[CachedCase], skipped: list[tuple[str, str]]
-) -> Path:
-    """Write ``<cache>/datasets/<root name>-<digest>.json`` listing the prepared entries."""
-    digest = hashlib.sha256(f"{Path(root).resolve()}\0{fmt}\0{prep.model_dump_json()}".encode()).hexdigest()[:10]
-    path = Path(cache_dir) / "datasets" / f"{Path(root).resolve().name}-{digest}.json"
-    _atomic_json(
-        path,
-        {
-            "root": str(Path(root).resolve()),
-            "format": fmt,
-            "prep": prep.model_dump(),
-            "cases": [{"case_id": c.case_id, "key": c.key, "path": os.path.relpath(c.path, cache_dir)} for c in cases],
-            "skipped": [{"case_id": cid, "reason": why} for cid, why in skipped],
-        },
-    )
-    return path
-
-
-def load_index(path: Path) -> list[CachedCase]:
-    """The cache entries listed by an index file written by :func:`prepare_dataset`."""
-    path = Path(path)
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "index file not found; run `vertstudy data prepare` first") from None
-    except ValueError as exc:
-        raise InputError(path, f"index file is not valid JSON ({exc})") from None
-    cache_dir = path.parent.parent
-    return [load_entry(cache_dir / c["path"]) for c in index["cases"]]
+    return PrepareResult(cases, skipped, sum(hit for _, hit in done.values()), extra)
 
 
 def summary_rows(result: PrepareResult) -> list[tuple[str, str]]:
@@ -179,5 +142,4 @@ def summary_rows(result: PrepareResult) -> list[tuple[str, str]]:
     if result.extra_labels:
         extras = ", ".join(f"{k}: {v}" for k, v in sorted(result.extra_labels.items()))
         rows.append(("outside the 26 classes (not relabelled)", extras))
-    rows.append(("index", str(result.index_path)))
     return rows

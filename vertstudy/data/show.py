@@ -159,27 +159,6 @@ def render_case_views(
     return out_png
 
 
-def render_case(case, out_png: Path, title: str | None = None, **kwargs) -> Path:
-    """Render a :class:`~vertstudy.data.case.Case` (any orientation) with its own landmarks.
-
-    The image is reoriented to LPS (identity direction: axes toward left, posterior, superior)
-    so that its array has the axis order :func:`render_case_views` expects.
-    """
-    import SimpleITK as sitk
-
-    image = sitk.DICOMOrient(case.image, "LPS")
-    vol = sitk.GetArrayViewFromImage(image)
-    pts = np.array(
-        [image.TransformPhysicalPointToContinuousIndex(lm.xyz_mm)[::-1] for lm in case.landmarks], dtype=np.float64
-    ).reshape(-1, 3)
-    spacing = image.GetSpacing()[::-1]
-    if title is None:
-        keys = ("fov", "metal", "curvature", "noise", "spacing")
-        tags = " ".join(f"{k}={case.tags[k]}" for k in keys if k in case.tags)
-        title = f"{case.case_id}  {tags}"
-    return render_case_views(vol, spacing, pts, case.labels(), out_png, title, **kwargs)
-
-
 def show_case(
     case: Path, out_png: Path, landmarks: Path | None = None, prep=None, title: str | None = None
 ) -> Path:

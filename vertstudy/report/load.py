@@ -24,7 +24,6 @@ from vertstudy.errors import InputError
 from vertstudy.study import storage
 from vertstudy.study.tables import read_table
 
-STATUSES = ("completed", "pruned", "error", "diverged")
 #: trial columns every part of the report may read; absent ones are filled with NaN / "".
 TRIAL_NUMBERS = (
     "best_val_id_rate", "best_val_loc_error_mm", "best_val_map", "best_val_loss", "best_val_ct_id_rate",

@@ -40,7 +40,6 @@ class StudyData:
     train: tuple[str, ...]
     val: tuple[str, ...]
     test: tuple[str, ...]
-    spacing_mm: float
     node_cache: str = ""
 
     def cases(self, part: str) -> list[CachedCase]:
@@ -53,8 +52,8 @@ class StudyData:
     @classmethod
     def from_json(cls, text: str) -> StudyData:
         raw = json.loads(text)
-        return cls(tuple(raw["train"]), tuple(raw["val"]), tuple(raw["test"]), float(raw["spacing_mm"]),
-                   str(raw.get("node_cache", "")))
+        # (studies written before this version also hold "spacing_mm", which nothing reads)
+        return cls(tuple(raw["train"]), tuple(raw["val"]), tuple(raw["test"]), str(raw.get("node_cache", "")))
 
 
 ENTRY_FILES = ("volume.npy", "meta.json")  # meta.json last: its presence marks a whole entry
@@ -185,7 +184,7 @@ def materialize(data: DataSpec, config: Config, work: Path, progress: bool = Tru
         paths = [published.get(p, p) for p in paths]
     return StudyData(
         train=tuple(paths[i] for i in tr), val=tuple(paths[i] for i in va), test=tuple(paths[i] for i in te),
-        spacing_mm=float(prep.spacing_mm), node_cache=data.node_cache,
+        node_cache=data.node_cache,
     )
 
 

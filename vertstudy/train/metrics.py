@@ -214,11 +214,6 @@ def _mean_ap(ap: np.ndarray, classes: Iterable[int] | None = None) -> float:
     return float(ap.mean()) if ap.size else float("nan")
 
 
-def mean_average_precision_by_region(probs: np.ndarray, present: np.ndarray) -> dict[str, float]:
-    """``{"map_<region>": mAP over that region's classes}`` for the four regions."""
-    return {f"map_{name}": mean_average_precision(probs, present, REGIONS[name]) for name in REGIONS}
-
-
 def _nan_mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else float("nan")
 

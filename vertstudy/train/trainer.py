@@ -81,7 +81,6 @@ EPOCH_KEYS = (
     "crops_per_s",
 )
 _CROP_METRICS = [f"{m}{r}" for m in ("loc_error_mm", "id_rate", "map") for r in ("", *(f"_{n}" for n in REGIONS))]
-TIMING_KEYS = ("wall_s", "crops_per_s")  # the only per-epoch values that differ between identical runs
 
 
 @dataclass
