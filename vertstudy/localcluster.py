@@ -38,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vertstudy.atomic import atomic_write_text
 from vertstudy.errors import ConfigError
 
 STATE = "cluster.json"
@@ -114,9 +115,7 @@ class LocalCluster:
 
     def save(self) -> None:
         data = {**asdict(self), "root": str(self.root)}
-        tmp = self.root / f".{STATE}.tmp"
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        tmp.replace(self.root / STATE)
+        atomic_write_text(self.root / STATE, json.dumps(data, indent=1))
         lines = [f"export {k}={shlex.quote(v)}" for k, v in self.env().items()]
         lines.append(f"export VERTSTUDY_DASHBOARD={shlex.quote(self.dashboard_url)}")
         (self.root / "env.sh").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -37,9 +37,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from vertstudy.anatomy import NAMES
+from vertstudy.atomic import atomic_write_text
 from vertstudy.config import InferConfig
 from vertstudy.data.case import Case
-from vertstudy.data.io import atomic_write_text, read_image, strip_image_suffix
+from vertstudy.data.io import read_image, strip_image_suffix
 from vertstudy.errors import InputError, VertstudyError
 
 OUTPUT_FORMATS: tuple[str, ...] = ("verse", "slicer")

@@ -69,6 +69,25 @@ def local_ray(work: Path, cpus: int) -> Iterator[float]:
             ray.shutdown()
 
 
+@contextmanager
+def work_folder(workdir: Path | None, prefix: str, parent: str | None = None) -> Iterator[Path]:
+    """A benchmark's work folder: ``workdir`` when given (kept, so a rerun reuses its phantoms and
+    cache), else a new temporary folder named ``prefix...`` under ``parent`` (default: the
+    system's), removed at the end whatever happens."""
+    import shutil
+    import tempfile
+
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        yield Path(workdir)
+        return
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def prepared_phantoms(work: Path, cases: int, seed: int, spacing_mm: float, progress: bool) -> list:
     """Coarse phantoms under ``work/phantoms`` (written once), prepared into ``work/cache`` at
     ``spacing_mm``: the cached cases, sorted by case id. Not timed by any benchmark."""

@@ -20,16 +20,14 @@ network at smoke scale, side by side in one invocation:
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from vertstudy.bench import format_figures, smoke_study
+from vertstudy.bench import format_figures, smoke_study, work_folder
 
 
 def _spec(storage: Path, name: str, trials: int, epochs: int, grid: bool = False):
@@ -167,18 +165,16 @@ def _recovery(work: Path, epochs: int, kill_at: int, log) -> dict[str, float]:
 def bench_cluster(trials: int = 6, epochs: int = 16, recovery_epochs: int = 12, kill_at: int = 3,
                   workdir: Path | None = None, log=print) -> dict[str, float]:
     """The figures (see the module docstring)."""
-    work = Path(tempfile.mkdtemp(prefix="vs-bc-", dir=str(workdir) if workdir else "/tmp"))
-    try:
-        from vertstudy.config import load_config
-        from vertstudy.study.dataset import materialize
+    from vertstudy.config import load_config
+    from vertstudy.study.dataset import materialize
 
+    # always a new short folder (Ray's socket paths), under --workdir when given
+    with work_folder(None, "vs-bc-", str(workdir) if workdir else "/tmp") as work:
         spec = _spec(work / "st", "prep", trials, epochs)
         materialize(spec.data, load_config(spec.config), work / "st", progress=False)  # phantoms + cache, once
         one = _throughput(work, 1, trials, epochs, log)
         two = _throughput(work, 2, trials, epochs, log)
         rec = _recovery(work, recovery_epochs, kill_at, log)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return {
         "trials": trials, "epochs_per_trial": epochs,
         "one_worker_trials_per_min": one["trials_per_min"], "two_workers_trials_per_min": two["trials_per_min"],

@@ -16,15 +16,13 @@ largest difference between the two runs' centroids.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vertstudy.bench import format_figures
+from vertstudy.bench import format_figures, work_folder
 from vertstudy.config import Config, InferConfig
 
 
@@ -74,9 +72,7 @@ def bench_infer(
     cfg = Config.model_validate({"model": {"width": width}, "infer": infer.model_dump()})
     crop = tuple(int(c) for c in cfg.data.crop.crop_size)
 
-    own = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="vertstudy-bench-infer-")) if own else Path(workdir)
-    try:
+    with work_folder(workdir, "vertstudy-bench-infer-") as work:
         phantom = PhantomConfig.preset(resolution, p_fov_full=1.0)
         paths = write_phantoms(work / "phantom", cases=1, seed=seed, fmt="csi2014", config=phantom, progress=False)
         image_path = next(p for p in paths if p.name.endswith((".nii.gz", ".nii")))
@@ -131,9 +127,6 @@ def bench_infer(
             "centroid_max_diff_vox": _centroid_diff(results["configured"], results["batch1"]),
             "repeats": repeats,
         }
-    finally:
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def format_table(figures: dict) -> str:

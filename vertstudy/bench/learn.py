@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vertstudy.bench import format_figures, prepared_phantoms
+from vertstudy.bench import format_figures, prepared_phantoms, work_folder
 from vertstudy.config import Config
 from vertstudy.data.cache import CachedCase
 from vertstudy.train.evaluate import baseline_case_rows, checkpoint_case_rows
@@ -124,24 +123,20 @@ def bench_learn(
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    own = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="vertstudy-bench-learn-")) if own else Path(workdir)
     try:
-        cases = prepared_phantoms(work, train_cases + test_cases, seed, spacing_mm, progress)
-        pool, test = cases[:train_cases], cases[train_cases:]
-        train, val = pool[: train_cases - val_cases], pool[train_cases - val_cases :]
-        cfg = learn_config(width, crop_size, spacing_mm, lr, workers, seed, overrides)
-        shutil.rmtree(work / "run", ignore_errors=True)
-        result, train_s = _train_for(cfg, train, val, work / "run", minutes, max_epochs, progress, crops)
-        figures = _figures(cfg, result, train_s, len(train), len(val), len(test))
-        if result.best_checkpoint is None:
+        with work_folder(workdir, "vertstudy-bench-learn-") as work:
+            cases = prepared_phantoms(work, train_cases + test_cases, seed, spacing_mm, progress)
+            pool, test = cases[:train_cases], cases[train_cases:]
+            train, val = pool[: train_cases - val_cases], pool[train_cases - val_cases :]
+            cfg = learn_config(width, crop_size, spacing_mm, lr, workers, seed, overrides)
+            shutil.rmtree(work / "run", ignore_errors=True)
+            result, train_s = _train_for(cfg, train, val, work / "run", minutes, max_epochs, progress, crops)
+            figures = _figures(cfg, result, train_s, len(train), len(val), len(test))
+            if result.best_checkpoint is not None:
+                figures.update(held_out_figures(result.best_checkpoint, pool, test))
             return figures
-        figures.update(held_out_figures(result.best_checkpoint, pool, test))
-        return figures
     finally:
         torch.set_num_threads(previous)
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def held_out_figures(checkpoint: Path, pool: list[CachedCase], test: list[CachedCase]) -> dict:

@@ -9,11 +9,10 @@ the first (warm) cache, which must preprocess nothing.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from vertstudy.bench import format_figures
+from vertstudy.bench import format_figures, work_folder
 from vertstudy.config import PrepConfig
 from vertstudy.data.prepare import prepare_dataset
 
@@ -38,9 +37,7 @@ def bench_prep(
     """Measure preprocessing throughput; returns the figures (names carry units)."""
     from vertstudy.data.phantom import PhantomConfig, write_phantoms
 
-    own = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="vertstudy-bench-prep-")) if own else Path(workdir)
-    try:
+    with work_folder(workdir, "vertstudy-bench-prep-") as work:
         data = work / "phantoms"
         config = PhantomConfig.fixed_grid(size_xyz=size_xyz, spacing_xyz=spacing_xyz)
         if not data.exists():
@@ -69,9 +66,6 @@ def bench_prep(
             "prep_warm_s": timings["warm"],
             "prep_warm_to_cold_ratio": timings["warm"] / timings["cold_1proc"],
         }
-    finally:
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def format_table(figures: dict) -> str:

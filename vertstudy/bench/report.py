@@ -14,13 +14,11 @@ max, ``report_bytes`` (the whole report folder), ``report_html_bytes``, ``figure
 
 from __future__ import annotations
 
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from vertstudy.bench import format_figures, local_ray, smoke_study
+from vertstudy.bench import format_figures, local_ray, smoke_study, work_folder
 
 #: the report benchmark's search space: the parameters the issue names
 SPACE = {
@@ -38,9 +36,7 @@ def bench_report(trials: int = 50, concurrency: int = 2, epochs: int = 2, builds
     from vertstudy.report import build_report
     from vertstudy.study.runner import run_study
 
-    own = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="vs-bench-", dir="/tmp")) if own else Path(workdir)
-    try:
+    with work_folder(workdir, "vs-bench-", "/tmp") as work:
         spec = smoke_study(work / "st", f"bench-report-{time.strftime('%H%M%S')}", "bench report", trials=trials,
                            epochs=epochs, concurrency=concurrency, space=SPACE, test_cases=2)
         with local_ray(work, concurrency):
@@ -63,9 +59,6 @@ def bench_report(trials: int = 50, concurrency: int = 2, epochs: int = 2, builds
             "report_html_bytes": built.html_bytes,
             "figures": built.figures,
         }
-    finally:
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def format_table(figures: dict) -> str:

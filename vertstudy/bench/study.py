@@ -17,12 +17,11 @@ seconds each trial costs a worker slot.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from vertstudy.bench import format_figures, local_ray, smoke_study
+from vertstudy.bench import format_figures, local_ray, smoke_study, work_folder
 
 
 def _plain_optuna(spec, data, concurrency: int, work: Path) -> float:
@@ -59,9 +58,7 @@ def bench_study(
     from vertstudy.study.dataset import materialize
     from vertstudy.study.runner import run_study
 
-    own = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="vs-bench-", dir="/tmp")) if own else Path(workdir)
-    try:
+    with work_folder(workdir, "vs-bench-", "/tmp") as work:
         stamp = time.strftime("%H%M%S")
         spec = smoke_study(work / "st", f"bench-{stamp}", "bench study", trials=trials, epochs=epochs,
                            concurrency=concurrency, wandb=wandb)
@@ -83,9 +80,6 @@ def bench_study(
             "overhead_per_trial_s": (platform_s - plain_s) * concurrency / trials,
             "ray_local_start_s": ray_init_s,
         }
-    finally:
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def format_table(figures: dict) -> str:

@@ -29,17 +29,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from vertstudy.bench import format_figures, prepared_phantoms
+from vertstudy.bench import format_figures, prepared_phantoms, work_folder
 from vertstudy.config import Config
 
 _MB = 1024.0**2
@@ -237,9 +235,7 @@ def _bench_train(
     from vertstudy.data.crops import CropDataset, make_loader
     from vertstudy.model.network import build_model
 
-    own = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="vertstudy-bench-train-")) if own else Path(workdir)
-    try:
+    with work_folder(workdir, "vertstudy-bench-train-") as work:
         cfg = bench_config(width, crop_size, spacing_mm, batch_size, workers, seed)
         cached = prepared_phantoms(work, cases, seed, spacing_mm, progress)
         dataset = CropDataset(cached, cfg.data.crop, cfg.data.augment, seed=seed, train=True)
@@ -290,9 +286,6 @@ def _bench_train(
         if memory:
             figures.update(default_step_memory())
         return figures
-    finally:
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def format_table(figures: dict) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 from filelock import FileLock
 
 from vertstudy.anatomy import NAMES
+from vertstudy.atomic import atomic_write_json
 from vertstudy.config import PrepConfig
 from vertstudy.data.case import Case
 from vertstudy.data.preprocess import Geometry, preprocess
@@ -66,7 +67,7 @@ def file_digest(path: Path, cache_dir: Path | None = None) -> str:
             h.update(block)
     digest = h.hexdigest()
     if memo is not None:
-        _atomic_json(memo, {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest})
+        atomic_write_json(memo, {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest})
     return digest
 
 
@@ -194,13 +195,3 @@ def write_entry(final: Path, key: str, case: Case, prep: PrepConfig) -> CachedCa
     return load_entry(final)
 
 
-def _atomic_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from vertstudy.atomic import atomic_path
 from vertstudy.errors import InputError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -253,31 +252,9 @@ def read_dicom_series(folder: str | Path) -> sitk.Image:
 def write_image(image: sitk.Image, path: str | Path, compression_level: int = 1) -> Path:
     """Write ``image`` atomically: to a temporary name in the same folder, then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = next((s for s in IMAGE_SUFFIXES if path.name.lower().endswith(s)), path.suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, True, compression_level)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically (temporary name in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=suffix) as tmp:  # the writer picks the format by the suffix
+        sitk.WriteImage(image, str(tmp), True, compression_level)
     return path
 
 

@@ -11,13 +11,13 @@ spine stays in view. Predicted points are red, truth points blue, as in the pape
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from vertstudy.atomic import atomic_path
 
 PRED_COLOUR = "#ff3030"
 TRUTH_COLOUR = "#3080ff"
@@ -147,15 +147,8 @@ def render_case_views(
     if title:
         fig.suptitle(title, color="white", fontsize=10)
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_png.name}.", suffix=".png", dir=out_png.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out_png, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", facecolor="black")
-        os.replace(tmp, out_png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out_png
 
 

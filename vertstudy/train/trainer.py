@@ -48,9 +48,7 @@ run bit for bit on CPU, because every crop is drawn from ``(seed, epoch, index)`
 from __future__ import annotations
 
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -61,6 +59,7 @@ import numpy as np
 import torch
 
 from vertstudy.anatomy import REGIONS
+from vertstudy.atomic import atomic_path
 from vertstudy.config import Config, ModelConfig, TrainConfig, load_config
 from vertstudy.data.cache import CachedCase
 from vertstudy.data.crops import CropDataset, make_loader
@@ -202,15 +201,8 @@ def _cpu(obj):
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(_cpu(state), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -40,6 +40,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from vertstudy.anatomy import EXTRA_NAMES, INDEX, NAMES, parse_name
+from vertstudy.atomic import atomic_write_text
 from vertstudy.data.case import Case, Landmark, make_landmarks
 from vertstudy.data.formats import (
     CaseRef,
@@ -51,7 +52,7 @@ from vertstudy.data.formats import (
     tags_json,
     unique_ids,
 )
-from vertstudy.data.io import atomic_write_text, read_image, write_image
+from vertstudy.data.io import read_image, write_image
 from vertstudy.errors import InputError
 
 FMT = "csi2014"

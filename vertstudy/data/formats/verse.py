@@ -35,6 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from vertstudy.anatomy import INDEX, VERSE_TO_NAME, parse_verse_label
+from vertstudy.atomic import atomic_write_text
 from vertstudy.data.case import Case, Landmark, make_landmarks
 from vertstudy.data.formats import (
     CaseRef,
@@ -46,7 +47,7 @@ from vertstudy.data.formats import (
     tags_json,
     unique_ids,
 )
-from vertstudy.data.io import atomic_write_text, check_points_inside, read_image, strip_image_suffix, write_image
+from vertstudy.data.io import check_points_inside, read_image, strip_image_suffix, write_image
 from vertstudy.errors import InputError
 
 FMT = "verse"
