@@ -93,7 +93,7 @@ def cmd_data_show(args: argparse.Namespace) -> int:
 
 # -- predict -------------------------------------------------------------------------------
 def cmd_predict(args: argparse.Namespace) -> int:
-    from vertstudy.predict import format_summary, predict
+    from vertstudy.infer.predict import format_summary, predict
 
     summary = predict(
         Path(args.image), Path(args.checkpoint), Path(args.out), png=Path(args.png) if args.png else None,
@@ -106,7 +106,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_diagnose(args: argparse.Namespace) -> int:
     import tempfile
 
-    from vertstudy.train.diagnose import diagnose_checkpoint, format_decomposition
+    from vertstudy.infer.diagnose import diagnose_checkpoint, format_decomposition
 
     cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="vertstudy-diagnose-"))
     try:

@@ -117,7 +117,8 @@ def test_load_entry_round_trip(tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vertstudy.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "vertstudy.cli", *args], capture_output=True, text=True,
+                          encoding="utf-8", timeout=300)  # the summary table draws with box characters
 
 
 def test_cli_prepare_summary_and_errors(tmp_path):

@@ -60,8 +60,8 @@ def test_real_network_fits_a_few_phantoms(seed, cases, tmp_path, one_torch_threa
     assert last["val_id_rate"] >= 0.75
     # the labeling issue's regression guard: on spine-centred crops, the localization error of
     # present vertebrae is below half the error of always predicting the crop centre
-    from vertstudy.train.diagnose import crop_view
-    from vertstudy.train.trainer import load_model
+    from vertstudy.infer.diagnose import crop_view
+    from vertstudy.model.load import load_model
 
     model, cfg = load_model(result.last_checkpoint)
     view = crop_view(model, cfg, cases, crops_per_case=4)

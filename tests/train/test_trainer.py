@@ -18,17 +18,11 @@ import torch
 import vertstudy
 from tests.synth import prepared_short_phantoms
 from vertstudy.anatomy import REGIONS
+from vertstudy.checkpoint import load_checkpoint
 from vertstudy.config import Config, TrainConfig
 from vertstudy.errors import ConfigError, InputError
-from vertstudy.train.trainer import (
-    EPOCH_KEYS,
-    load_checkpoint,
-    load_model,
-    make_optimizer,
-    make_scheduler,
-    step_scheduler,
-    train,
-)
+from vertstudy.model.load import load_model
+from vertstudy.train.trainer import EPOCH_KEYS, make_optimizer, make_scheduler, step_scheduler, train
 
 REGION_KEYS = {f"val_{m}_{r}" for m in ("loc_error_mm", "id_rate", "map") for r in REGIONS}
 
@@ -358,12 +352,16 @@ def test_progress_bar_run_and_auto_device_model(prepared, tmp_path, capsys):
 
 # -- whole-CT validation and the spine prior ----------------------------------------------------
 def test_whole_ct_validation_every_k_epochs_selects_best_pt_and_stores_the_prior(prepared, tmp_path):
-    from vertstudy.train.decode import SpinePrior
-    from vertstudy.train.trainer import WHOLE_CT_KEYS, ct_score, load_spine_prior
+    from vertstudy.model.prior import SpinePrior, load_spine_prior
+    from vertstudy.train.trainer import WHOLE_CT_KEYS, ct_score
 
     cases, _ = prepared
+    from vertstudy.infer.evaluate import whole_ct_figures
+
     cfg = tiny(train={"epochs": 3, "whole_ct_every": 2, "select_on": "val_ct"}, infer={"stride": (8, 8, 8)})
-    result = train(cfg, cases[:2], cases[2:], tmp_path)
+    with pytest.raises(ConfigError, match="needs a whole-CT validator"):  # inference is a later stage: passed in
+        train(cfg, cases[:2], cases[2:], tmp_path)
+    result = train(cfg, cases[:2], cases[2:], tmp_path, whole_ct=whole_ct_figures)
     assert result.status == "completed"
     h = result.history
     assert all(set(WHOLE_CT_KEYS) <= set(r) for r in h)
@@ -376,7 +374,7 @@ def test_whole_ct_validation_every_k_epochs_selects_best_pt_and_stores_the_prior
     assert isinstance(prior, SpinePrior) and prior.count.sum() > 0
     # the prior comes from the training cases only
     truth = [(c.indices, c.zyx_vox * c.geometry.spacing_mm) for c in cases[:2]]
-    from vertstudy.train.decode import fit_spine_prior
+    from vertstudy.model.prior import fit_spine_prior
 
     assert (prior.mean == fit_spine_prior(truth).mean).all()
 

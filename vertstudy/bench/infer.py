@@ -2,7 +2,7 @@
 
 One phantom CT (``coarse`` by default: ~108 x 108 x 243 voxels at ~2.2 x 2.2 x 2.7 mm; or
 ``clinical``) is generated and written to disk (not timed). Then it is read and preprocessed
-once (timed: ``read_s``, ``prep_s``), and whole-CT inference (:mod:`vertstudy.train.inference`:
+once (timed: ``read_s``, ``prep_s``), and whole-CT inference (:mod:`vertstudy.infer`:
 tiling, network, votes, K-means) runs on it with the configured ``infer.batch_size`` and with
 batch 1, side by side in one run (alternating when ``repeats > 1``; the fastest of each is kept,
 these machines are shared and noisy). A warm-up batch runs first, untimed.
@@ -58,8 +58,9 @@ def bench_infer(
     from vertstudy.data.formats.csi2014 import ref_for
     from vertstudy.data.phantom import PhantomConfig, write_phantoms
     from vertstudy.data.preprocess import preprocess
+    from vertstudy.infer.tiling import tile_origins
+    from vertstudy.infer.whole import predict_volume_details
     from vertstudy.model.network import build_model
-    from vertstudy.train.inference import predict_volume_details, tile_origins
 
     defaults = InferConfig()
     infer = InferConfig(

@@ -7,7 +7,7 @@ plateau schedule and ``best.pt``); the last ``test_cases`` are held out. A netwo
 ``width`` (paper's LSTM) trains with the real trainer for a time budget: one epoch is timed,
 then the run resumes from its checkpoint up to the number of epochs that fits ``minutes``.
 
-The held-out cases are then labelled on the *whole* CT by :mod:`vertstudy.train.inference`
+The held-out cases are then labelled on the *whole* CT by :mod:`vertstudy.infer`
 (tiles at half a crop's stride, votes, K-means) with ``best.pt``, and scored with
 :func:`vertstudy.train.metrics.match_case` / ``summarize`` in canonical millimetres
 (``zyx_vox * spacing_mm``; the mapping to the scanner's space is a rigid one per case, so the
@@ -28,7 +28,7 @@ import torch
 from vertstudy.bench import format_figures, prepared_phantoms, work_folder
 from vertstudy.config import Config
 from vertstudy.data.cache import CachedCase
-from vertstudy.train.evaluate import baseline_case_rows, checkpoint_case_rows
+from vertstudy.infer.evaluate import baseline_case_rows, checkpoint_case_rows
 
 
 def learn_config(
@@ -70,6 +70,7 @@ def _train_for(cfg: Config, train: list, val: list, out: Path, minutes: float | 
                progress: bool, crops: int | None = None):
     """Train one epoch, then resume up to the epochs that fit ``minutes`` in total; or, with
     ``crops``, exactly the epochs that show at least that many training crops."""
+    from vertstudy.infer.evaluate import whole_ct_figures
     from vertstudy.train.trainer import train as run
 
     t0 = time.perf_counter()
@@ -77,14 +78,14 @@ def _train_for(cfg: Config, train: list, val: list, out: Path, minutes: float | 
         per_epoch = len(train) * cfg.data.crop.crops_per_case
         epochs = max(1, math.ceil(crops / per_epoch))
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
-        return run(cfg, train, val, out, progress=progress), time.perf_counter() - t0
-    first = run(cfg, train, val, out, progress=progress)
+        return run(cfg, train, val, out, progress=progress, whole_ct=whole_ct_figures), time.perf_counter() - t0
+    first = run(cfg, train, val, out, progress=progress, whole_ct=whole_ct_figures)
     if first.status != "completed":
         return first, time.perf_counter() - t0
     per_epoch = first.history[0]["wall_s"]  # training + validation, without set-up and checkpoints
     epochs = int(min(max_epochs, max(2, math.floor(minutes * 60.0 / per_epoch))))
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
-    result = run(cfg, train, val, out, resume=first.last_checkpoint, progress=progress)
+    result = run(cfg, train, val, out, resume=first.last_checkpoint, progress=progress, whole_ct=whole_ct_figures)
     return result, time.perf_counter() - t0
 
 
@@ -115,7 +116,7 @@ def bench_learn(
     budget (runs then do not depend on the machine's speed). ``overrides``: further config
     fields (dotted names), for ablations.
 
-    The held-out figures come from :func:`vertstudy.train.diagnose.diagnose` on ``best.pt``:
+    The held-out figures come from :func:`vertstudy.infer.diagnose.diagnose` on ``best.pt``:
     ``test_id_rate`` / ``test_loc_error_mm`` / ``test_false_per_case`` for the configured decoder,
     the same with a ``_kmeans`` and ``_sequence`` suffix for each decoder, and the whole
     decomposition under ``diag_``.
@@ -142,9 +143,10 @@ def bench_learn(
 def held_out_figures(checkpoint: Path, pool: list[CachedCase], test: list[CachedCase]) -> dict:
     """Whole-CT figures of ``checkpoint`` on ``test`` for every decoder, its decomposition, and
     the mean-position baseline fitted on ``pool``."""
-    from vertstudy.train.diagnose import diagnose
+    from vertstudy.infer.diagnose import diagnose
+    from vertstudy.model.load import load_model
+    from vertstudy.model.prior import load_spine_prior
     from vertstudy.train.metrics import summarize
-    from vertstudy.train.trainer import load_model, load_spine_prior
 
     model, cfg = load_model(checkpoint)
     t0 = time.perf_counter()

@@ -29,6 +29,7 @@ def _plain_optuna(spec, data, concurrency: int, work: Path) -> float:
     import optuna
     import torch
 
+    from vertstudy.infer.evaluate import whole_ct_figures
     from vertstudy.study.trial import evaluate_held_out, trial_config
     from vertstudy.train.trainer import train
 
@@ -39,7 +40,7 @@ def _plain_optuna(spec, data, concurrency: int, work: Path) -> float:
     def objective(trial) -> float:
         cfg = trial_config(spec, {"loss.balance_b": trial.suggest_float("loss.balance_b", 2.0, 4.0)})
         out = Path(tempfile.mkdtemp(dir=work))
-        result = train(cfg, train_cases, val_cases, out)
+        result = train(cfg, train_cases, val_cases, out, whole_ct=whole_ct_figures)
         evaluate_held_out(result.best_checkpoint, data, "cpu")
         return float(result.best_metrics.get("val_loc_error_mm", float("nan")))
 

@@ -5,7 +5,7 @@ Every trial's held-out evaluation (:func:`vertstudy.study.trial.evaluate_held_ou
 
 - ``test_diag_<variant>_<decoder>_{id_rate, loc_error_mm, false_per_case}``,
   ``test_diag_<variant>_tiles_per_case`` and ``test_diag_crop_*``: the decomposition of
-  :mod:`vertstudy.train.diagnose` (every tile or only tiles near the true spine, the
+  :mod:`vertstudy.infer.diagnose` (every tile or only tiles near the true spine, the
   classifier or the truth's classes);
 - ``test_dec_<decoder>_{id_rate, loc_error_mm, false_per_case, cases}[_fov_<value>]``: each
   decoder's held-out figures, overall and per field-of-view condition.
@@ -25,7 +25,7 @@ import pandas as pd
 from vertstudy.report.ablation import Choice
 from vertstudy.report.render import Block, Heading, Para, Table
 
-#: as in :mod:`vertstudy.train.diagnose` (not imported: reports need no torch)
+#: as in :mod:`vertstudy.infer.diagnose` (not imported: reports need no torch)
 VARIANTS = ("shipped", "near", "oracle", "both")
 DECODERS = ("kmeans", "sequence")
 DASH = "—"

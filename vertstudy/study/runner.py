@@ -254,9 +254,9 @@ def write_baseline(spec: StudySpec, study_dir: str, data: StudyData) -> dict[str
     """``baseline.parquet``: the mean-position baseline on the held-out cases (trained on the
     train + validation cases), and ``cases.parquet``: sagittal / coronal views of the held-out
     cases for the reports' failure gallery; returns the baseline's summary."""
+    from vertstudy.infer.evaluate import baseline_case_rows
     from vertstudy.study.dataset import case_view_row
     from vertstudy.study.trial import vertebra_rows
-    from vertstudy.train.evaluate import baseline_case_rows
     from vertstudy.train.metrics import summarize
 
     test = data.cases("test")

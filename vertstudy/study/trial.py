@@ -114,8 +114,8 @@ def checkpoint_problem(folder: Path) -> str | None:
     """Why the trial checkpoint in ``folder`` cannot be resumed from (a truncated or corrupt
     ``last.pt`` / ``best.pt`` / final report, e.g. a node that died mid-write or a full disk),
     or ``None`` when every file it holds loads."""
+    from vertstudy.checkpoint import load_checkpoint
     from vertstudy.errors import InputError
-    from vertstudy.train.trainer import load_checkpoint
 
     if not (folder / "last.pt").exists() and not (folder / FINAL).exists():
         return "it holds no last.pt"
@@ -208,12 +208,13 @@ def evaluate_held_out(checkpoint: Path | None, data: StudyData, device: str) -> 
     The rows and the plain ``test_*`` figures are those of the configured decoder
     (``infer.decoder``); beside them, :func:`decoder_figures` of every decoder
     (``test_dec_<decoder>_*``, also per field-of-view condition) and the error decomposition
-    of :mod:`vertstudy.train.diagnose` (``test_diag_*``), so reports can show where
+    of :mod:`vertstudy.infer.diagnose` (``test_diag_*``), so reports can show where
     identification is lost and what the decoder contributes.
     """
-    from vertstudy.train.diagnose import diagnose_cases
+    from vertstudy.infer.diagnose import diagnose_cases
+    from vertstudy.model.load import load_model
+    from vertstudy.model.prior import load_spine_prior
     from vertstudy.train.metrics import summarize
-    from vertstudy.train.trainer import load_model, load_spine_prior
 
     if checkpoint is None or not data.test:
         return {}, []
@@ -255,7 +256,9 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     import torch
     from ray import tune
 
-    from vertstudy.train.trainer import select_device, train
+    from vertstudy.infer.evaluate import whole_ct_figures
+    from vertstudy.model.load import select_device
+    from vertstudy.train.trainer import train
 
     spec, data = setup.spec, setup.data
     trial_id = tune.get_context().get_trial_id()
@@ -289,7 +292,8 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
                 if (spec.inject_failure_at_epoch == record["epoch"] and not restored) or corrupt:
                     raise InjectedFailure(f"fault drill: trial {trial_id} fails once after epoch {record['epoch']}")
 
-            result = train(cfg, data.cases("train"), data.cases("val"), work, on_epoch=on_epoch, resume=resume)
+            result = train(cfg, data.cases("train"), data.cases("val"), work, on_epoch=on_epoch, resume=resume,
+                           whole_ct=whole_ct_figures)
             t_eval = time.perf_counter()
             test_figures, rows = evaluate_held_out(result.best_checkpoint, data, result.device)
             eval_s = time.perf_counter() - t_eval

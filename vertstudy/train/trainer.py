@@ -14,7 +14,7 @@ Per epoch, ``on_epoch`` receives one flat dict (also kept in ``TrainResult.histo
   :func:`vertstudy.train.metrics.crop_metrics` on the validation crops —
   ``train.val_crops_per_case`` unaugmented crops per held-out case, centred at evenly spaced
   points along its spine, the same crops every epoch (NaN when there are no validation cases;
-  the whole-CT metrics of the paper come from :mod:`vertstudy.train.inference`);
+  the whole-CT metrics of the paper come from :mod:`vertstudy.infer`);
 - the same validation metrics per region, ``val_loc_error_mm_<region>``, ``val_id_rate_<region>``,
   ``val_map_<region>`` (regions of :data:`vertstudy.anatomy.REGIONS`);
 - with ``train.whole_ct_every = k > 0``: ``val_ct_id_rate``, ``val_ct_loc_error_mm``,
@@ -59,13 +59,14 @@ import numpy as np
 import torch
 
 from vertstudy.anatomy import REGIONS
-from vertstudy.atomic import atomic_path
-from vertstudy.config import Config, ModelConfig, TrainConfig, load_config
+from vertstudy.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from vertstudy.config import Config, ModelConfig, TrainConfig
 from vertstudy.data.cache import CachedCase
 from vertstudy.data.crops import CropDataset, make_loader
-from vertstudy.errors import ConfigError, InputError
+from vertstudy.errors import ConfigError
+from vertstudy.model.load import select_device
+from vertstudy.model.prior import training_prior
 
-CHECKPOINT_FORMAT = "vertstudy-checkpoint-v1"
 EPOCH_KEYS = (
     "epoch",
     "loss",
@@ -104,17 +105,6 @@ class TrainResult:
 
 class Diverged(Exception):
     """A loss that is not finite (internal: turned into status ``diverged``)."""
-
-
-# -- devices, seeds, random states -----------------------------------------------------------
-def select_device(kind: str) -> torch.device:
-    """``auto``: CUDA when present, else CPU. ``cuda`` without a GPU is a ConfigError."""
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels
-    return torch.device("cuda")
 
 
 def autocast(device: torch.device, amp: bool):
@@ -184,85 +174,6 @@ def step_scheduler(scheduler, monitored_loss: float) -> None:
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
-
-
-# -- checkpoints -----------------------------------------------------------------------------
-def _cpu(obj):
-    """``obj`` with every tensor moved to the CPU (so a checkpoint loads on any machine)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(_cpu(state), tmp)
-    return path
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`train` (tensors on the CPU).
-
-    Only ``weights_only=True`` loading is used, so a checkpoint cannot run code. Raises
-    ``InputError`` naming the file when it is missing or not a vertstudy checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a truncated or foreign file
-        why = str(exc).strip().split(". ", 1)[0].splitlines()[0] if str(exc).strip() else ""
-        raise InputError(path, f"not a readable checkpoint ({type(exc).__name__}: {why}); it may be truncated or "
-                         "corrupt") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(path, f"not a vertstudy checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    return state
-
-
-def load_spine_prior(path: Path):
-    """The :class:`~vertstudy.train.decode.SpinePrior` a checkpoint stores (fitted on its training
-    cases), or ``None`` for a checkpoint written before priors were stored."""
-    from vertstudy.train.decode import SpinePrior
-
-    state = load_checkpoint(path)
-    return SpinePrior.from_state(state["spine_prior"]) if state.get("spine_prior") else None
-
-
-def training_prior(cases: list[CachedCase]):
-    """The spine prior of the training cases (canonical mm), or ``None`` when they hold no
-    two consecutive vertebrae."""
-    from vertstudy.train.decode import fit_spine_prior
-
-    try:
-        return fit_spine_prior([(c.indices, np.asarray(c.zyx_vox) * c.geometry.spacing_mm) for c in cases])
-    except ValueError:
-        return None
-
-
-def checkpoint_config(state: dict[str, Any], path: Path) -> Config:
-    """The validated :class:`Config` stored in a checkpoint ``state`` read from ``path``."""
-    return load_config(state["config"], where=f"{path} (stored config)")
-
-
-def load_model(checkpoint_path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
-    """The network of a checkpoint, in eval mode on ``device`` (``"auto"``: CUDA when present),
-    and its configuration."""
-    from vertstudy.model.network import build_model
-
-    if device in ("auto", "cpu", "cuda"):
-        device = select_device(str(device))
-    state = load_checkpoint(checkpoint_path)
-    cfg = checkpoint_config(state, checkpoint_path)
-    model = build_model(cfg.model)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg
 
 
 # -- one epoch -------------------------------------------------------------------------------
@@ -450,6 +361,9 @@ def run_epoch(
     return _ordered(record)
 
 
+#: ``(model, config, validation cases, spine prior) -> {val_ct_id_rate, val_ct_loc_error_mm,
+#: val_ct_false_per_case}``: whole-CT validation, :func:`vertstudy.infer.evaluate.whole_ct_figures`
+WholeCT = Callable[[torch.nn.Module, Config, list[CachedCase], Any], dict[str, float]]
 WHOLE_CT_KEYS = ("val_ct_id_rate", "val_ct_loc_error_mm", "val_ct_false_per_case")
 
 
@@ -466,22 +380,6 @@ def _whole_ct_due(train_cfg: TrainConfig, epoch: int) -> bool:
     (the first, so a search metric or ASHA reading it always has a value)."""
     k = train_cfg.whole_ct_every
     return k > 0 and (epoch == 1 or epoch % k == 0 or epoch == train_cfg.epochs)
-
-
-def _whole_ct_validation(model, cfg: Config, val_cases: list[CachedCase], prior) -> dict[str, float]:
-    """Whole-CT labelling of the validation cases with the current weights: ``val_ct_id_rate``,
-    ``val_ct_loc_error_mm`` (mean over matched vertebrae) and ``val_ct_false_per_case``
-    (predicted classes absent from the truth, per case)."""
-    from vertstudy.train.evaluate import model_case_rows
-    from vertstudy.train.metrics import summarize
-
-    per_case = model_case_rows(model, cfg, val_cases, prior)
-    s = summarize([r for _, rows in per_case for r in rows])
-    return {
-        "val_ct_id_rate": float(s["id_rate"]),
-        "val_ct_loc_error_mm": float(s["loc_error_mm_mean"]),
-        "val_ct_false_per_case": float(s["n_false"]) / max(len(val_cases), 1),
-    }
 
 
 def _ordered(record: dict[str, Any]) -> dict[str, float]:
@@ -505,6 +403,7 @@ def train(
     on_epoch: Callable[[dict], None] | None = None,
     resume: Path | None = None,
     progress: bool = False,
+    whole_ct: WholeCT | None = None,
 ) -> TrainResult:
     """Train ``config.model`` for ``config.train.epochs`` epochs (in total, counting a resumed
     checkpoint's); write ``last.pt`` / ``best.pt`` into ``out_dir``; call ``on_epoch`` with each
@@ -513,10 +412,16 @@ def train(
     ``resume``: a ``last.pt`` of the same model config; training continues after its epoch
     (the other sections of ``config`` apply from there on). An exception raised by ``on_epoch``
     (e.g. a pruner stopping the trial) propagates, after that epoch's checkpoints are written.
+    ``whole_ct``: labels the validation cases on the whole CT; ``train.whole_ct_every > 0``
+    needs it (inference is a later stage than training, so the caller passes
+    :func:`vertstudy.infer.evaluate.whole_ct_figures`).
     """
     cfg = config
     if not train_cases:
         raise ConfigError("train: no training cases")
+    if cfg.train.whole_ct_every and whole_ct is None:
+        raise ConfigError("train.whole_ct_every > 0 needs a whole-CT validator: pass "
+                          "whole_ct=vertstudy.infer.evaluate.whole_ct_figures")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
@@ -544,7 +449,7 @@ def train(
             break
         ct_now = _whole_ct_due(cfg.train, epoch) and bool(val_cases)
         if ct_now:
-            st.last_ct = _whole_ct_validation(model, cfg, val_cases, prior)
+            st.last_ct = whole_ct(model, cfg, val_cases, prior)
         if cfg.train.whole_ct_every:
             record = _ordered({**record, **(st.last_ct or {k: math.nan for k in WHOLE_CT_KEYS})})
         monitored = record["val_loss"] if val_cases else record["loss"]

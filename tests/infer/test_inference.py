@@ -18,18 +18,10 @@ from vertstudy.anatomy import NUM_CLASSES
 from vertstudy.config import Config, InferConfig
 from vertstudy.data.phantom import PhantomConfig, generate_case
 from vertstudy.errors import ConfigError
+from vertstudy.infer.tiling import axis_origins, tile_origins
+from vertstudy.infer.votes import Votes, choose_cluster, cluster_all, cluster_votes, collect_votes
+from vertstudy.infer.whole import predict_case, predict_volume
 from vertstudy.model.network import build_model
-from vertstudy.train.inference import (
-    Votes,
-    axis_origins,
-    choose_cluster,
-    cluster_all,
-    cluster_votes,
-    collect_votes,
-    predict_case,
-    predict_volume,
-    tile_origins,
-)
 
 
 def tiny_config(**infer) -> Config:

@@ -1,5 +1,5 @@
 """Spine-consistent decoding of tile votes: at most one centroid per class, in anatomical order,
-with plausible spacing (beyond the paper, whose per-class K-means is in :mod:`.inference`).
+with plausible spacing (beyond the paper, whose per-class K-means is in :mod:`vertstudy.infer.votes`).
 
 The paper clusters each class's votes on its own, so two classes can land on one vertebra
 and a class whose tiles disagree picks one cluster blindly. The strongest methods on CSI 2014
@@ -40,12 +40,10 @@ centreline). Here:
    ``radius_mm`` of the candidate (the candidate itself when there are none).
 
 Everything here is a pure numpy function of its inputs; units are canonical millimetres, axis
-order (z, y, x), unless a name says voxels.
-"""
+order (z, y, x), unless a name says voxels."""
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,92 +51,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from vertstudy.anatomy import NUM_CLASSES
-
-#: prediction error assumed at each end of an offset (mm, per axis) on top of the anatomical spread
-NOISE_MM = 4.0
-#: floor of a consecutive offset's variance per axis (mm^2), for pairs seen in few training cases
-MIN_VAR_MM2 = 4.0
-
-
-@dataclass(frozen=True)
-class SpinePrior:
-    """Offsets between consecutive classes ``k -> k + 1`` in canonical (z, y, x) mm.
-
-    ``mean`` (25, 3) and ``var`` (25, 3) per axis; ``count`` (25,) training cases that held
-    both classes (pairs never seen borrow the median of the seen ones, with a wide variance).
-    """
-
-    mean: np.ndarray
-    var: np.ndarray
-    count: np.ndarray
-
-    def to_state(self) -> dict:
-        """Plain lists, for a checkpoint (read back with :meth:`from_state`)."""
-        return {"mean": self.mean.tolist(), "var": self.var.tolist(), "count": self.count.tolist()}
-
-    @staticmethod
-    def from_state(state: dict) -> SpinePrior:
-        return SpinePrior(
-            np.asarray(state["mean"], dtype=np.float64).reshape(NUM_CLASSES - 1, 3),
-            np.asarray(state["var"], dtype=np.float64).reshape(NUM_CLASSES - 1, 3),
-            np.asarray(state["count"], dtype=np.int64).reshape(NUM_CLASSES - 1),
-        )
-
-    def between(self, noise_mm: float = NOISE_MM) -> tuple[np.ndarray, np.ndarray]:
-        """Offset mean and variance between every pair of classes ``k < l``: two (26, 26, 3)
-        arrays (entries with ``k >= l`` are NaN)."""
-        cum_mean = np.concatenate([np.zeros((1, 3)), np.cumsum(self.mean, axis=0)])
-        cum_var = np.concatenate([np.zeros((1, 3)), np.cumsum(self.var, axis=0)])
-        mean = cum_mean[None, :, :] - cum_mean[:, None, :]
-        var = cum_var[None, :, :] - cum_var[:, None, :] + 2.0 * noise_mm**2
-        upper = np.triu(np.ones((NUM_CLASSES, NUM_CLASSES), dtype=bool), k=1)
-        mean[~upper] = np.nan
-        var[~upper] = np.nan
-        return mean, var
-
-
-def fit_spine_prior(cases: Sequence[tuple[np.ndarray, np.ndarray]]) -> SpinePrior:
-    """Fit :class:`SpinePrior` on training cases given as ``(indices (N,), zyx_mm (N, 3))``.
-
-    Pairs never seen get the median mean of the seen pairs and a variance of (20 mm)^2.
-    Raises ``ValueError`` when no case holds any consecutive pair.
-    """
-    offsets: list[list[np.ndarray]] = [[] for _ in range(NUM_CLASSES - 1)]
-    for indices, zyx_mm in cases:
-        points = {int(i): np.asarray(p, dtype=np.float64) for i, p in zip(indices, np.reshape(zyx_mm, (-1, 3)))}
-        for k in range(NUM_CLASSES - 1):
-            if k in points and k + 1 in points:
-                offsets[k].append(points[k + 1] - points[k])
-    seen = [k for k in range(NUM_CLASSES - 1) if offsets[k]]
-    if not seen:
-        raise ValueError("spine prior: no training case holds two consecutive vertebrae")
-    fallback = np.median(np.stack([np.mean(offsets[k], axis=0) for k in seen]), axis=0)
-    mean = np.zeros((NUM_CLASSES - 1, 3))
-    var = np.zeros((NUM_CLASSES - 1, 3))
-    count = np.zeros(NUM_CLASSES - 1, dtype=np.int64)
-    for k in range(NUM_CLASSES - 1):
-        if offsets[k]:
-            d = np.stack(offsets[k])
-            mean[k], count[k] = d.mean(axis=0), len(d)
-            var[k] = np.maximum(d.var(axis=0) if len(d) > 1 else MIN_VAR_MM2, MIN_VAR_MM2)
-        else:
-            mean[k], var[k] = fallback, 400.0
-    return SpinePrior(mean, var, count)
-
-
-@functools.lru_cache(maxsize=1)
-def population_prior() -> SpinePrior:
-    """The prior of the 1,947 real spines shipped in :mod:`vertstudy.data.shapes` (C1..L5; the
-    sacral pairs borrow the median step), for checkpoints that carry no prior of their own.
-    LPS (x, y, z) steps are the canonical (z, y, x) ones reversed."""
-    from vertstudy.data.shapes import load_shapes
-
-    shapes = load_shapes()
-    cases = []
-    for spine in shapes.points:
-        have = ~np.isnan(spine[:, 0])
-        cases.append((np.nonzero(have)[0], spine[have][:, ::-1]))
-    return fit_spine_prior(cases)
+from vertstudy.config import InferConfig
+from vertstudy.infer.tiling import TileOutputs
+from vertstudy.infer.votes import MERGE_MM, ClassResult, Votes, cluster_all
+from vertstudy.model.prior import NOISE_MM, SpinePrior, population_prior
 
 
 # -- candidates and their scores ---------------------------------------------------------------
@@ -282,4 +198,42 @@ def decode_sequence(
         centre = (points_mm[near] * w[:, None]).sum(axis=0) / w.sum() if near.any() else cands[c].copy()
         out[cls] = DecodedClass(centre, int(near.sum()), int(own.sum() - near.sum()), float(w.sum()),
                                 float(scores[c, cls]))
+    return out
+
+
+# -- decoding ----------------------------------------------------------------------------------
+def decode_votes(
+    votes: Votes,
+    tiles: TileOutputs,
+    crop_size: Sequence[int],
+    infer_cfg: InferConfig,
+    spacing_mm: float,
+    prior=None,
+    merge_mm: float = MERGE_MM,
+) -> dict[int, ClassResult]:
+    """Votes -> one :class:`ClassResult` per predicted class, by ``infer_cfg.decoder``.
+
+    ``kmeans``: the paper's per-class clustering (:func:`cluster_all`). ``sequence``:
+    :func:`vertstudy.infer.decoders.decode_sequence` with the checkpoint's spine ``prior``
+    (:class:`vertstudy.model.prior.SpinePrior`; ``None``: the population prior of the shipped
+    real spine shapes). Centres in canonical voxels.
+    """
+    if infer_cfg.decoder == "kmeans":
+        return cluster_all(votes, infer_cfg.min_votes, merge_mm / spacing_mm, tiles.loc_only)
+    from vertstudy.infer.decoders import decode_sequence, tiles_containing
+
+    prior = population_prior() if prior is None else prior
+    decoded = decode_sequence(
+        votes.classes, votes.points_zyx * spacing_mm, votes.weights,
+        lambda pts_mm: tiles_containing(pts_mm / spacing_mm, tiles.origins, crop_size),
+        prior, infer_cfg.seq_radius_mm, infer_cfg.seq_min_score, infer_cfg.seq_pair_weight,
+    )
+    out = {}
+    for k, d in decoded.items():
+        if d.votes < infer_cfg.min_votes and d.votes > 0:
+            continue
+        out[k] = ClassResult(
+            centre_zyx=d.centre_mm / spacing_mm, votes=d.votes, outliers=d.outliers, weight=d.weight,
+            probability=None if tiles.loc_only else d.score,
+        )
     return out

@@ -1,6 +1,6 @@
 """Whole-CT evaluation of a checkpoint on held-out cached cases, and the mean-position baseline.
 
-Held-out cases are labelled on the *whole* CT by :mod:`vertstudy.train.inference` and scored by
+Held-out cases are labelled on the *whole* CT by :mod:`vertstudy.infer` and scored by
 :func:`vertstudy.train.metrics.match_case` in canonical millimetres (``zyx_vox * spacing_mm``,
 axis order (z, y, x)); the mapping to the scanner's space is rigid per case, so distances are
 the same. Baseline: every class present in a case is predicted at that class's mean canonical
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vertstudy.anatomy import NUM_CLASSES
+from vertstudy.config import Config
 from vertstudy.data.cache import CachedCase
 from vertstudy.train.metrics import VertebraRow, match_case
 
@@ -49,7 +50,7 @@ def model_case_rows(
     model, cfg, cases: list[CachedCase], prior=None, infer_cfg=None
 ) -> list[tuple[CachedCase, list[VertebraRow]]]:
     """Per case, the rows of ``model``'s whole-CT predictions (``infer_cfg``, default ``cfg.infer``)."""
-    from vertstudy.train.inference import predict_volume
+    from vertstudy.infer.whole import predict_volume
 
     out = []
     for case in cases:
@@ -66,9 +67,25 @@ def checkpoint_case_rows(
     checkpoint: Path, test: list[CachedCase], device: str = "cpu", infer_cfg=None
 ) -> tuple[list[tuple[CachedCase, list[VertebraRow]]], float]:
     """Per test case, the rows of ``checkpoint``'s whole-CT predictions; and seconds per case."""
-    from vertstudy.train.trainer import load_model, load_spine_prior
+    from vertstudy.model.load import load_model
+    from vertstudy.model.prior import load_spine_prior
 
     model, cfg = load_model(checkpoint, device=device)
     t0 = time.perf_counter()
     out = model_case_rows(model, cfg, test, load_spine_prior(checkpoint), infer_cfg)
     return out, (time.perf_counter() - t0) / max(len(test), 1)
+
+
+def whole_ct_figures(model, cfg: Config, val_cases: list[CachedCase], prior) -> dict[str, float]:
+    """Whole-CT labelling of the validation cases with the current weights: ``val_ct_id_rate``,
+    ``val_ct_loc_error_mm`` (mean over matched vertebrae) and ``val_ct_false_per_case``
+    (predicted classes absent from the truth, per case)."""
+    from vertstudy.train.metrics import summarize
+
+    per_case = model_case_rows(model, cfg, val_cases, prior)
+    s = summarize([r for _, rows in per_case for r in rows])
+    return {
+        "val_ct_id_rate": float(s["id_rate"]),
+        "val_ct_loc_error_mm": float(s["loc_error_mm_mean"]),
+        "val_ct_false_per_case": float(s["n_false"]) / max(len(val_cases), 1),
+    }

@@ -12,7 +12,7 @@ inference); the votes are then decoded four ways, each replacing one stage by th
   and the decoder.
 
 Each variant is decoded by every decoder (``kmeans``, the paper's; ``sequence``, see
-:mod:`vertstudy.train.decode`) and scored with
+:mod:`vertstudy.infer.decoders`) and scored with
 :func:`vertstudy.train.metrics.match_case` in canonical mm. Beside them, the crop-level view
 on ``crops_per_case`` unaugmented crops centred on the spine (as the trainer's validation):
 ``crop_recall`` (present classes with probability >= threshold), ``crop_false_positive_rate``
@@ -36,7 +36,7 @@ import torch
 from vertstudy.config import Config
 from vertstudy.data.cache import CachedCase
 from vertstudy.data.crops import crop_targets, extract_crop, spine_curve, validation_origins
-from vertstudy.train.evaluate import truth_mm
+from vertstudy.infer.evaluate import truth_mm
 from vertstudy.train.metrics import match_case, summarize
 
 VARIANTS = ("shipped", "near", "oracle", "both")
@@ -148,7 +148,9 @@ def diagnose_cases(
     decoders: Sequence[str] = DECODERS,
 ) -> Diagnosis:
     """:func:`diagnose` with the per-case rows of every decoder (see :class:`Diagnosis`)."""
-    from vertstudy.train.inference import decode_votes, run_network, tile_origins, tile_votes
+    from vertstudy.infer.decoders import decode_votes
+    from vertstudy.infer.tiling import run_network, tile_origins
+    from vertstudy.infer.votes import tile_votes
 
     crop = tuple(int(c) for c in cfg.data.crop.crop_size)
     rows: dict[tuple[str, str], list] = {(v, d): [] for v in VARIANTS for d in decoders}
@@ -236,8 +238,8 @@ def diagnose_checkpoint(checkpoint, data_dir, cache_dir, fmt: str = "auto", devi
 
     from vertstudy.data.prepare import prepare_dataset
     from vertstudy.errors import InputError
-    from vertstudy.predict import load_checkpoint_model
-    from vertstudy.train.trainer import load_spine_prior
+    from vertstudy.model.load import load_checkpoint_model
+    from vertstudy.model.prior import load_spine_prior
 
     checkpoint, data_dir = Path(checkpoint), Path(data_dir)
     model, cfg = load_checkpoint_model(checkpoint, device)

@@ -1,7 +1,7 @@
 """``vertstudy predict``: label the vertebrae of one CT with a trained checkpoint.
 
 :func:`predict` reads an image file or a DICOM series folder, preprocesses it with the
-checkpoint's own preprocessing, runs whole-CT inference (:mod:`vertstudy.train.inference`,
+checkpoint's own preprocessing, runs whole-CT inference (:mod:`vertstudy.infer`,
 paper III-B) and writes the centroids in the original image's space:
 
 - ``fmt="verse"`` (default): a VerSe ctd JSON list. The first entry is the image's own axis
@@ -42,12 +42,16 @@ from vertstudy.config import InferConfig
 from vertstudy.data.case import Case
 from vertstudy.data.io import read_image, strip_image_suffix
 from vertstudy.errors import InputError, VertstudyError
+from vertstudy.model.load import load_checkpoint_model
 
 OUTPUT_FORMATS: tuple[str, ...] = ("verse", "slicer")
+
 SLICER_SCHEMA = (
     "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/"
     "markups-schema-v1.0.3.json#"
 )
+
+
 # Slicer writes this per-point orientation (identity in RAS, expressed in LPS) for fiducials.
 _SLICER_ORIENTATION = [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0]
 
@@ -82,27 +86,6 @@ def read_image_case(image: Path, truth: Path | None = None) -> Case:
     case_id = image.name if image.is_dir() else strip_image_suffix(image.name)
     return Case(case_id=case_id, image=sitk_image, landmarks=[], sources=[image],
                 fmt="dicom" if image.is_dir() else "generic")
-
-
-def load_checkpoint_model(checkpoint: Path, device: str = "auto"):
-    """``(model in eval mode, Config)`` of a vertstudy checkpoint; ``InputError`` naming it otherwise."""
-    from vertstudy.train.trainer import load_model, select_device
-
-    checkpoint = Path(checkpoint)
-    if not checkpoint.exists():
-        raise InputError(checkpoint, "checkpoint not found")
-    try:
-        return load_model(checkpoint, select_device(device))
-    except VertstudyError:
-        raise
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        detail = " ".join(str(exc).split())  # one line: state-dict errors span many
-        if len(detail) > 160:
-            detail = detail[:157] + "..."
-        raise InputError(
-            checkpoint, f"not a usable vertstudy checkpoint: its weights or config do not load "
-            f"({type(exc).__name__}: {detail})"
-        ) from None
 
 
 # -- outputs ---------------------------------------------------------------------------------
@@ -249,7 +232,7 @@ def predict(
     (classes the format cannot hold), and with ``truth``: ``errors_mm`` per class and the paper's
     figures (``loc_error_mm_mean``, ``loc_error_mm_std``, ``id_rate``, ``n_truth``, ``n_matched``).
     """
-    from vertstudy.train.inference import predict_case
+    from vertstudy.infer.whole import predict_case
 
     t0 = time.perf_counter()
     fmt = check_format(fmt)
@@ -258,7 +241,7 @@ def predict(
     image = Path(image)
     if not image.exists():
         raise InputError(image, "image not found; expected an image file (NIfTI, NRRD, MHA) or a DICOM series folder")
-    from vertstudy.train.trainer import load_spine_prior
+    from vertstudy.model.prior import load_spine_prior
 
     model, cfg = load_checkpoint_model(Path(checkpoint), device)
     case = read_image_case(image, None if truth is None else Path(truth))

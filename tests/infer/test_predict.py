@@ -15,14 +15,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from tests.infer.test_inference import tiny_config
 from tests.synth import blob_image, signed_permutation, write_generic_case
-from tests.train.test_inference import tiny_config
+from vertstudy.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 from vertstudy.config import InferConfig
 from vertstudy.data.formats.verse import axis_codes, read_ctd
 from vertstudy.errors import InputError, VertstudyError
+from vertstudy.infer.predict import SLICER_SCHEMA, predict
 from vertstudy.model.network import build_model
-from vertstudy.predict import SLICER_SCHEMA, predict
-from vertstudy.train.trainer import CHECKPOINT_FORMAT, save_checkpoint
 
 # The parts of the 3D Slicer markups schema v1.0.3 (Slicer/Slicer,
 # Modules/Loadable/Markups/Resources/Schema/markups-schema-v1.0.3.json) a fiducial file uses.

@@ -1,4 +1,4 @@
-"""The sequence decoder (:mod:`vertstudy.train.decode`) on votes with a known answer.
+"""The sequence decoder (:mod:`vertstudy.infer.decoders`) on votes with a known answer.
 
 Synthetic spines: vertebrae along canonical -z (index increasing toward the head, so C1 has the
 largest z) at realistic spacings; each vertebra is seen by several tiles whose votes scatter a
@@ -14,15 +14,10 @@ import pytest
 
 from vertstudy.anatomy import NUM_CLASSES
 from vertstudy.config import InferConfig
-from vertstudy.train.decode import (
-    SpinePrior,
-    best_chain,
-    decode_sequence,
-    fit_spine_prior,
-    population_prior,
-    tiles_containing,
-)
-from vertstudy.train.inference import TileOutputs, Votes, cluster_all, decode_votes
+from vertstudy.infer.decoders import best_chain, decode_sequence, decode_votes, tiles_containing
+from vertstudy.infer.tiling import TileOutputs
+from vertstudy.infer.votes import Votes, cluster_all
+from vertstudy.model.prior import SpinePrior, fit_spine_prior, population_prior
 
 STEP = np.array([-25.0, 3.0, 0.0])  # canonical (z, y, x) mm from one class to the next
 
