@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
+import importlib
 import json
 import math
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from vertstudy import __version__
@@ -241,62 +245,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- bench ---------------------------------------------------------------------------------
-def _print_figures(figures: dict, as_json: bool, format_table) -> int:
-    """A benchmark's figures as one JSON object, or as its readable table."""
-    print(json.dumps(figures) if as_json else format_table(figures))
-    return 0
-
-
-def cmd_bench_infer(args: argparse.Namespace) -> int:
-    from vertstudy.bench.infer import bench_infer, format_table
-
-    figures = bench_infer(
-        width=args.width, resolution=args.resolution, batch_size=args.batch_size, repeats=args.repeats,
-        seed=args.seed, workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
-    )
-    return _print_figures(figures, args.json, format_table)
-
-
-def cmd_bench_train(args: argparse.Namespace) -> int:
-    from vertstudy.bench.train import bench_train, format_table
-
-    figures = bench_train(
-        width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm, workers=args.workers,
-        threads=args.threads, steps=args.steps, memory=not args.no_memory, seed=args.seed,
-        workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
-    )
-    return _print_figures(figures, args.json, format_table)
-
-
-def cmd_bench_learn(args: argparse.Namespace) -> int:
-    from vertstudy.bench.learn import bench_learn, format_table
-
-    figures = bench_learn(
-        train_cases=args.train_cases, val_cases=args.val_cases, test_cases=args.test_cases, minutes=args.minutes,
-        width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm, lr=args.lr, seed=args.seed,
-        workdir=Path(args.workdir) if args.workdir else None, progress=not args.json, crops=args.crops,
-        overrides=_overrides(args.set),
-    )
-    return _print_figures(figures, args.json, format_table)
-
-
-def _overrides(items: list[str] | None) -> dict:
-    """``["loss.map_reg=none", "data.crop.anywhere_fraction=0"]`` -> a dict of YAML-parsed values."""
-    import yaml
-
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. loss.map_reg=none")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
-    return out
-
-
+# -- cluster -------------------------------------------------------------------------------
 def cmd_cluster_start(args: argparse.Namespace) -> int:
     from vertstudy.localcluster import start_local_cluster
 
@@ -352,53 +301,235 @@ def cmd_cluster_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_study(args: argparse.Namespace) -> int:
-    from vertstudy.bench.study import bench_study, format_table
+# -- bench ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Bench:
+    """One ``vertstudy bench NAME``: its help, its own options, how to run it and how to print its figures.
 
-    figures = bench_study(
-        trials=args.trials, concurrency=args.concurrency, epochs=args.epochs, wandb=args.wandb,
-        workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
+    Every benchmark also gets ``--workdir`` and ``--json`` (and ``--seed`` when ``seed_help`` is given),
+    added after its own options; :func:`cmd_bench` runs them all the same way.
+    """
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Path | None, bool], dict]  # (args, workdir, progress) -> figures
+    format_table: Callable[[dict], str]
+    workdir_help: str
+    seed_help: str | None = None
+
+
+def _format_table_of(module: str) -> Callable[[dict], str]:
+    """``vertstudy.bench.<module>.format_table``, imported only when a table is printed."""
+
+    def format_table(figures: dict) -> str:
+        return importlib.import_module(f"vertstudy.bench.{module}").format_table(figures)
+
+    return format_table
+
+
+def cmd_bench(bench: _Bench, args: argparse.Namespace) -> int:
+    """Run one benchmark; print its figures as one JSON object (--json) or as its readable table."""
+    workdir = Path(args.workdir) if args.workdir else None
+    figures = bench.run(args, workdir, not args.json)
+    print(json.dumps(figures) if args.json else bench.format_table(figures))
+    return 0
+
+
+def _prep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cases", type=_positive_int, default=4, help="phantom cases (default 4)")
+    p.add_argument("--size", type=_positive_int, nargs=3, default=(512, 512, 300), metavar=("X", "Y", "Z"),
+                   help="image size in voxels (default 512 512 300)")
+    p.add_argument("--spacing", type=_positive_float, nargs=3, default=(0.8, 0.8, 1.5), metavar=("X", "Y", "Z"),
+                   help="voxel spacing in mm (default 0.8 0.8 1.5)")
+
+
+def _run_prep(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
+    from vertstudy.bench.prep import bench_prep
+
+    return bench_prep(cases=args.cases, size_xyz=tuple(args.size), spacing_xyz=tuple(args.spacing), seed=args.seed,
+                      workdir=workdir, progress=progress)
+
+
+def _infer_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--width", type=_positive_float, default=1.0, help="network width multiplier (default 1.0)")
+    p.add_argument("--resolution", choices=("clinical", "coarse"), default="coarse", help="phantom preset")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="batched run's size (default: config)")
+    p.add_argument("--repeats", type=_positive_int, default=1, help="timed runs per batch size (default 1)")
+
+
+def _run_infer(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
+    from vertstudy.bench.infer import bench_infer
+
+    return bench_infer(width=args.width, resolution=args.resolution, batch_size=args.batch_size,
+                       repeats=args.repeats, seed=args.seed, workdir=workdir, progress=progress)
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--width", type=_positive_float, default=0.25, help="network width for throughput (default 0.25)")
+    p.add_argument("--crop", type=_positive_int, nargs=3, default=(64, 48, 48), metavar=("Z", "Y", "X"),
+                   help="crop size in voxels (default 64 48 48)")
+    p.add_argument("--spacing-mm", type=_positive_float, default=2.0, help="voxel spacing (default 2.0)")
+    p.add_argument("--workers", type=_nonneg_int, default=1, help="DataLoader workers (default 1)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    p.add_argument("--steps", type=_positive_int, default=16, help="timed steps per path (default 16)")
+    p.add_argument("--no-memory", action="store_true", help="skip the (slow) default-network memory measurement")
+
+
+def _run_train(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
+    from vertstudy.bench.train import bench_train
+
+    return bench_train(width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm,
+                       workers=args.workers, threads=args.threads, steps=args.steps, memory=not args.no_memory,
+                       seed=args.seed, workdir=workdir, progress=progress)
+
+
+def _learn_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train-cases", type=_positive_int, default=24, help="training phantoms (default 24)")
+    p.add_argument("--val-cases", type=_positive_int, default=4, help="validation phantoms (default 4)")
+    p.add_argument("--test-cases", type=_positive_int, default=6, help="held-out phantoms (default 6)")
+    p.add_argument("--minutes", type=_positive_float, default=8.0, help="training budget in minutes (default 8)")
+    p.add_argument("--width", type=_positive_float, default=0.25, help="network width (default 0.25)")
+    p.add_argument("--crop", type=_positive_int, nargs=3, default=(48, 32, 32), metavar=("Z", "Y", "X"),
+                   help="crop size in voxels (default 48 32 32)")
+    p.add_argument("--spacing-mm", type=_positive_float, default=4.0, help="voxel spacing (default 4.0)")
+    p.add_argument("--lr", type=_positive_float, default=0.003, help="initial learning rate (default 0.003)")
+    p.add_argument("--crops", type=_positive_int, default=None,
+                   help="train on this many crops (whole epochs) instead of --minutes, for ablations")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="a config field for this run, e.g. --set loss.map_reg=none (repeatable)")
+
+
+def _run_learn(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
+    from vertstudy.bench.learn import bench_learn
+
+    return bench_learn(
+        train_cases=args.train_cases, val_cases=args.val_cases, test_cases=args.test_cases, minutes=args.minutes,
+        width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm, lr=args.lr, seed=args.seed,
+        workdir=workdir, progress=progress, crops=args.crops, overrides=_overrides(args.set),
     )
-    return _print_figures(figures, args.json, format_table)
 
 
-def cmd_bench_cluster(args: argparse.Namespace) -> int:
-    from vertstudy.bench.cluster import bench_cluster, format_table
+def _overrides(items: list[str] | None) -> dict:
+    """``["loss.map_reg=none", "data.crop.anywhere_fraction=0"]`` -> a dict of YAML-parsed values."""
+    import yaml
 
-    log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
-    figures = bench_cluster(trials=args.trials, epochs=args.epochs, recovery_epochs=args.recovery_epochs,
-                            workdir=Path(args.workdir) if args.workdir else None, log=log)
-    return _print_figures(figures, args.json, format_table)
-
-
-def cmd_bench_report(args: argparse.Namespace) -> int:
-    from vertstudy.bench.report import bench_report, format_table
-
-    figures = bench_report(
-        trials=args.trials, concurrency=args.concurrency, epochs=args.epochs, builds=args.builds,
-        workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
-    )
-    return _print_figures(figures, args.json, format_table)
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. loss.map_reg=none")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+    return out
 
 
-def cmd_bench_prep(args: argparse.Namespace) -> int:
-    from vertstudy.bench.prep import bench_prep, format_table
+def _study_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trials", type=_positive_int, default=8, help="identical trials (default 8)")
+    p.add_argument("--concurrency", type=_positive_int, default=2, help="trials at once, both ways (default 2)")
+    p.add_argument("--epochs", type=_positive_int, default=4, help="epochs per trial: its fixed compute (default 4)")
+    p.add_argument("--wandb", choices=("offline", "disabled"), default="offline", help="W&B on the platform side")
 
-    figures = bench_prep(
-        cases=args.cases, size_xyz=tuple(args.size), spacing_xyz=tuple(args.spacing), seed=args.seed,
-        workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
-    )
-    return _print_figures(figures, args.json, format_table)
+
+def _run_study(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
+    from vertstudy.bench.study import bench_study
+
+    return bench_study(trials=args.trials, concurrency=args.concurrency, epochs=args.epochs, wandb=args.wandb,
+                       workdir=workdir, progress=progress)
+
+
+def _cluster_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trials", type=_positive_int, default=6, help="trials of the throughput study (default 6)")
+    p.add_argument("--epochs", type=_positive_int, default=16, help="epochs per throughput trial (default 16)")
+    p.add_argument("--recovery-epochs", type=_positive_int, default=12,
+                   help="epochs of the 2 trials of the recovery run (default 12; the kill comes at epoch 3)")
+
+
+def _run_cluster(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
+    from vertstudy.bench.cluster import bench_cluster
+
+    log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda _: None)
+    return bench_cluster(trials=args.trials, epochs=args.epochs, recovery_epochs=args.recovery_epochs,
+                         workdir=workdir, log=log)
+
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trials", type=_positive_int, default=50, help="trials of the study (default 50)")
+    p.add_argument("--concurrency", type=_positive_int, default=2, help="trials at once (default 2)")
+    p.add_argument("--epochs", type=_positive_int, default=2, help="epochs per trial (default 2)")
+    p.add_argument("--builds", type=_positive_int, default=3, help="timed report builds; the median counts (default 3)")
+
+
+def _run_report(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
+    from vertstudy.bench.report import bench_report
+
+    return bench_report(trials=args.trials, concurrency=args.concurrency, epochs=args.epochs, builds=args.builds,
+                        workdir=workdir, progress=progress)
+
+
+BENCHMARKS: tuple[_Bench, ...] = (
+    _Bench("prep", "preprocessing throughput on 1 and 2 processes, and a cached rerun",
+           "Write realistic-size phantoms, preprocess them on one and on two processes into fresh caches, then "
+           "rerun on a warm cache; report cases/s and ratios.",
+           _prep_arguments, _run_prep, _format_table_of("prep"),
+           workdir_help="folder for the phantoms and caches (default: a temporary folder, removed)",
+           seed_help="phantom seed (default 0)"),
+    _Bench("infer", "seconds to label one whole phantom CT, batched versus batch 1",
+           "Label one phantom CT with the configured inference batch size and with batch 1, side by side; an "
+           "untrained network of the given width (timing does not depend on the weights).",
+           _infer_arguments, _run_infer, _format_table_of("infer"),
+           workdir_help="folder for the phantom (default: a temporary folder, removed)",
+           seed_help="phantom and weight seed (default 0)"),
+    _Bench("train", "training crops/s through the DataLoader versus in-memory, FLOPs, memory",
+           "Side by side in one run: crops/s of real training steps fed by the DataLoader from the cache and fed "
+           "by pre-made in-memory tensors, their ratio, FLOPs per step against the measured float32 matmul "
+           "FLOP/s, and the peak memory of one step of the default network (CPU) with a GPU estimate.",
+           _train_arguments, _run_train, _format_table_of("train"),
+           workdir_help="folder for phantoms and cache (default: a temporary folder, removed)",
+           seed_help="seed (default 0)"),
+    _Bench("learn", "train a CPU-sized network, score whole CTs against the mean baseline",
+           "Write and prepare coarse phantoms, train for a fixed time budget, and report held-out whole-CT "
+           "localization error and identification rate against predicting each class's mean position.",
+           _learn_arguments, _run_learn, _format_table_of("learn"),
+           workdir_help="folder for phantoms, cache and checkpoints (default: temporary, removed)",
+           seed_help="seed (default 0)"),
+    _Bench("study", "wall time of identical trials through the platform versus plain Optuna",
+           "Identical short trials through Ray Tune + W&B + tables versus Optuna alone in one process, same "
+           "concurrency; the platform's overhead per trial.",
+           _study_arguments, _run_study, _format_table_of("study"),
+           workdir_help="keep phantoms, cache and results here (default: a temporary directory)"),
+    _Bench("cluster", "throughput on 1 versus 2 worker nodes, and recovery from a dead node",
+           "Real local multi-node clusters: the same study on 1 and on 2 worker nodes (trials per minute), then a "
+           "worker SIGKILLed mid-trial (seconds until its trial is detected, restarted and reporting again on "
+           "another node).",
+           _cluster_arguments, _run_cluster, _format_table_of("cluster"),
+           workdir_help="parent of the temporary clusters and studies (default /tmp; keep it short)"),
+    _Bench("report", "time building a report from a real study of N trials",
+           "Run a real smoke-scale random search of N trials (B, lambda, lr, LR schedule, crop size) on a local "
+           "Ray cluster, then build its report several times; report the median build time and the report's size.",
+           _report_arguments, _run_report, _format_table_of("report"),
+           workdir_help="keep phantoms, study and reports here (default: a temporary directory, removed)"),
+)
+
+
+def _add_bench_commands(top) -> None:
+    bench = top.add_parser("bench", help="measure the figures the issues ask for",
+                           description="Benchmarks: each prints a table, or one JSON object with --json.")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    for b in BENCHMARKS:
+        p = bench_sub.add_parser(b.name, help=b.help, description=b.description)
+        b.add_arguments(p)
+        if b.seed_help is not None:
+            p.add_argument("--seed", type=_nonneg_int, default=0, help=b.seed_help)
+        p.add_argument("--workdir", help=b.workdir_help)
+        p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+        p.set_defaults(func=functools.partial(cmd_bench, b))
 
 
 # -- parser --------------------------------------------------------------------------------
-def _bench_common(p: argparse.ArgumentParser, seed_help: str, workdir_help: str) -> None:
-    """The options every benchmark shares: --seed, --workdir, --json."""
-    p.add_argument("--seed", type=_nonneg_int, default=0, help=seed_help)
-    p.add_argument("--workdir", help=workdir_help)
-    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vertstudy",
@@ -575,106 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_report)
 
-    bench = top.add_parser("bench", help="measure the figures the issues ask for",
-                           description="Benchmarks: each prints a table, or one JSON object with --json.")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
-    p = bench_sub.add_parser("prep", help="preprocessing throughput on 1 and 2 processes, and a cached rerun",
-                             description="Write realistic-size phantoms, preprocess them on one and on two processes "
-                                         "into fresh caches, then rerun on a warm cache; report cases/s and ratios.")
-    p.add_argument("--cases", type=_positive_int, default=4, help="phantom cases (default 4)")
-    p.add_argument("--size", type=_positive_int, nargs=3, default=(512, 512, 300), metavar=("X", "Y", "Z"),
-                   help="image size in voxels (default 512 512 300)")
-    p.add_argument("--spacing", type=_positive_float, nargs=3, default=(0.8, 0.8, 1.5), metavar=("X", "Y", "Z"),
-                   help="voxel spacing in mm (default 0.8 0.8 1.5)")
-    _bench_common(
-        p, seed_help="phantom seed (default 0)",
-        workdir_help="folder for the phantoms and caches (default: a temporary folder, removed)")
-    p.set_defaults(func=cmd_bench_prep)
-
-    p = bench_sub.add_parser("infer", help="seconds to label one whole phantom CT, batched versus batch 1",
-                             description="Label one phantom CT with the configured inference batch size and with "
-                                         "batch 1, side by side; an untrained network of the given width (timing "
-                                         "does not depend on the weights).")
-    p.add_argument("--width", type=_positive_float, default=1.0, help="network width multiplier (default 1.0)")
-    p.add_argument("--resolution", choices=("clinical", "coarse"), default="coarse", help="phantom preset")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="batched run's size (default: config)")
-    p.add_argument("--repeats", type=_positive_int, default=1, help="timed runs per batch size (default 1)")
-    _bench_common(
-        p, seed_help="phantom and weight seed (default 0)",
-        workdir_help="folder for the phantom (default: a temporary folder, removed)")
-    p.set_defaults(func=cmd_bench_infer)
-
-    p = bench_sub.add_parser("train", help="training crops/s through the DataLoader versus in-memory, FLOPs, memory",
-                             description="Side by side in one run: crops/s of real training steps fed by the "
-                                         "DataLoader from the cache and fed by pre-made in-memory tensors, their "
-                                         "ratio, FLOPs per step against the measured float32 matmul FLOP/s, and the "
-                                         "peak memory of one step of the default network (CPU) with a GPU estimate.")
-    p.add_argument("--width", type=_positive_float, default=0.25, help="network width for throughput (default 0.25)")
-    p.add_argument("--crop", type=_positive_int, nargs=3, default=(64, 48, 48), metavar=("Z", "Y", "X"),
-                   help="crop size in voxels (default 64 48 48)")
-    p.add_argument("--spacing-mm", type=_positive_float, default=2.0, help="voxel spacing (default 2.0)")
-    p.add_argument("--workers", type=_nonneg_int, default=1, help="DataLoader workers (default 1)")
-    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
-    p.add_argument("--steps", type=_positive_int, default=16, help="timed steps per path (default 16)")
-    p.add_argument("--no-memory", action="store_true", help="skip the (slow) default-network memory measurement")
-    _bench_common(
-        p, seed_help="seed (default 0)",
-        workdir_help="folder for phantoms and cache (default: a temporary folder, removed)")
-    p.set_defaults(func=cmd_bench_train)
-
-    p = bench_sub.add_parser("learn", help="train a CPU-sized network, score whole CTs against the mean baseline",
-                             description="Write and prepare coarse phantoms, train for a fixed time budget, and "
-                                         "report held-out whole-CT localization error and identification rate "
-                                         "against predicting each class's mean position.")
-    p.add_argument("--train-cases", type=_positive_int, default=24, help="training phantoms (default 24)")
-    p.add_argument("--val-cases", type=_positive_int, default=4, help="validation phantoms (default 4)")
-    p.add_argument("--test-cases", type=_positive_int, default=6, help="held-out phantoms (default 6)")
-    p.add_argument("--minutes", type=_positive_float, default=8.0, help="training budget in minutes (default 8)")
-    p.add_argument("--width", type=_positive_float, default=0.25, help="network width (default 0.25)")
-    p.add_argument("--crop", type=_positive_int, nargs=3, default=(48, 32, 32), metavar=("Z", "Y", "X"),
-                   help="crop size in voxels (default 48 32 32)")
-    p.add_argument("--spacing-mm", type=_positive_float, default=4.0, help="voxel spacing (default 4.0)")
-    p.add_argument("--lr", type=_positive_float, default=0.003, help="initial learning rate (default 0.003)")
-    p.add_argument("--crops", type=_positive_int, default=None,
-                   help="train on this many crops (whole epochs) instead of --minutes, for ablations")
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="a config field for this run, e.g. --set loss.map_reg=none (repeatable)")
-    _bench_common(
-        p, seed_help="seed (default 0)",
-        workdir_help="folder for phantoms, cache and checkpoints (default: temporary, removed)")
-    p.set_defaults(func=cmd_bench_learn)
-    p = bench_sub.add_parser("study", help="wall time of identical trials through the platform versus plain Optuna",
-                             description="Identical short trials through Ray Tune + W&B + tables versus Optuna alone "
-                                         "in one process, same concurrency; the platform's overhead per trial.")
-    p.add_argument("--trials", type=_positive_int, default=8, help="identical trials (default 8)")
-    p.add_argument("--concurrency", type=_positive_int, default=2, help="trials at once, both ways (default 2)")
-    p.add_argument("--epochs", type=_positive_int, default=4, help="epochs per trial: its fixed compute (default 4)")
-    p.add_argument("--wandb", choices=("offline", "disabled"), default="offline", help="W&B on the platform side")
-    p.add_argument("--workdir", help="keep phantoms, cache and results here (default: a temporary directory)")
-    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
-    p.set_defaults(func=cmd_bench_study)
-    p = bench_sub.add_parser("cluster", help="throughput on 1 versus 2 worker nodes, and recovery from a dead node",
-                             description="Real local multi-node clusters: the same study on 1 and on 2 worker nodes "
-                                         "(trials per minute), then a worker SIGKILLed mid-trial (seconds until its "
-                                         "trial is detected, restarted and reporting again on another node).")
-    p.add_argument("--trials", type=_positive_int, default=6, help="trials of the throughput study (default 6)")
-    p.add_argument("--epochs", type=_positive_int, default=16, help="epochs per throughput trial (default 16)")
-    p.add_argument("--recovery-epochs", type=_positive_int, default=12,
-                   help="epochs of the 2 trials of the recovery run (default 12; the kill comes at epoch 3)")
-    p.add_argument("--workdir", help="parent of the temporary clusters and studies (default /tmp; keep it short)")
-    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
-    p.set_defaults(func=cmd_bench_cluster)
-    p = bench_sub.add_parser("report", help="time building a report from a real study of N trials",
-                             description="Run a real smoke-scale random search of N trials (B, lambda, lr, LR "
-                                         "schedule, crop size) on a local Ray cluster, then build its report "
-                                         "several times; report the median build time and the report's size.")
-    p.add_argument("--trials", type=_positive_int, default=50, help="trials of the study (default 50)")
-    p.add_argument("--concurrency", type=_positive_int, default=2, help="trials at once (default 2)")
-    p.add_argument("--epochs", type=_positive_int, default=2, help="epochs per trial (default 2)")
-    p.add_argument("--builds", type=_positive_int, default=3, help="timed report builds; the median counts (default 3)")
-    p.add_argument("--workdir", help="keep phantoms, study and reports here (default: a temporary directory, removed)")
-    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
-    p.set_defaults(func=cmd_bench_report)
+    _add_bench_commands(top)
 
     return parser
 
