@@ -2,6 +2,10 @@
 
 Every user error (:class:`~vertstudy.errors.VertstudyError`) becomes one line on stderr and
 exit code 2; Ctrl-C exits 130. Nothing below this module reads argv or the environment.
+
+Each command group has its handlers and an ``_add_<group>_command(s)`` function that adds its
+parser; :func:`build_parser` calls them in order. Benchmarks are the records of :data:`BENCHMARKS`,
+all run by :func:`cmd_bench`.
 """
 
 from __future__ import annotations
@@ -95,6 +99,50 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data_commands(top: argparse._SubParsersAction) -> None:
+    """``vertstudy data phantom|prepare|show``."""
+    data = top.add_parser("data", help="make phantoms, preprocess data sets, look at cases",
+                          description="Data commands: phantom generation, preprocessing into the cache, case views.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+
+    p = data_sub.add_parser("phantom", help="write synthetic spine CTs with exactly known centroids",
+                            description="Write N synthetic spine CT cases (deterministic for a seed) in the CSI 2014 "
+                                        "or VerSe format, with their condition tags.")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--cases", type=_positive_int, required=True, help="number of cases")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default 0)")
+    p.add_argument("--format", choices=("csi2014", "verse"), default="csi2014", help="file format (default csi2014)")
+    p.add_argument("--resolution", choices=("clinical", "coarse"), default="clinical",
+                   help="clinical: 0.6-1.0 mm in-plane, 1-3 mm slices; coarse: fast, for tests and CPU studies")
+    p.add_argument("--workers", type=_positive_int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_phantom)
+
+    p = data_sub.add_parser("prepare", help="preprocess a data set into the content-addressed cache",
+                            description="Reorient, resample to isotropic spacing, clamp HU and z-score every case "
+                                        "under ROOT into the cache; cached cases are not redone. Bad cases are "
+                                        "reported and skipped unless --strict.")
+    p.add_argument("--root", required=True, help="data set folder")
+    p.add_argument("--format", choices=FORMATS_IN, default="auto", help="data set format (default auto)")
+    p.add_argument("--cache", required=True, help="cache folder (created)")
+    p.add_argument("--spacing-mm", type=_positive_float, default=2.0, help="isotropic spacing in mm (default 2.0)")
+    p.add_argument("--workers", type=_positive_int, default=2, help="parallel processes (default 2)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad case (finished cases are kept)")
+    p.add_argument("--for-prediction", action="store_true",
+                   help="CTs to label: prepare cases without landmarks (a training set refuses them as bad cases)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = data_sub.add_parser("show", help="sagittal and coronal views of a case with its centroids",
+                            description="Render sagittal and coronal views of CASE (an image file, a DICOM folder or "
+                                        "a cache entry folder) with each centroid marked and labelled.")
+    p.add_argument("case", metavar="CASE", help="image file, DICOM series folder or cache entry folder")
+    p.add_argument("--out", required=True, help="output PNG file")
+    p.add_argument("--landmarks", help="centroid file (JSON/CSV in LPS mm, .lml, VerSe ctd) if not found beside CASE")
+    p.add_argument("--spacing-mm", type=_positive_float, default=2.0, help="display resampling spacing (default 2.0)")
+    p.set_defaults(func=cmd_data_show)
+
+
 # -- predict -------------------------------------------------------------------------------
 def cmd_predict(args: argparse.Namespace) -> int:
     from vertstudy.predict import format_summary, predict
@@ -127,6 +175,42 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         print(f"{figures['checkpoint']}: {figures['cases']} cases, {figures['vertebrae']} vertebrae\n")
         print(format_decomposition(figures))
     return 0
+
+
+def _add_predict_command(top: argparse._SubParsersAction) -> None:
+    """``vertstudy predict``."""
+    p = top.add_parser("predict", help="label the vertebrae of one CT with a trained checkpoint",
+                       description="Tile the CT with overlapping crops, decode the votes (infer.decoder of the "
+                                   "checkpoint: the sequence decoder or the paper's per-class K-means) "
+                                   "and write the centroids in the image's own space: VerSe ctd JSON or a 3D "
+                                   "Slicer markups file, and optionally a sagittal/coronal picture.")
+    p.add_argument("image", metavar="IMAGE_OR_DICOM_DIR", help="image file (NIfTI, NRRD, MHA) or DICOM series folder")
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by the trainer (best.pt or last.pt)")
+    p.add_argument("--out", required=True, help="output JSON (*_ctd.json for verse, *.mrk.json for slicer)")
+    p.add_argument("--png", help="also draw sagittal and coronal views with the centroids")
+    p.add_argument("--format", choices=("verse", "slicer"), default="verse", help="output format (default verse)")
+    p.add_argument("--truth", help="landmark file of the same image: drawn in blue, errors in the summary")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default auto)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=cmd_predict)
+
+
+def _add_diagnose_command(top: argparse._SubParsersAction) -> None:
+    """``vertstudy diagnose``."""
+    p = top.add_parser("diagnose", help="where a checkpoint loses identification on CTs with known centroids",
+                       description="Label every case of DATA (CTs with landmark files) four ways - every tile or "
+                                   "only tiles near the true spine, the classifier or the true classes - with "
+                                   "each decoder, plus crop-level recall, false positives and localization "
+                                   "error on spine-centred crops: which stage loses identification.")
+    p.add_argument("checkpoint", help="checkpoint written by the trainer (best.pt or last.pt)")
+    p.add_argument("data", help="folder of CTs with landmark files (any format data prepare reads)")
+    p.add_argument("--format", choices=FORMATS_IN, default="auto", help="data set format (default auto)")
+    p.add_argument("--cache", help="cache folder for the prepared cases (default: temporary, removed)")
+    p.add_argument("--near-mm", type=_positive_float, default=40.0,
+                   help="a tile is near the spine when its centre is this close to it (default 40)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default auto)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.set_defaults(func=cmd_diagnose)
 
 
 # -- study -------------------------------------------------------------------------------
@@ -233,6 +317,45 @@ def cmd_study_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_study_commands(top: argparse._SubParsersAction) -> None:
+    """``vertstudy study run|resume|status|export``."""
+    study = top.add_parser("study", help="run, resume, inspect and export hyperparameter studies on Ray",
+                           description="Hyperparameter and ablation studies: Ray Tune + Optuna + W&B + Parquet.")
+    study_sub = study.add_subparsers(dest="study_command", required=True, metavar="COMMAND")
+    p = study_sub.add_parser("run", help="run a study file on a Ray cluster (or a local one)",
+                             description="Run STUDY.yaml: trials on Ray, Optuna search, W&B runs, Parquet tables.")
+    p.add_argument("study", help="the study file (studies/*.yaml)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local cluster, or RAY_ADDRESS)")
+    p.add_argument("--storage", help="results directory or URI (overrides the study's storage)")
+    p.add_argument("--wandb", choices=("offline", "online", "disabled"),
+                   help="W&B mode (overrides the study's; online reads WANDB_API_KEY from the environment)")
+    p.add_argument("--optuna-storage", metavar="URL",
+                   help="Optuna storage: a database URL without password (postgresql://user@host/db; the password "
+                        "comes from PGPASSWORD) or journal:<shared path>; default VERTSTUDY_OPTUNA_STORAGE, else "
+                        "SQLite in the study directory")
+    p.add_argument("--smoke", action="store_true", help="run the study at CPU scale (tiny data, network, epochs)")
+    p.add_argument("--no-progress", action="store_true", help="no live trials table")
+    p.set_defaults(func=cmd_study_run)
+
+    p = study_sub.add_parser("resume", help="continue an interrupted study from its directory",
+                             description="Ended trials are kept, running ones continue from their checkpoints.")
+    p.add_argument("dir", help="the study directory (<storage>/<study name>)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local cluster, or RAY_ADDRESS)")
+    p.add_argument("--no-progress", action="store_true", help="no live trials table")
+    p.set_defaults(func=cmd_study_resume)
+
+    p = study_sub.add_parser("status", help="print the trials table of a study",
+                             description="Ended trials from trials.parquet, then pending and running ones.")
+    p.add_argument("dir", help="the study directory (<storage>/<study name>)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_study_status)
+
+    p = study_sub.add_parser("export", help="rebuild the Parquet tables from Ray's results",
+                             description="Rebuild trials/epochs/vertebrae.parquet from the study's Ray results.")
+    p.add_argument("dir", help="the study directory (<storage>/<study name>)")
+    p.set_defaults(func=cmd_study_export)
+
+
 # -- report --------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
     from vertstudy.report import build_report
@@ -243,6 +366,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"with {built.figures} figures in {built.out / 'figures'}; {built.bytes / 1e6:.2f} MB in all; "
           f"built in {built.seconds:.1f} s")
     return 0
+
+
+def _add_report_command(top: argparse._SubParsersAction) -> None:
+    """``vertstudy report``."""
+    p = top.add_parser("report", help="turn studies into a report: Tables I-IV, search, robustness, failures, cost",
+                       description="Build a report from the Parquet tables of one or more study directories "
+                                   "(finished or still running): report.md with PNG figures, a self-contained "
+                                   "report.html, tables.tex (booktabs) and report.json. The same tables and "
+                                   "--date give the same files.")
+    p.add_argument("dirs", nargs="+", metavar="STUDY_DIR",
+                   help="study directory <storage>/<name> (or a pyarrow URI); Tables I-IV pool every study given")
+    p.add_argument("--out", required=True,
+                   help="report folder, e.g. reports/NAME (an earlier report there is replaced once the new one is "
+                        "complete)")
+    p.add_argument("--date", help="date in the report's header, YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--chosen", metavar="TRIAL_ID",
+                   help="Table IV, robustness and the failure gallery use this trial's configuration (default: the "
+                        "configuration with the best mean validation identification rate)")
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_report)
 
 
 # -- cluster -------------------------------------------------------------------------------
@@ -299,6 +442,53 @@ def cmd_cluster_stop(args: argparse.Namespace) -> int:
 
     stop_local_cluster(Path(args.dir))
     return 0
+
+
+def _add_cluster_commands(top: argparse._SubParsersAction) -> None:
+    """``vertstudy cluster start|status|kill-worker|cut-worker|stop``."""
+    cluster = top.add_parser("cluster", help="a multi-node Ray cluster on this machine (development and tests)",
+                             description="Start, inspect, break and stop a local multi-node Ray cluster: a head and "
+                                         "N worker nodes, each its own raylet with its own CPUs, token auth on.")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
+    dir_help = "cluster directory: token, state, Ray's session (short path, e.g. /tmp/vs-cluster)"
+    p = cluster_sub.add_parser("start", help="start a head and N worker nodes", description="Start a head and N "
+                               "worker nodes on this machine; prints the address and the env file for drivers.")
+    p.add_argument("--dir", required=True, help=dir_help)
+    p.add_argument("--workers", type=_nonneg_int, default=2, help="worker nodes (default 2)")
+    p.add_argument("--cpus-per-worker", type=_positive_float, default=1.0, help="CPUs of each worker (default 1)")
+    p.add_argument("--head-cpus", type=_nonneg_float, default=0.0,
+                   help="CPUs of the head (default 0: trials run on workers only)")
+    p.add_argument("--object-store-mb", type=_positive_int, default=100,
+                   help="object store of each node in MB (default 100; Ray would take 30%% of RAM per node)")
+    p.add_argument("--netns", action="store_true",
+                   help="run each worker in a network namespace of its own, with its own IP address on a private "
+                        "bridge, as separate hosts (needs root and iproute2; lets cut-worker partition a node)")
+    p.add_argument("--health-check-s", type=_nonneg_float, default=0.0,
+                   help="seconds without an answer after which the head declares a node dead (default 0: Ray's, "
+                        "about 30 s)")
+    p.set_defaults(func=cmd_cluster_start)
+    p = cluster_sub.add_parser("status", help="the nodes of a local cluster", description="Print the nodes of the "
+                               "local cluster in --dir: role, CPUs, Ray node id, raylet pid, alive or killed.")
+    p.add_argument("--dir", required=True, help=dir_help)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_cluster_status)
+    p = cluster_sub.add_parser("kill-worker", help="SIGKILL one worker node (fault drills)",
+                               description="SIGKILL worker node INDEX: its raylet and every process it started.")
+    p.add_argument("--dir", required=True, help=dir_help)
+    p.add_argument("index", type=_positive_int, help="worker index (1..N)")
+    p.set_defaults(func=cmd_cluster_kill_worker)
+    p = cluster_sub.add_parser("cut-worker", help="take one worker's network link down (fault drills; --netns)",
+                               description="Take worker INDEX's network link down: a partition, not a kill - its "
+                                           "processes keep running. --heal brings the link up again. Only for a "
+                                           "cluster started with --netns.")
+    p.add_argument("--dir", required=True, help=dir_help)
+    p.add_argument("index", type=_positive_int, help="worker index (1..N)")
+    p.add_argument("--heal", action="store_true", help="bring the link up again")
+    p.set_defaults(func=cmd_cluster_cut_worker)
+    p = cluster_sub.add_parser("stop", help="stop every process of a local cluster",
+                               description="Stop the local cluster in --dir (only its processes).")
+    p.add_argument("--dir", required=True, help=dir_help)
+    p.set_defaults(func=cmd_cluster_stop)
 
 
 # -- bench ---------------------------------------------------------------------------------
@@ -515,7 +705,8 @@ BENCHMARKS: tuple[_Bench, ...] = (
 )
 
 
-def _add_bench_commands(top) -> None:
+def _add_bench_commands(top: argparse._SubParsersAction) -> None:
+    """``vertstudy bench BENCHMARK``: one subcommand per entry of BENCHMARKS."""
     bench = top.add_parser("bench", help="measure the figures the issues ask for",
                            description="Benchmarks: each prints a table, or one JSON object with --json.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
@@ -538,176 +729,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vertstudy {__version__}")
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = top.add_parser("data", help="make phantoms, preprocess data sets, look at cases",
-                          description="Data commands: phantom generation, preprocessing into the cache, case views.")
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
-
-    p = data_sub.add_parser("phantom", help="write synthetic spine CTs with exactly known centroids",
-                            description="Write N synthetic spine CT cases (deterministic for a seed) in the CSI 2014 "
-                                        "or VerSe format, with their condition tags.")
-    p.add_argument("--out", required=True, help="output folder (created)")
-    p.add_argument("--cases", type=_positive_int, required=True, help="number of cases")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default 0)")
-    p.add_argument("--format", choices=("csi2014", "verse"), default="csi2014", help="file format (default csi2014)")
-    p.add_argument("--resolution", choices=("clinical", "coarse"), default="clinical",
-                   help="clinical: 0.6-1.0 mm in-plane, 1-3 mm slices; coarse: fast, for tests and CPU studies")
-    p.add_argument("--workers", type=_positive_int, default=1, help="parallel processes (default 1)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_data_phantom)
-
-    p = data_sub.add_parser("prepare", help="preprocess a data set into the content-addressed cache",
-                            description="Reorient, resample to isotropic spacing, clamp HU and z-score every case "
-                                        "under ROOT into the cache; cached cases are not redone. Bad cases are "
-                                        "reported and skipped unless --strict.")
-    p.add_argument("--root", required=True, help="data set folder")
-    p.add_argument("--format", choices=FORMATS_IN, default="auto", help="data set format (default auto)")
-    p.add_argument("--cache", required=True, help="cache folder (created)")
-    p.add_argument("--spacing-mm", type=_positive_float, default=2.0, help="isotropic spacing in mm (default 2.0)")
-    p.add_argument("--workers", type=_positive_int, default=2, help="parallel processes (default 2)")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad case (finished cases are kept)")
-    p.add_argument("--for-prediction", action="store_true",
-                   help="CTs to label: prepare cases without landmarks (a training set refuses them as bad cases)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_data_prepare)
-
-    p = data_sub.add_parser("show", help="sagittal and coronal views of a case with its centroids",
-                            description="Render sagittal and coronal views of CASE (an image file, a DICOM folder or "
-                                        "a cache entry folder) with each centroid marked and labelled.")
-    p.add_argument("case", metavar="CASE", help="image file, DICOM series folder or cache entry folder")
-    p.add_argument("--out", required=True, help="output PNG file")
-    p.add_argument("--landmarks", help="centroid file (JSON/CSV in LPS mm, .lml, VerSe ctd) if not found beside CASE")
-    p.add_argument("--spacing-mm", type=_positive_float, default=2.0, help="display resampling spacing (default 2.0)")
-    p.set_defaults(func=cmd_data_show)
-
-    p = top.add_parser("predict", help="label the vertebrae of one CT with a trained checkpoint",
-                       description="Tile the CT with overlapping crops, decode the votes (infer.decoder of the "
-                                   "checkpoint: the sequence decoder or the paper's per-class K-means) "
-                                   "and write the centroids in the image's own space: VerSe ctd JSON or a 3D "
-                                   "Slicer markups file, and optionally a sagittal/coronal picture.")
-    p.add_argument("image", metavar="IMAGE_OR_DICOM_DIR", help="image file (NIfTI, NRRD, MHA) or DICOM series folder")
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by the trainer (best.pt or last.pt)")
-    p.add_argument("--out", required=True, help="output JSON (*_ctd.json for verse, *.mrk.json for slicer)")
-    p.add_argument("--png", help="also draw sagittal and coronal views with the centroids")
-    p.add_argument("--format", choices=("verse", "slicer"), default="verse", help="output format (default verse)")
-    p.add_argument("--truth", help="landmark file of the same image: drawn in blue, errors in the summary")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default auto)")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.set_defaults(func=cmd_predict)
-
-    p = top.add_parser("diagnose", help="where a checkpoint loses identification on CTs with known centroids",
-                       description="Label every case of DATA (CTs with landmark files) four ways - every tile or "
-                                   "only tiles near the true spine, the classifier or the true classes - with "
-                                   "each decoder, plus crop-level recall, false positives and localization "
-                                   "error on spine-centred crops: which stage loses identification.")
-    p.add_argument("checkpoint", help="checkpoint written by the trainer (best.pt or last.pt)")
-    p.add_argument("data", help="folder of CTs with landmark files (any format data prepare reads)")
-    p.add_argument("--format", choices=FORMATS_IN, default="auto", help="data set format (default auto)")
-    p.add_argument("--cache", help="cache folder for the prepared cases (default: temporary, removed)")
-    p.add_argument("--near-mm", type=_positive_float, default=40.0,
-                   help="a tile is near the spine when its centre is this close to it (default 40)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default auto)")
-    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
-    p.set_defaults(func=cmd_diagnose)
-
-    study = top.add_parser("study", help="run, resume, inspect and export hyperparameter studies on Ray",
-                           description="Hyperparameter and ablation studies: Ray Tune + Optuna + W&B + Parquet.")
-    study_sub = study.add_subparsers(dest="study_command", required=True, metavar="COMMAND")
-    p = study_sub.add_parser("run", help="run a study file on a Ray cluster (or a local one)",
-                             description="Run STUDY.yaml: trials on Ray, Optuna search, W&B runs, Parquet tables.")
-    p.add_argument("study", help="the study file (studies/*.yaml)")
-    p.add_argument("--address", help="Ray cluster address (default: start a local cluster, or RAY_ADDRESS)")
-    p.add_argument("--storage", help="results directory or URI (overrides the study's storage)")
-    p.add_argument("--wandb", choices=("offline", "online", "disabled"),
-                   help="W&B mode (overrides the study's; online reads WANDB_API_KEY from the environment)")
-    p.add_argument("--optuna-storage", metavar="URL",
-                   help="Optuna storage: a database URL without password (postgresql://user@host/db; the password "
-                        "comes from PGPASSWORD) or journal:<shared path>; default VERTSTUDY_OPTUNA_STORAGE, else "
-                        "SQLite in the study directory")
-    p.add_argument("--smoke", action="store_true", help="run the study at CPU scale (tiny data, network, epochs)")
-    p.add_argument("--no-progress", action="store_true", help="no live trials table")
-    p.set_defaults(func=cmd_study_run)
-
-    p = study_sub.add_parser("resume", help="continue an interrupted study from its directory",
-                             description="Ended trials are kept, running ones continue from their checkpoints.")
-    p.add_argument("dir", help="the study directory (<storage>/<study name>)")
-    p.add_argument("--address", help="Ray cluster address (default: start a local cluster, or RAY_ADDRESS)")
-    p.add_argument("--no-progress", action="store_true", help="no live trials table")
-    p.set_defaults(func=cmd_study_resume)
-
-    p = study_sub.add_parser("status", help="print the trials table of a study",
-                             description="Ended trials from trials.parquet, then pending and running ones.")
-    p.add_argument("dir", help="the study directory (<storage>/<study name>)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_study_status)
-
-    p = study_sub.add_parser("export", help="rebuild the Parquet tables from Ray's results",
-                             description="Rebuild trials/epochs/vertebrae.parquet from the study's Ray results.")
-    p.add_argument("dir", help="the study directory (<storage>/<study name>)")
-    p.set_defaults(func=cmd_study_export)
-
-    cluster = top.add_parser("cluster", help="a multi-node Ray cluster on this machine (development and tests)",
-                             description="Start, inspect, break and stop a local multi-node Ray cluster: a head and "
-                                         "N worker nodes, each its own raylet with its own CPUs, token auth on.")
-    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
-    dir_help = "cluster directory: token, state, Ray's session (short path, e.g. /tmp/vs-cluster)"
-    p = cluster_sub.add_parser("start", help="start a head and N worker nodes", description="Start a head and N "
-                               "worker nodes on this machine; prints the address and the env file for drivers.")
-    p.add_argument("--dir", required=True, help=dir_help)
-    p.add_argument("--workers", type=_nonneg_int, default=2, help="worker nodes (default 2)")
-    p.add_argument("--cpus-per-worker", type=_positive_float, default=1.0, help="CPUs of each worker (default 1)")
-    p.add_argument("--head-cpus", type=_nonneg_float, default=0.0,
-                   help="CPUs of the head (default 0: trials run on workers only)")
-    p.add_argument("--object-store-mb", type=_positive_int, default=100,
-                   help="object store of each node in MB (default 100; Ray would take 30%% of RAM per node)")
-    p.add_argument("--netns", action="store_true",
-                   help="run each worker in a network namespace of its own, with its own IP address on a private "
-                        "bridge, as separate hosts (needs root and iproute2; lets cut-worker partition a node)")
-    p.add_argument("--health-check-s", type=_nonneg_float, default=0.0,
-                   help="seconds without an answer after which the head declares a node dead (default 0: Ray's, "
-                        "about 30 s)")
-    p.set_defaults(func=cmd_cluster_start)
-    p = cluster_sub.add_parser("status", help="the nodes of a local cluster", description="Print the nodes of the "
-                               "local cluster in --dir: role, CPUs, Ray node id, raylet pid, alive or killed.")
-    p.add_argument("--dir", required=True, help=dir_help)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_cluster_status)
-    p = cluster_sub.add_parser("kill-worker", help="SIGKILL one worker node (fault drills)",
-                               description="SIGKILL worker node INDEX: its raylet and every process it started.")
-    p.add_argument("--dir", required=True, help=dir_help)
-    p.add_argument("index", type=_positive_int, help="worker index (1..N)")
-    p.set_defaults(func=cmd_cluster_kill_worker)
-    p = cluster_sub.add_parser("cut-worker", help="take one worker's network link down (fault drills; --netns)",
-                               description="Take worker INDEX's network link down: a partition, not a kill - its "
-                                           "processes keep running. --heal brings the link up again. Only for a "
-                                           "cluster started with --netns.")
-    p.add_argument("--dir", required=True, help=dir_help)
-    p.add_argument("index", type=_positive_int, help="worker index (1..N)")
-    p.add_argument("--heal", action="store_true", help="bring the link up again")
-    p.set_defaults(func=cmd_cluster_cut_worker)
-    p = cluster_sub.add_parser("stop", help="stop every process of a local cluster",
-                               description="Stop the local cluster in --dir (only its processes).")
-    p.add_argument("--dir", required=True, help=dir_help)
-    p.set_defaults(func=cmd_cluster_stop)
-
-    p = top.add_parser("report", help="turn studies into a report: Tables I-IV, search, robustness, failures, cost",
-                       description="Build a report from the Parquet tables of one or more study directories "
-                                   "(finished or still running): report.md with PNG figures, a self-contained "
-                                   "report.html, tables.tex (booktabs) and report.json. The same tables and "
-                                   "--date give the same files.")
-    p.add_argument("dirs", nargs="+", metavar="STUDY_DIR",
-                   help="study directory <storage>/<name> (or a pyarrow URI); Tables I-IV pool every study given")
-    p.add_argument("--out", required=True,
-                   help="report folder, e.g. reports/NAME (an earlier report there is replaced once the new one is "
-                        "complete)")
-    p.add_argument("--date", help="date in the report's header, YYYY-MM-DD (default: today, UTC)")
-    p.add_argument("--chosen", metavar="TRIAL_ID",
-                   help="Table IV, robustness and the failure gallery use this trial's configuration (default: the "
-                        "configuration with the best mean validation identification rate)")
-    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress on stderr")
-    p.set_defaults(func=cmd_report)
-
+    _add_data_commands(top)
+    _add_predict_command(top)
+    _add_diagnose_command(top)
+    _add_study_commands(top)
+    _add_cluster_commands(top)
+    _add_report_command(top)
     _add_bench_commands(top)
-
     return parser
 
 
