@@ -2,16 +2,24 @@
 
 Every user error (:class:`~vertstudy.errors.VertstudyError`) becomes one line on stderr and
 exit code 2; Ctrl-C exits 130. Nothing below this module reads argv or the environment.
+
+Each command group has its handlers and an ``_add_<group>_command(s)`` function that adds its
+parser; :func:`build_parser` calls them in order. Benchmarks are the records of :data:`BENCHMARKS`,
+all run by :func:`cmd_bench`.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import functools
+import importlib
 import json
 import math
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from vertstudy import __version__
@@ -91,6 +99,50 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data_commands(top: argparse._SubParsersAction) -> None:
+    """``vertstudy data phantom|prepare|show``."""
+    data = top.add_parser("data", help="make phantoms, preprocess data sets, look at cases",
+                          description="Data commands: phantom generation, preprocessing into the cache, case views.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+
+    p = data_sub.add_parser("phantom", help="write synthetic spine CTs with exactly known centroids",
+                            description="Write N synthetic spine CT cases (deterministic for a seed) in the CSI 2014 "
+                                        "or VerSe format, with their condition tags.")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--cases", type=_positive_int, required=True, help="number of cases")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default 0)")
+    p.add_argument("--format", choices=("csi2014", "verse"), default="csi2014", help="file format (default csi2014)")
+    p.add_argument("--resolution", choices=("clinical", "coarse"), default="clinical",
+                   help="clinical: 0.6-1.0 mm in-plane, 1-3 mm slices; coarse: fast, for tests and CPU studies")
+    p.add_argument("--workers", type=_positive_int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_phantom)
+
+    p = data_sub.add_parser("prepare", help="preprocess a data set into the content-addressed cache",
+                            description="Reorient, resample to isotropic spacing, clamp HU and z-score every case "
+                                        "under ROOT into the cache; cached cases are not redone. Bad cases are "
+                                        "reported and skipped unless --strict.")
+    p.add_argument("--root", required=True, help="data set folder")
+    p.add_argument("--format", choices=FORMATS_IN, default="auto", help="data set format (default auto)")
+    p.add_argument("--cache", required=True, help="cache folder (created)")
+    p.add_argument("--spacing-mm", type=_positive_float, default=2.0, help="isotropic spacing in mm (default 2.0)")
+    p.add_argument("--workers", type=_positive_int, default=2, help="parallel processes (default 2)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad case (finished cases are kept)")
+    p.add_argument("--for-prediction", action="store_true",
+                   help="CTs to label: prepare cases without landmarks (a training set refuses them as bad cases)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = data_sub.add_parser("show", help="sagittal and coronal views of a case with its centroids",
+                            description="Render sagittal and coronal views of CASE (an image file, a DICOM folder or "
+                                        "a cache entry folder) with each centroid marked and labelled.")
+    p.add_argument("case", metavar="CASE", help="image file, DICOM series folder or cache entry folder")
+    p.add_argument("--out", required=True, help="output PNG file")
+    p.add_argument("--landmarks", help="centroid file (JSON/CSV in LPS mm, .lml, VerSe ctd) if not found beside CASE")
+    p.add_argument("--spacing-mm", type=_positive_float, default=2.0, help="display resampling spacing (default 2.0)")
+    p.set_defaults(func=cmd_data_show)
+
+
 # -- predict -------------------------------------------------------------------------------
 def cmd_predict(args: argparse.Namespace) -> int:
     from vertstudy.infer.predict import format_summary, predict
@@ -123,6 +175,42 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         print(f"{figures['checkpoint']}: {figures['cases']} cases, {figures['vertebrae']} vertebrae\n")
         print(format_decomposition(figures))
     return 0
+
+
+def _add_predict_command(top: argparse._SubParsersAction) -> None:
+    """``vertstudy predict``."""
+    p = top.add_parser("predict", help="label the vertebrae of one CT with a trained checkpoint",
+                       description="Tile the CT with overlapping crops, decode the votes (infer.decoder of the "
+                                   "checkpoint: the sequence decoder or the paper's per-class K-means) "
+                                   "and write the centroids in the image's own space: VerSe ctd JSON or a 3D "
+                                   "Slicer markups file, and optionally a sagittal/coronal picture.")
+    p.add_argument("image", metavar="IMAGE_OR_DICOM_DIR", help="image file (NIfTI, NRRD, MHA) or DICOM series folder")
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by the trainer (best.pt or last.pt)")
+    p.add_argument("--out", required=True, help="output JSON (*_ctd.json for verse, *.mrk.json for slicer)")
+    p.add_argument("--png", help="also draw sagittal and coronal views with the centroids")
+    p.add_argument("--format", choices=("verse", "slicer"), default="verse", help="output format (default verse)")
+    p.add_argument("--truth", help="landmark file of the same image: drawn in blue, errors in the summary")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default auto)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=cmd_predict)
+
+
+def _add_diagnose_command(top: argparse._SubParsersAction) -> None:
+    """``vertstudy diagnose``."""
+    p = top.add_parser("diagnose", help="where a checkpoint loses identification on CTs with known centroids",
+                       description="Label every case of DATA (CTs with landmark files) four ways - every tile or "
+                                   "only tiles near the true spine, the classifier or the true classes - with "
+                                   "each decoder, plus crop-level recall, false positives and localization "
+                                   "error on spine-centred crops: which stage loses identification.")
+    p.add_argument("checkpoint", help="checkpoint written by the trainer (best.pt or last.pt)")
+    p.add_argument("data", help="folder of CTs with landmark files (any format data prepare reads)")
+    p.add_argument("--format", choices=FORMATS_IN, default="auto", help="data set format (default auto)")
+    p.add_argument("--cache", help="cache folder for the prepared cases (default: temporary, removed)")
+    p.add_argument("--near-mm", type=_positive_float, default=40.0,
+                   help="a tile is near the spine when its centre is this close to it (default 40)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default auto)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.set_defaults(func=cmd_diagnose)
 
 
 # -- study -------------------------------------------------------------------------------
@@ -229,6 +317,45 @@ def cmd_study_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_study_commands(top: argparse._SubParsersAction) -> None:
+    """``vertstudy study run|resume|status|export``."""
+    study = top.add_parser("study", help="run, resume, inspect and export hyperparameter studies on Ray",
+                           description="Hyperparameter and ablation studies: Ray Tune + Optuna + W&B + Parquet.")
+    study_sub = study.add_subparsers(dest="study_command", required=True, metavar="COMMAND")
+    p = study_sub.add_parser("run", help="run a study file on a Ray cluster (or a local one)",
+                             description="Run STUDY.yaml: trials on Ray, Optuna search, W&B runs, Parquet tables.")
+    p.add_argument("study", help="the study file (studies/*.yaml)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local cluster, or RAY_ADDRESS)")
+    p.add_argument("--storage", help="results directory or URI (overrides the study's storage)")
+    p.add_argument("--wandb", choices=("offline", "online", "disabled"),
+                   help="W&B mode (overrides the study's; online reads WANDB_API_KEY from the environment)")
+    p.add_argument("--optuna-storage", metavar="URL",
+                   help="Optuna storage: a database URL without password (postgresql://user@host/db; the password "
+                        "comes from PGPASSWORD) or journal:<shared path>; default VERTSTUDY_OPTUNA_STORAGE, else "
+                        "SQLite in the study directory")
+    p.add_argument("--smoke", action="store_true", help="run the study at CPU scale (tiny data, network, epochs)")
+    p.add_argument("--no-progress", action="store_true", help="no live trials table")
+    p.set_defaults(func=cmd_study_run)
+
+    p = study_sub.add_parser("resume", help="continue an interrupted study from its directory",
+                             description="Ended trials are kept, running ones continue from their checkpoints.")
+    p.add_argument("dir", help="the study directory (<storage>/<study name>)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local cluster, or RAY_ADDRESS)")
+    p.add_argument("--no-progress", action="store_true", help="no live trials table")
+    p.set_defaults(func=cmd_study_resume)
+
+    p = study_sub.add_parser("status", help="print the trials table of a study",
+                             description="Ended trials from trials.parquet, then pending and running ones.")
+    p.add_argument("dir", help="the study directory (<storage>/<study name>)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_study_status)
+
+    p = study_sub.add_parser("export", help="rebuild the Parquet tables from Ray's results",
+                             description="Rebuild trials/epochs/vertebrae.parquet from the study's Ray results.")
+    p.add_argument("dir", help="the study directory (<storage>/<study name>)")
+    p.set_defaults(func=cmd_study_export)
+
+
 # -- report --------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
     from vertstudy.report import build_report
@@ -241,62 +368,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- bench ---------------------------------------------------------------------------------
-def _print_figures(figures: dict, as_json: bool, format_table) -> int:
-    """A benchmark's figures as one JSON object, or as its readable table."""
-    print(json.dumps(figures) if as_json else format_table(figures))
-    return 0
+def _add_report_command(top: argparse._SubParsersAction) -> None:
+    """``vertstudy report``."""
+    p = top.add_parser("report", help="turn studies into a report: Tables I-IV, search, robustness, failures, cost",
+                       description="Build a report from the Parquet tables of one or more study directories "
+                                   "(finished or still running): report.md with PNG figures, a self-contained "
+                                   "report.html, tables.tex (booktabs) and report.json. The same tables and "
+                                   "--date give the same files.")
+    p.add_argument("dirs", nargs="+", metavar="STUDY_DIR",
+                   help="study directory <storage>/<name> (or a pyarrow URI); Tables I-IV pool every study given")
+    p.add_argument("--out", required=True,
+                   help="report folder, e.g. reports/NAME (an earlier report there is replaced once the new one is "
+                        "complete)")
+    p.add_argument("--date", help="date in the report's header, YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--chosen", metavar="TRIAL_ID",
+                   help="Table IV, robustness and the failure gallery use this trial's configuration (default: the "
+                        "configuration with the best mean validation identification rate)")
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_report)
 
 
-def cmd_bench_infer(args: argparse.Namespace) -> int:
-    from vertstudy.bench.infer import bench_infer, format_table
-
-    figures = bench_infer(
-        width=args.width, resolution=args.resolution, batch_size=args.batch_size, repeats=args.repeats,
-        seed=args.seed, workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
-    )
-    return _print_figures(figures, args.json, format_table)
-
-
-def cmd_bench_train(args: argparse.Namespace) -> int:
-    from vertstudy.bench.train import bench_train, format_table
-
-    figures = bench_train(
-        width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm, workers=args.workers,
-        threads=args.threads, steps=args.steps, memory=not args.no_memory, seed=args.seed,
-        workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
-    )
-    return _print_figures(figures, args.json, format_table)
-
-
-def cmd_bench_learn(args: argparse.Namespace) -> int:
-    from vertstudy.bench.learn import bench_learn, format_table
-
-    figures = bench_learn(
-        train_cases=args.train_cases, val_cases=args.val_cases, test_cases=args.test_cases, minutes=args.minutes,
-        width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm, lr=args.lr, seed=args.seed,
-        workdir=Path(args.workdir) if args.workdir else None, progress=not args.json, crops=args.crops,
-        overrides=_overrides(args.set),
-    )
-    return _print_figures(figures, args.json, format_table)
-
-
-def _overrides(items: list[str] | None) -> dict:
-    """``["loss.map_reg=none", "data.crop.anywhere_fraction=0"]`` -> a dict of YAML-parsed values."""
-    import yaml
-
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. loss.map_reg=none")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
-    return out
-
-
+# -- cluster -------------------------------------------------------------------------------
 def cmd_cluster_start(args: argparse.Namespace) -> int:
     from vertstudy.localcluster import start_local_cluster
 
@@ -352,168 +444,8 @@ def cmd_cluster_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_study(args: argparse.Namespace) -> int:
-    from vertstudy.bench.study import bench_study, format_table
-
-    figures = bench_study(
-        trials=args.trials, concurrency=args.concurrency, epochs=args.epochs, wandb=args.wandb,
-        workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
-    )
-    return _print_figures(figures, args.json, format_table)
-
-
-def cmd_bench_cluster(args: argparse.Namespace) -> int:
-    from vertstudy.bench.cluster import bench_cluster, format_table
-
-    log = (lambda _: None) if args.json else (lambda m: print(m, file=sys.stderr))
-    figures = bench_cluster(trials=args.trials, epochs=args.epochs, recovery_epochs=args.recovery_epochs,
-                            workdir=Path(args.workdir) if args.workdir else None, log=log)
-    return _print_figures(figures, args.json, format_table)
-
-
-def cmd_bench_report(args: argparse.Namespace) -> int:
-    from vertstudy.bench.report import bench_report, format_table
-
-    figures = bench_report(
-        trials=args.trials, concurrency=args.concurrency, epochs=args.epochs, builds=args.builds,
-        workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
-    )
-    return _print_figures(figures, args.json, format_table)
-
-
-def cmd_bench_prep(args: argparse.Namespace) -> int:
-    from vertstudy.bench.prep import bench_prep, format_table
-
-    figures = bench_prep(
-        cases=args.cases, size_xyz=tuple(args.size), spacing_xyz=tuple(args.spacing), seed=args.seed,
-        workdir=Path(args.workdir) if args.workdir else None, progress=not args.json,
-    )
-    return _print_figures(figures, args.json, format_table)
-
-
-# -- parser --------------------------------------------------------------------------------
-def _bench_common(p: argparse.ArgumentParser, seed_help: str, workdir_help: str) -> None:
-    """The options every benchmark shares: --seed, --workdir, --json."""
-    p.add_argument("--seed", type=_nonneg_int, default=0, help=seed_help)
-    p.add_argument("--workdir", help=workdir_help)
-    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vertstudy",
-        description="Hyperparameter and ablation studies of the residual multi-label vertebra labeling network.",
-    )
-    parser.add_argument("--version", action="version", version=f"vertstudy {__version__}")
-    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    data = top.add_parser("data", help="make phantoms, preprocess data sets, look at cases",
-                          description="Data commands: phantom generation, preprocessing into the cache, case views.")
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
-
-    p = data_sub.add_parser("phantom", help="write synthetic spine CTs with exactly known centroids",
-                            description="Write N synthetic spine CT cases (deterministic for a seed) in the CSI 2014 "
-                                        "or VerSe format, with their condition tags.")
-    p.add_argument("--out", required=True, help="output folder (created)")
-    p.add_argument("--cases", type=_positive_int, required=True, help="number of cases")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default 0)")
-    p.add_argument("--format", choices=("csi2014", "verse"), default="csi2014", help="file format (default csi2014)")
-    p.add_argument("--resolution", choices=("clinical", "coarse"), default="clinical",
-                   help="clinical: 0.6-1.0 mm in-plane, 1-3 mm slices; coarse: fast, for tests and CPU studies")
-    p.add_argument("--workers", type=_positive_int, default=1, help="parallel processes (default 1)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_data_phantom)
-
-    p = data_sub.add_parser("prepare", help="preprocess a data set into the content-addressed cache",
-                            description="Reorient, resample to isotropic spacing, clamp HU and z-score every case "
-                                        "under ROOT into the cache; cached cases are not redone. Bad cases are "
-                                        "reported and skipped unless --strict.")
-    p.add_argument("--root", required=True, help="data set folder")
-    p.add_argument("--format", choices=FORMATS_IN, default="auto", help="data set format (default auto)")
-    p.add_argument("--cache", required=True, help="cache folder (created)")
-    p.add_argument("--spacing-mm", type=_positive_float, default=2.0, help="isotropic spacing in mm (default 2.0)")
-    p.add_argument("--workers", type=_positive_int, default=2, help="parallel processes (default 2)")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad case (finished cases are kept)")
-    p.add_argument("--for-prediction", action="store_true",
-                   help="CTs to label: prepare cases without landmarks (a training set refuses them as bad cases)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_data_prepare)
-
-    p = data_sub.add_parser("show", help="sagittal and coronal views of a case with its centroids",
-                            description="Render sagittal and coronal views of CASE (an image file, a DICOM folder or "
-                                        "a cache entry folder) with each centroid marked and labelled.")
-    p.add_argument("case", metavar="CASE", help="image file, DICOM series folder or cache entry folder")
-    p.add_argument("--out", required=True, help="output PNG file")
-    p.add_argument("--landmarks", help="centroid file (JSON/CSV in LPS mm, .lml, VerSe ctd) if not found beside CASE")
-    p.add_argument("--spacing-mm", type=_positive_float, default=2.0, help="display resampling spacing (default 2.0)")
-    p.set_defaults(func=cmd_data_show)
-
-    p = top.add_parser("predict", help="label the vertebrae of one CT with a trained checkpoint",
-                       description="Tile the CT with overlapping crops, decode the votes (infer.decoder of the "
-                                   "checkpoint: the sequence decoder or the paper's per-class K-means) "
-                                   "and write the centroids in the image's own space: VerSe ctd JSON or a 3D "
-                                   "Slicer markups file, and optionally a sagittal/coronal picture.")
-    p.add_argument("image", metavar="IMAGE_OR_DICOM_DIR", help="image file (NIfTI, NRRD, MHA) or DICOM series folder")
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by the trainer (best.pt or last.pt)")
-    p.add_argument("--out", required=True, help="output JSON (*_ctd.json for verse, *.mrk.json for slicer)")
-    p.add_argument("--png", help="also draw sagittal and coronal views with the centroids")
-    p.add_argument("--format", choices=("verse", "slicer"), default="verse", help="output format (default verse)")
-    p.add_argument("--truth", help="landmark file of the same image: drawn in blue, errors in the summary")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default auto)")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.set_defaults(func=cmd_predict)
-
-    p = top.add_parser("diagnose", help="where a checkpoint loses identification on CTs with known centroids",
-                       description="Label every case of DATA (CTs with landmark files) four ways - every tile or "
-                                   "only tiles near the true spine, the classifier or the true classes - with "
-                                   "each decoder, plus crop-level recall, false positives and localization "
-                                   "error on spine-centred crops: which stage loses identification.")
-    p.add_argument("checkpoint", help="checkpoint written by the trainer (best.pt or last.pt)")
-    p.add_argument("data", help="folder of CTs with landmark files (any format data prepare reads)")
-    p.add_argument("--format", choices=FORMATS_IN, default="auto", help="data set format (default auto)")
-    p.add_argument("--cache", help="cache folder for the prepared cases (default: temporary, removed)")
-    p.add_argument("--near-mm", type=_positive_float, default=40.0,
-                   help="a tile is near the spine when its centre is this close to it (default 40)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default auto)")
-    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
-    p.set_defaults(func=cmd_diagnose)
-
-    study = top.add_parser("study", help="run, resume, inspect and export hyperparameter studies on Ray",
-                           description="Hyperparameter and ablation studies: Ray Tune + Optuna + W&B + Parquet.")
-    study_sub = study.add_subparsers(dest="study_command", required=True, metavar="COMMAND")
-    p = study_sub.add_parser("run", help="run a study file on a Ray cluster (or a local one)",
-                             description="Run STUDY.yaml: trials on Ray, Optuna search, W&B runs, Parquet tables.")
-    p.add_argument("study", help="the study file (studies/*.yaml)")
-    p.add_argument("--address", help="Ray cluster address (default: start a local cluster, or RAY_ADDRESS)")
-    p.add_argument("--storage", help="results directory or URI (overrides the study's storage)")
-    p.add_argument("--wandb", choices=("offline", "online", "disabled"),
-                   help="W&B mode (overrides the study's; online reads WANDB_API_KEY from the environment)")
-    p.add_argument("--optuna-storage", metavar="URL",
-                   help="Optuna storage: a database URL without password (postgresql://user@host/db; the password "
-                        "comes from PGPASSWORD) or journal:<shared path>; default VERTSTUDY_OPTUNA_STORAGE, else "
-                        "SQLite in the study directory")
-    p.add_argument("--smoke", action="store_true", help="run the study at CPU scale (tiny data, network, epochs)")
-    p.add_argument("--no-progress", action="store_true", help="no live trials table")
-    p.set_defaults(func=cmd_study_run)
-
-    p = study_sub.add_parser("resume", help="continue an interrupted study from its directory",
-                             description="Ended trials are kept, running ones continue from their checkpoints.")
-    p.add_argument("dir", help="the study directory (<storage>/<study name>)")
-    p.add_argument("--address", help="Ray cluster address (default: start a local cluster, or RAY_ADDRESS)")
-    p.add_argument("--no-progress", action="store_true", help="no live trials table")
-    p.set_defaults(func=cmd_study_resume)
-
-    p = study_sub.add_parser("status", help="print the trials table of a study",
-                             description="Ended trials from trials.parquet, then pending and running ones.")
-    p.add_argument("dir", help="the study directory (<storage>/<study name>)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_study_status)
-
-    p = study_sub.add_parser("export", help="rebuild the Parquet tables from Ray's results",
-                             description="Rebuild trials/epochs/vertebrae.parquet from the study's Ray results.")
-    p.add_argument("dir", help="the study directory (<storage>/<study name>)")
-    p.set_defaults(func=cmd_study_export)
-
+def _add_cluster_commands(top: argparse._SubParsersAction) -> None:
+    """``vertstudy cluster start|status|kill-worker|cut-worker|stop``."""
     cluster = top.add_parser("cluster", help="a multi-node Ray cluster on this machine (development and tests)",
                              description="Start, inspect, break and stop a local multi-node Ray cluster: a head and "
                                          "N worker nodes, each its own raylet with its own CPUs, token auth on.")
@@ -558,57 +490,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", required=True, help=dir_help)
     p.set_defaults(func=cmd_cluster_stop)
 
-    p = top.add_parser("report", help="turn studies into a report: Tables I-IV, search, robustness, failures, cost",
-                       description="Build a report from the Parquet tables of one or more study directories "
-                                   "(finished or still running): report.md with PNG figures, a self-contained "
-                                   "report.html, tables.tex (booktabs) and report.json. The same tables and "
-                                   "--date give the same files.")
-    p.add_argument("dirs", nargs="+", metavar="STUDY_DIR",
-                   help="study directory <storage>/<name> (or a pyarrow URI); Tables I-IV pool every study given")
-    p.add_argument("--out", required=True,
-                   help="report folder, e.g. reports/NAME (an earlier report there is replaced once the new one is "
-                        "complete)")
-    p.add_argument("--date", help="date in the report's header, YYYY-MM-DD (default: today, UTC)")
-    p.add_argument("--chosen", metavar="TRIAL_ID",
-                   help="Table IV, robustness and the failure gallery use this trial's configuration (default: the "
-                        "configuration with the best mean validation identification rate)")
-    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress on stderr")
-    p.set_defaults(func=cmd_report)
 
-    bench = top.add_parser("bench", help="measure the figures the issues ask for",
-                           description="Benchmarks: each prints a table, or one JSON object with --json.")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
-    p = bench_sub.add_parser("prep", help="preprocessing throughput on 1 and 2 processes, and a cached rerun",
-                             description="Write realistic-size phantoms, preprocess them on one and on two processes "
-                                         "into fresh caches, then rerun on a warm cache; report cases/s and ratios.")
+# -- bench ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Bench:
+    """One ``vertstudy bench NAME``: its help, its own options, how to run it and how to print its figures.
+
+    Every benchmark also gets ``--workdir`` and ``--json`` (and ``--seed`` when ``seed_help`` is given),
+    added after its own options; :func:`cmd_bench` runs them all the same way.
+    """
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Path | None, bool], dict]  # (args, workdir, progress) -> figures
+    format_table: Callable[[dict], str]
+    workdir_help: str
+    seed_help: str | None = None
+
+
+def _format_table_of(module: str) -> Callable[[dict], str]:
+    """``vertstudy.bench.<module>.format_table``, imported only when a table is printed."""
+
+    def format_table(figures: dict) -> str:
+        return importlib.import_module(f"vertstudy.bench.{module}").format_table(figures)
+
+    return format_table
+
+
+def cmd_bench(bench: _Bench, args: argparse.Namespace) -> int:
+    """Run one benchmark; print its figures as one JSON object (--json) or as its readable table."""
+    workdir = Path(args.workdir) if args.workdir else None
+    figures = bench.run(args, workdir, not args.json)
+    print(json.dumps(figures) if args.json else bench.format_table(figures))
+    return 0
+
+
+def _prep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", type=_positive_int, default=4, help="phantom cases (default 4)")
     p.add_argument("--size", type=_positive_int, nargs=3, default=(512, 512, 300), metavar=("X", "Y", "Z"),
                    help="image size in voxels (default 512 512 300)")
     p.add_argument("--spacing", type=_positive_float, nargs=3, default=(0.8, 0.8, 1.5), metavar=("X", "Y", "Z"),
                    help="voxel spacing in mm (default 0.8 0.8 1.5)")
-    _bench_common(
-        p, seed_help="phantom seed (default 0)",
-        workdir_help="folder for the phantoms and caches (default: a temporary folder, removed)")
-    p.set_defaults(func=cmd_bench_prep)
 
-    p = bench_sub.add_parser("infer", help="seconds to label one whole phantom CT, batched versus batch 1",
-                             description="Label one phantom CT with the configured inference batch size and with "
-                                         "batch 1, side by side; an untrained network of the given width (timing "
-                                         "does not depend on the weights).")
+
+def _run_prep(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
+    from vertstudy.bench.prep import bench_prep
+
+    return bench_prep(cases=args.cases, size_xyz=tuple(args.size), spacing_xyz=tuple(args.spacing), seed=args.seed,
+                      workdir=workdir, progress=progress)
+
+
+def _infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=_positive_float, default=1.0, help="network width multiplier (default 1.0)")
     p.add_argument("--resolution", choices=("clinical", "coarse"), default="coarse", help="phantom preset")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="batched run's size (default: config)")
     p.add_argument("--repeats", type=_positive_int, default=1, help="timed runs per batch size (default 1)")
-    _bench_common(
-        p, seed_help="phantom and weight seed (default 0)",
-        workdir_help="folder for the phantom (default: a temporary folder, removed)")
-    p.set_defaults(func=cmd_bench_infer)
 
-    p = bench_sub.add_parser("train", help="training crops/s through the DataLoader versus in-memory, FLOPs, memory",
-                             description="Side by side in one run: crops/s of real training steps fed by the "
-                                         "DataLoader from the cache and fed by pre-made in-memory tensors, their "
-                                         "ratio, FLOPs per step against the measured float32 matmul FLOP/s, and the "
-                                         "peak memory of one step of the default network (CPU) with a GPU estimate.")
+
+def _run_infer(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
+    from vertstudy.bench.infer import bench_infer
+
+    return bench_infer(width=args.width, resolution=args.resolution, batch_size=args.batch_size,
+                       repeats=args.repeats, seed=args.seed, workdir=workdir, progress=progress)
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=_positive_float, default=0.25, help="network width for throughput (default 0.25)")
     p.add_argument("--crop", type=_positive_int, nargs=3, default=(64, 48, 48), metavar=("Z", "Y", "X"),
                    help="crop size in voxels (default 64 48 48)")
@@ -617,15 +565,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
     p.add_argument("--steps", type=_positive_int, default=16, help="timed steps per path (default 16)")
     p.add_argument("--no-memory", action="store_true", help="skip the (slow) default-network memory measurement")
-    _bench_common(
-        p, seed_help="seed (default 0)",
-        workdir_help="folder for phantoms and cache (default: a temporary folder, removed)")
-    p.set_defaults(func=cmd_bench_train)
 
-    p = bench_sub.add_parser("learn", help="train a CPU-sized network, score whole CTs against the mean baseline",
-                             description="Write and prepare coarse phantoms, train for a fixed time budget, and "
-                                         "report held-out whole-CT localization error and identification rate "
-                                         "against predicting each class's mean position.")
+
+def _run_train(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
+    from vertstudy.bench.train import bench_train
+
+    return bench_train(width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm,
+                       workers=args.workers, threads=args.threads, steps=args.steps, memory=not args.no_memory,
+                       seed=args.seed, workdir=workdir, progress=progress)
+
+
+def _learn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-cases", type=_positive_int, default=24, help="training phantoms (default 24)")
     p.add_argument("--val-cases", type=_positive_int, default=4, help="validation phantoms (default 4)")
     p.add_argument("--test-cases", type=_positive_int, default=6, help="held-out phantoms (default 6)")
@@ -639,43 +589,153 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on this many crops (whole epochs) instead of --minutes, for ablations")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="a config field for this run, e.g. --set loss.map_reg=none (repeatable)")
-    _bench_common(
-        p, seed_help="seed (default 0)",
-        workdir_help="folder for phantoms, cache and checkpoints (default: temporary, removed)")
-    p.set_defaults(func=cmd_bench_learn)
-    p = bench_sub.add_parser("study", help="wall time of identical trials through the platform versus plain Optuna",
-                             description="Identical short trials through Ray Tune + W&B + tables versus Optuna alone "
-                                         "in one process, same concurrency; the platform's overhead per trial.")
+
+
+def _run_learn(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
+    from vertstudy.bench.learn import bench_learn
+
+    return bench_learn(
+        train_cases=args.train_cases, val_cases=args.val_cases, test_cases=args.test_cases, minutes=args.minutes,
+        width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm, lr=args.lr, seed=args.seed,
+        workdir=workdir, progress=progress, crops=args.crops, overrides=_overrides(args.set),
+    )
+
+
+def _overrides(items: list[str] | None) -> dict:
+    """``["loss.map_reg=none", "data.crop.anywhere_fraction=0"]`` -> a dict of YAML-parsed values."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. loss.map_reg=none")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+    return out
+
+
+def _study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=_positive_int, default=8, help="identical trials (default 8)")
     p.add_argument("--concurrency", type=_positive_int, default=2, help="trials at once, both ways (default 2)")
     p.add_argument("--epochs", type=_positive_int, default=4, help="epochs per trial: its fixed compute (default 4)")
     p.add_argument("--wandb", choices=("offline", "disabled"), default="offline", help="W&B on the platform side")
-    p.add_argument("--workdir", help="keep phantoms, cache and results here (default: a temporary directory)")
-    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
-    p.set_defaults(func=cmd_bench_study)
-    p = bench_sub.add_parser("cluster", help="throughput on 1 versus 2 worker nodes, and recovery from a dead node",
-                             description="Real local multi-node clusters: the same study on 1 and on 2 worker nodes "
-                                         "(trials per minute), then a worker SIGKILLed mid-trial (seconds until its "
-                                         "trial is detected, restarted and reporting again on another node).")
+
+
+def _run_study(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
+    from vertstudy.bench.study import bench_study
+
+    return bench_study(trials=args.trials, concurrency=args.concurrency, epochs=args.epochs, wandb=args.wandb,
+                       workdir=workdir, progress=progress)
+
+
+def _cluster_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=_positive_int, default=6, help="trials of the throughput study (default 6)")
     p.add_argument("--epochs", type=_positive_int, default=16, help="epochs per throughput trial (default 16)")
     p.add_argument("--recovery-epochs", type=_positive_int, default=12,
                    help="epochs of the 2 trials of the recovery run (default 12; the kill comes at epoch 3)")
-    p.add_argument("--workdir", help="parent of the temporary clusters and studies (default /tmp; keep it short)")
-    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
-    p.set_defaults(func=cmd_bench_cluster)
-    p = bench_sub.add_parser("report", help="time building a report from a real study of N trials",
-                             description="Run a real smoke-scale random search of N trials (B, lambda, lr, LR "
-                                         "schedule, crop size) on a local Ray cluster, then build its report "
-                                         "several times; report the median build time and the report's size.")
+
+
+def _run_cluster(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
+    from vertstudy.bench.cluster import bench_cluster
+
+    log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda _: None)
+    return bench_cluster(trials=args.trials, epochs=args.epochs, recovery_epochs=args.recovery_epochs,
+                         workdir=workdir, log=log)
+
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=_positive_int, default=50, help="trials of the study (default 50)")
     p.add_argument("--concurrency", type=_positive_int, default=2, help="trials at once (default 2)")
     p.add_argument("--epochs", type=_positive_int, default=2, help="epochs per trial (default 2)")
     p.add_argument("--builds", type=_positive_int, default=3, help="timed report builds; the median counts (default 3)")
-    p.add_argument("--workdir", help="keep phantoms, study and reports here (default: a temporary directory, removed)")
-    p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
-    p.set_defaults(func=cmd_bench_report)
 
+
+def _run_report(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
+    from vertstudy.bench.report import bench_report
+
+    return bench_report(trials=args.trials, concurrency=args.concurrency, epochs=args.epochs, builds=args.builds,
+                        workdir=workdir, progress=progress)
+
+
+BENCHMARKS: tuple[_Bench, ...] = (
+    _Bench("prep", "preprocessing throughput on 1 and 2 processes, and a cached rerun",
+           "Write realistic-size phantoms, preprocess them on one and on two processes into fresh caches, then "
+           "rerun on a warm cache; report cases/s and ratios.",
+           _prep_arguments, _run_prep, _format_table_of("prep"),
+           workdir_help="folder for the phantoms and caches (default: a temporary folder, removed)",
+           seed_help="phantom seed (default 0)"),
+    _Bench("infer", "seconds to label one whole phantom CT, batched versus batch 1",
+           "Label one phantom CT with the configured inference batch size and with batch 1, side by side; an "
+           "untrained network of the given width (timing does not depend on the weights).",
+           _infer_arguments, _run_infer, _format_table_of("infer"),
+           workdir_help="folder for the phantom (default: a temporary folder, removed)",
+           seed_help="phantom and weight seed (default 0)"),
+    _Bench("train", "training crops/s through the DataLoader versus in-memory, FLOPs, memory",
+           "Side by side in one run: crops/s of real training steps fed by the DataLoader from the cache and fed "
+           "by pre-made in-memory tensors, their ratio, FLOPs per step against the measured float32 matmul "
+           "FLOP/s, and the peak memory of one step of the default network (CPU) with a GPU estimate.",
+           _train_arguments, _run_train, _format_table_of("train"),
+           workdir_help="folder for phantoms and cache (default: a temporary folder, removed)",
+           seed_help="seed (default 0)"),
+    _Bench("learn", "train a CPU-sized network, score whole CTs against the mean baseline",
+           "Write and prepare coarse phantoms, train for a fixed time budget, and report held-out whole-CT "
+           "localization error and identification rate against predicting each class's mean position.",
+           _learn_arguments, _run_learn, _format_table_of("learn"),
+           workdir_help="folder for phantoms, cache and checkpoints (default: temporary, removed)",
+           seed_help="seed (default 0)"),
+    _Bench("study", "wall time of identical trials through the platform versus plain Optuna",
+           "Identical short trials through Ray Tune + W&B + tables versus Optuna alone in one process, same "
+           "concurrency; the platform's overhead per trial.",
+           _study_arguments, _run_study, _format_table_of("study"),
+           workdir_help="keep phantoms, cache and results here (default: a temporary directory)"),
+    _Bench("cluster", "throughput on 1 versus 2 worker nodes, and recovery from a dead node",
+           "Real local multi-node clusters: the same study on 1 and on 2 worker nodes (trials per minute), then a "
+           "worker SIGKILLed mid-trial (seconds until its trial is detected, restarted and reporting again on "
+           "another node).",
+           _cluster_arguments, _run_cluster, _format_table_of("cluster"),
+           workdir_help="parent of the temporary clusters and studies (default /tmp; keep it short)"),
+    _Bench("report", "time building a report from a real study of N trials",
+           "Run a real smoke-scale random search of N trials (B, lambda, lr, LR schedule, crop size) on a local "
+           "Ray cluster, then build its report several times; report the median build time and the report's size.",
+           _report_arguments, _run_report, _format_table_of("report"),
+           workdir_help="keep phantoms, study and reports here (default: a temporary directory, removed)"),
+)
+
+
+def _add_bench_commands(top: argparse._SubParsersAction) -> None:
+    """``vertstudy bench BENCHMARK``: one subcommand per entry of BENCHMARKS."""
+    bench = top.add_parser("bench", help="measure the figures the issues ask for",
+                           description="Benchmarks: each prints a table, or one JSON object with --json.")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    for b in BENCHMARKS:
+        p = bench_sub.add_parser(b.name, help=b.help, description=b.description)
+        b.add_arguments(p)
+        if b.seed_help is not None:
+            p.add_argument("--seed", type=_nonneg_int, default=0, help=b.seed_help)
+        p.add_argument("--workdir", help=b.workdir_help)
+        p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+        p.set_defaults(func=functools.partial(cmd_bench, b))
+
+
+# -- parser --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vertstudy",
+        description="Hyperparameter and ablation studies of the residual multi-label vertebra labeling network.",
+    )
+    parser.add_argument("--version", action="version", version=f"vertstudy {__version__}")
+    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_data_commands(top)
+    _add_predict_command(top)
+    _add_diagnose_command(top)
+    _add_study_commands(top)
+    _add_cluster_commands(top)
+    _add_report_command(top)
+    _add_bench_commands(top)
     return parser
 
 
