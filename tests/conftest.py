@@ -6,6 +6,19 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def driver_environment():
+    """The test session is a process entry point: it sets what the CLI's main sets for Tune."""
+    import os
+
+    from vertstudy.study.compat import driver_environment
+
+    for name, value in driver_environment().items():
+        if name == "TUNE_GLOBAL_CHECKPOINT_S" or name not in os.environ:
+            os.environ[name] = value
+    yield
+
+
 @pytest.fixture
 def one_torch_thread():
     """One intra-op thread for the test: runs are bit-reproducible, and on a shared 2-core

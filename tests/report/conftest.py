@@ -52,10 +52,10 @@ def run_fixture_studies(store: Path, ray_dir: Path) -> dict[str, Path]:
     """Run the fixture studies on a fresh 2-CPU local Ray cluster; ``{name: study dir}``."""
     import ray
 
+    from vertstudy.study.compat import init_local_ray
     from vertstudy.study.runner import run_study
 
-    ray.init(num_cpus=2, _temp_dir=str(ray_dir), include_dashboard=False, log_to_driver=False,
-             object_store_memory=150 * 1024 * 1024)
+    init_local_ray(2, ray_dir, object_store_mb=150)
     try:
         return {spec.name: Path(run_study(spec, progress=False).study_dir) for spec in fixture_specs(store)}
     finally:

@@ -31,8 +31,9 @@ def ray_cluster(short_dir):
     """A real 2-CPU local Ray cluster shared by the module; yields its address."""
     import ray
 
-    ray.init(num_cpus=2, _temp_dir=str(short_dir / "ray"), include_dashboard=False, log_to_driver=False,
-             object_store_memory=150 * 1024 * 1024)
+    from vertstudy.study.compat import init_local_ray
+
+    init_local_ray(2, short_dir / "ray", object_store_mb=150)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -8,15 +8,21 @@ from pathlib import Path
 import optuna
 import pytest
 
-from vertstudy.study.compat import StagingTurn, mark_completed, session_artifacts_dir, staging_stamp
+from vertstudy.study.compat import (
+    StagingTurn,
+    init_local_ray,
+    mark_completed,
+    reload_auth_token,
+    session_artifacts_dir,
+    staging_stamp,
+)
 
 
 @pytest.fixture(scope="module")
 def ray_session(short_dir):
     import ray
 
-    ray.init(num_cpus=1, _temp_dir=str(short_dir / "ray"), include_dashboard=False, log_to_driver=False,
-             object_store_memory=80 * 1024 * 1024)
+    init_local_ray(1, short_dir / "ray", object_store_mb=80)
     yield
     ray.shutdown()
 
@@ -63,3 +69,22 @@ def test_a_finished_optuna_trial_ignores_late_results():
     search.on_trial_result("t1", {"m": 1.0})  # would report to a trial Optuna already holds finished
     search.on_trial_complete("t1", {"m": 1.0})
     assert search._ot_study.trials[0].state == optuna.trial.TrialState.RUNNING  # untouched: ignored
+
+
+def test_an_embedded_ray_keeps_its_session_in_the_folder_given(ray_session, short_dir):
+    assert session_artifacts_dir().is_relative_to(short_dir / "ray"), session_artifacts_dir()
+
+
+def test_ray_can_be_told_to_read_its_token_again(ray_session):
+    reload_auth_token()  # the private names it uses exist and accept being called
+
+
+def test_the_staging_turn_is_a_tune_callback_importable_by_name():
+    import pickle
+
+    from ray.tune import Callback
+
+    from vertstudy.study import compat
+
+    assert issubclass(compat.StagingTurn, Callback) and compat.StagingTurn is StagingTurn
+    assert type(pickle.loads(pickle.dumps(StagingTurn()))) is StagingTurn

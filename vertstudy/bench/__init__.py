@@ -60,8 +60,9 @@ def local_ray(work: Path, cpus: int) -> Iterator[float]:
     started = ray.is_initialized()
     t0 = time.perf_counter()
     if not started:
-        ray.init(num_cpus=cpus, _temp_dir=str(work / "ray"), include_dashboard=False, log_to_driver=False,
-                 object_store_memory=200 * 1024 * 1024)
+        from vertstudy.study.compat import init_local_ray
+
+        init_local_ray(cpus, work / "ray", object_store_mb=200)
     try:
         yield time.perf_counter() - t0
     finally:

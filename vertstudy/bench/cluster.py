@@ -42,13 +42,12 @@ def _spec(storage: Path, name: str, trials: int, epochs: int, grid: bool = False
 def _connect(cluster) -> None:
     import ray
 
-    os.environ.update({k: v for k, v in cluster.env().items() if k != "RAY_ADDRESS"})
-    # this process talks to several clusters, each with its own token: make Ray read the new
-    # token (what Ray's own `ray get-auth-token` and token set-up do after changing it)
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from vertstudy.study.compat import reload_auth_token
 
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
+    # this process talks to several clusters, each with its own token, which Ray reads only from
+    # the environment: the benchmark's one write to it, then Ray reads the new token
+    os.environ.update({k: v for k, v in cluster.env().items() if k != "RAY_ADDRESS"})
+    reload_auth_token()
     ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
 
 

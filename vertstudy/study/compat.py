@@ -13,16 +13,18 @@ changes it fails there, loudly, instead of mixing studies or dropping callbacks 
   :class:`StagingTurn` makes the drivers on one host start at least a second apart.
 - **The callbacks of a restored Tuner.** ``Tuner.restore`` keeps the run config pickled by the
   killed driver, callbacks included; :func:`replace_callbacks` puts fresh ones in.
+- **Tune settings only the environment carries**: :func:`driver_environment`.
+- **A session folder of one's own** (:func:`init_local_ray`) and **another cluster's token**
+  (:func:`reload_auth_token`), for benchmarks and tests.
 - **A finished Optuna trial's late results.** See
   :class:`vertstudy.study.search.ResumableOptunaSearch`, which uses :func:`mark_completed`.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
-
-from ray.tune import Callback
 
 
 def session_artifacts_dir() -> Path:
@@ -40,44 +42,92 @@ def staging_stamp() -> str:
     return date_str()
 
 
-class StagingTurn(Callback):
-    """Hold this around ``Tuner.fit()`` and pass it to Tune as a callback: drivers on one host
-    take turns under a file lock in the session's artifacts folder, each waiting until the
-    staging timestamp differs from the previous driver's, until Tune has named its staging folder
-    (Tune's controller calls its callbacks' ``setup`` right after). So no two drivers share a
-    staging folder; it costs at most a second per driver, and only when drivers start together."""
+def __getattr__(name: str):
+    # StagingTurn subclasses Tune's Callback: built on first use, so importing this module (the
+    # CLI does, for driver_environment) does not import Ray
+    if name == "StagingTurn":
+        return _staging_turn_class()
+    raise AttributeError(name)
 
-    _lock = None
 
-    def __enter__(self):
-        from filelock import FileLock
+@functools.lru_cache(maxsize=1)
+def _staging_turn_class():
+    from ray.tune import Callback
 
-        artifacts = session_artifacts_dir()
-        artifacts.mkdir(parents=True, exist_ok=True)
-        self._last = artifacts / ".vertstudy-last-staging"
-        self._lock = FileLock(str(artifacts / ".vertstudy-staging.lock"))
-        self._lock.acquire()
-        last = self._last.read_text(encoding="utf-8").strip() if self._last.exists() else ""
-        while staging_stamp() == last:
-            time.sleep(0.05)
-        return self
+    class StagingTurn(Callback):
+        """Hold this around ``Tuner.fit()`` and pass it to Tune as a callback: drivers on one host
+        take turns under a file lock in the session's artifacts folder, each waiting until the
+        staging timestamp differs from the previous driver's, until Tune has named its staging folder
+        (Tune's controller calls its callbacks' ``setup`` right after). So no two drivers share a
+        staging folder; it costs at most a second per driver, and only when drivers start together."""
 
-    def setup(self, *args, **info) -> None:
-        self._end_turn()
+        _lock = None
 
-    def __exit__(self, *exc) -> None:
-        self._end_turn()
+        def __enter__(self):
+            from filelock import FileLock
 
-    def _end_turn(self) -> None:
-        if self._lock is not None:
-            try:
-                self._last.write_text(staging_stamp(), encoding="utf-8")
-            finally:
-                self._lock.release()
-                self._lock = None
+            artifacts = session_artifacts_dir()
+            artifacts.mkdir(parents=True, exist_ok=True)
+            self._last = artifacts / ".vertstudy-last-staging"
+            self._lock = FileLock(str(artifacts / ".vertstudy-staging.lock"))
+            self._lock.acquire()
+            last = self._last.read_text(encoding="utf-8").strip() if self._last.exists() else ""
+            while staging_stamp() == last:
+                time.sleep(0.05)
+            return self
 
-    def __getstate__(self) -> dict:  # Tune pickles its callbacks; a held lock stays here
-        return {}
+        def setup(self, *args, **info) -> None:
+            self._end_turn()
+
+        def __exit__(self, *exc) -> None:
+            self._end_turn()
+
+        def _end_turn(self) -> None:
+            if self._lock is not None:
+                try:
+                    self._last.write_text(staging_stamp(), encoding="utf-8")
+                finally:
+                    self._lock.release()
+                    self._lock = None
+
+        def __getstate__(self) -> dict:  # Tune pickles its callbacks; a held lock stays here
+            return {}
+
+    StagingTurn.__module__, StagingTurn.__qualname__ = __name__, "StagingTurn"  # picklable by name
+    return StagingTurn
+
+
+def driver_environment() -> dict[str, str]:
+    """Tune settings that only the environment carries, for a process that drives studies; its
+    entry point (the CLI's ``main``, the test session) sets them, since nothing below it touches
+    the environment.
+
+    Ray's experiment state is saved every second (Tune's default is about 10 s), so a resumed
+    study reruns at most the last second's finished trials, and those only re-report their
+    final result (``trial.FINAL``). Not 0: Ray rewrites its local state file while the previous
+    copy to the storage may still be reading it, and back-to-back saves tear that copy. Tune's
+    warning about slow state syncs, and its newer console output, are off (vertstudy prints its
+    own progress)."""
+    return {"TUNE_GLOBAL_CHECKPOINT_S": "1", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+            "RAY_AIR_NEW_OUTPUT": "0"}
+
+
+def init_local_ray(cpus: int, temp_dir: Path, object_store_mb: int) -> None:
+    """Start an embedded Ray of ``cpus`` CPUs whose session lives under ``temp_dir`` (Ray's
+    ``_temp_dir``: benchmarks and tests keep their sockets in a short folder of their own)."""
+    import ray
+
+    ray.init(num_cpus=cpus, _temp_dir=str(temp_dir), include_dashboard=False, log_to_driver=False,
+             object_store_memory=object_store_mb * 1024 * 1024)
+
+
+def reload_auth_token() -> None:
+    """Make this process's Ray read its token again from ``RAY_AUTH_TOKEN_PATH`` (one process
+    that talks to several clusters, each with its own token), as Ray's own token set-up does."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def replace_callbacks(tuner, callbacks: list) -> None:

@@ -20,7 +20,6 @@ Study directory ``<storage>/<name>/``::
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -111,13 +110,8 @@ def _ensure_ray(address: str | None) -> None:
 
 
 def _quiet_ray() -> None:
-    # Save Ray's experiment state every second (the default is about 10 s), so a resumed study
-    # reruns at most the last second's finished trials, and those only re-report their final
-    # result (trial.FINAL). Not 0: Ray rewrites its local state file while the previous copy to
-    # the storage may still be reading it, and back-to-back saves tear that copy.
-    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # (Tune's settings that only the environment carries, e.g. a 1 s experiment-state save, are
+    # set by the process's entry point: vertstudy.study.compat.driver_environment.)
     for name in ("ray.tune", "ray.train", "ray.air"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for name in ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state"):
