@@ -295,14 +295,15 @@ def cmd_study_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_study_status(args: argparse.Namespace) -> int:
-    from vertstudy.study.runner import STATUS_COLUMNS, study_status
+    from vertstudy.study.runner import study_status
+    from vertstudy.study.schema import STATUS_HEADINGS
 
     spec, rows, baseline = study_status(args.dir)
     if args.json:
         print(json.dumps({"study": spec.name, "trials": rows, "baseline": baseline}, default=str))
         return 0
     params = {p: p.split(".")[-1] for p in spec.space}
-    _print_table(f"study {spec.name}: {len(rows)} trials", rows, {**STATUS_COLUMNS, **params})
+    _print_table(f"study {spec.name}: {len(rows)} trials", rows, {**STATUS_HEADINGS, **params})
     if baseline:
         print(f"mean-position baseline on the held-out CTs: {_cell(baseline.get('loc_error_mm_mean'))} mm, "
               f"id rate {_cell(baseline.get('id_rate'))}")

@@ -14,11 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vertstudy.errors import ConfigError
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every validated record: unknown fields refused, values immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PrepConfig(_Strict):
+class PrepConfig(StrictModel):
     """Preprocessing (paper III-A): canonical orientation, isotropic resampling, HU clamp, z-score."""
 
     spacing_mm: float = Field(2.0, gt=0, le=10, description="isotropic output spacing, mm")
@@ -26,7 +28,7 @@ class PrepConfig(_Strict):
     antialias: bool = Field(True, description="Gaussian pre-smoothing when downsampling")
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(StrictModel):
     """Light augmentation of training crops; targets move with the image."""
 
     enabled: bool = True
@@ -36,7 +38,7 @@ class AugmentConfig(_Strict):
     intensity_shift: float = Field(0.1, ge=0, lt=2, description="max intensity shift, z-score units")
 
 
-class CropConfig(_Strict):
+class CropConfig(StrictModel):
     """Random crops along the spine (paper Fig. 7)."""
 
     crop_size: tuple[int, int, int] = Field((104, 80, 80), description="(z, y, x) voxels at spacing_mm")
@@ -56,13 +58,13 @@ class CropConfig(_Strict):
         return v
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     prep: PrepConfig = PrepConfig()
     crop: CropConfig = CropConfig()
     augment: AugmentConfig = AugmentConfig()
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """The network (paper II-A, Fig. 3-4) and its ablation variants (paper tables I-III).
 
     Channel widths are the defaults documented in ``vertstudy.model.network`` times ``width``.
@@ -78,7 +80,7 @@ class ModelConfig(_Strict):
     heatmap_sigma_vox: float = Field(2.0, gt=0, description="Gaussian target sigma of the heatmap head, voxels")
 
 
-class LossConfig(_Strict):
+class LossConfig(StrictModel):
     """Paper eq. 1-4: L = L_cls + L_reg."""
 
     balance_b: float = Field(3.0, gt=0, description="balance factor B of the positive terms (paper: 2-4)")
@@ -92,7 +94,7 @@ class LossConfig(_Strict):
     map_reg_sigma_vox: float = Field(1.0, gt=0, description="sigma of the Gaussian target map, voxels")
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(StrictModel):
     """Learning-rate schedule: the paper's plateau schedule, or cosine / step for the search."""
 
     kind: Literal["plateau", "cosine", "step"] = "plateau"
@@ -103,7 +105,7 @@ class ScheduleConfig(_Strict):
     gamma: float = Field(0.5, gt=0, lt=1, description="step: lr multiplier per step")
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """Trainer (paper III-B): Adam, batch 2, weight decay, a schedule on the validation loss."""
 
     lr: float = Field(0.01, gt=0, description="initial learning rate (paper: 0.01)")
@@ -137,7 +139,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class InferConfig(_Strict):
+class InferConfig(StrictModel):
     """Whole-CT inference (paper III-B, test phase)."""
 
     stride: tuple[int, int, int] = Field((52, 40, 40), description="tile stride (z, y, x) voxels")
@@ -166,7 +168,7 @@ class InferConfig(_Strict):
     )
 
 
-class Config(_Strict):
+class Config(StrictModel):
     """Top-level configuration: one field per pipeline stage."""
 
     data: DataConfig = DataConfig()
@@ -210,3 +212,18 @@ def validated(schema: type[BaseModel], where: str, /, **values: Any) -> Any:
             raise ConfigError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
         bad = err.get("input")
         raise ConfigError(f"{where}: field {field!r} = {bad!r}: {err['msg']}") from None
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """``{"loss.balance_b": 3.0, ...}``: every leaf of ``cfg`` by its dotted name (tuples as lists)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+
+    walk(cfg.model_dump(), "")
+    return out

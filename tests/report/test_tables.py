@@ -28,7 +28,7 @@ def load(study_dirs, name: str) -> pd.DataFrame:
 
 
 def figures(rows: pd.DataFrame) -> dict:
-    """The paper's figures of vertebra rows, from their definition (DESIGN.md, Metrics)."""
+    """The paper's figures of vertebra rows, from their definition (vertstudy.study.schema, Metrics)."""
     truth = rows[rows["in_truth"]]
     matched = truth[truth["predicted"]]
     return {

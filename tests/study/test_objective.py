@@ -72,7 +72,7 @@ def test_configurations_are_compared_on_whole_cts_only_when_every_trial_has_them
 
 
 def test_a_pruned_trial_s_best_epoch_follows_its_own_selection_rule():
-    from vertstudy.study.tables import fallback_best_epoch
+    from vertstudy.study.schema import fallback_best_epoch
 
     nan = math.nan
     epochs = [  # whole-CT validation at epochs 1 and 3, carried forward in between

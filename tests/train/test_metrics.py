@@ -1,4 +1,4 @@
-"""Golden-value tests of vertstudy.train.metrics (paper III-C, DESIGN.md "Metrics"), worked by hand."""
+"""Golden-value tests of vertstudy.train.metrics (paper III-C; vertstudy.study.schema, Metrics), by hand."""
 
 from __future__ import annotations
 

@@ -164,13 +164,12 @@ def _recovery(work: Path, epochs: int, kill_at: int, log) -> dict[str, float]:
 def bench_cluster(trials: int = 6, epochs: int = 16, recovery_epochs: int = 12, kill_at: int = 3,
                   workdir: Path | None = None, log=print) -> dict[str, float]:
     """The figures (see the module docstring)."""
-    from vertstudy.config import load_config
     from vertstudy.study.dataset import materialize
 
     # always a new short folder (Ray's socket paths), under --workdir when given
     with work_folder(None, "vs-bc-", str(workdir) if workdir else "/tmp") as work:
         spec = _spec(work / "st", "prep", trials, epochs)
-        materialize(spec.data, load_config(spec.config), work / "st", progress=False)  # phantoms + cache, once
+        materialize(spec.data, spec.base_config, work / "st", progress=False)  # phantoms + cache, once
         one = _throughput(work, 1, trials, epochs, log)
         two = _throughput(work, 2, trials, epochs, log)
         rec = _recovery(work, recovery_epochs, kill_at, log)

@@ -59,7 +59,6 @@ def bench_infer(
     from vertstudy.data.phantom import PhantomConfig, write_phantoms
     from vertstudy.data.preprocess import preprocess
     from vertstudy.infer.tiling import tile_origins
-    from vertstudy.infer.whole import predict_volume_details
     from vertstudy.model.network import build_model
 
     defaults = InferConfig()
@@ -87,22 +86,13 @@ def bench_infer(
 
         torch.manual_seed(seed)
         model = build_model(cfg.model).eval()
-        volume, pad, spacing = prepared.volume, prepared.pad_value, prepared.geometry.spacing_mm
+        volume = prepared.volume
         tiles = len(tile_origins(volume.shape, crop, infer.stride))
         with torch.inference_mode():  # warm-up: allocator, kernels
             model(torch.zeros((1, 1, *crop)))
 
-        times: dict[str, list[float]] = {"configured": [], "batch1": []}
-        results: dict[str, dict[int, np.ndarray]] = {}
-        for _ in range(repeats):
-            for name, run_cfg in (("configured", infer), ("batch1", single)):
-                start = time.perf_counter()
-                result = predict_volume_details(model, volume, pad, crop, run_cfg, spacing)
-                times[name].append(time.perf_counter() - start)
-                results[name] = {k: r.centre_zyx for k, r in result.classes.items()}
-                if progress:
-                    print(f"  {name} (batch {run_cfg.batch_size}): {times[name][-1]:.2f} s for {tiles} tiles")
-        best = {name: min(ts) for name, ts in times.items()}
+        best, results = _timed_runs(model, cfg, prepared, {"configured": infer, "batch1": single}, repeats, tiles,
+                                    progress)
         return {
             "model_width": width,
             "model_parameters": sum(p.numel() for p in model.parameters()),
@@ -128,6 +118,25 @@ def bench_infer(
             "centroid_max_diff_vox": _centroid_diff(results["configured"], results["batch1"]),
             "repeats": repeats,
         }
+
+
+def _timed_runs(model, cfg: Config, prepared, runs: dict[str, InferConfig], repeats: int, tiles: int,
+                progress: bool) -> tuple[dict[str, float], dict[str, dict[int, np.ndarray]]]:
+    """``repeats`` alternating timed labellings of ``prepared`` per named inference setting: the
+    fastest seconds of each, and each one's centroids ``{class: (z, y, x) voxels}``."""
+    from vertstudy.infer.whole import predict_prepared
+
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    results: dict[str, dict[int, np.ndarray]] = {}
+    for _ in range(repeats):
+        for name, run_cfg in runs.items():
+            start = time.perf_counter()
+            prediction = predict_prepared(model, cfg, prepared, infer_cfg=run_cfg)
+            times[name].append(time.perf_counter() - start)
+            results[name] = {v.index: np.asarray(v.zyx_vox) for v in prediction.vertebrae}
+            if progress:
+                print(f"  {name} (batch {run_cfg.batch_size}): {times[name][-1]:.2f} s for {tiles} tiles")
+    return {name: min(ts) for name, ts in times.items()}, results
 
 
 def format_table(figures: dict) -> str:

@@ -30,7 +30,8 @@ def _plain_optuna(spec, data, concurrency: int, work: Path) -> float:
     import torch
 
     from vertstudy.infer.evaluate import whole_ct_figures
-    from vertstudy.study.trial import evaluate_held_out, trial_config
+    from vertstudy.study.space import trial_config
+    from vertstudy.study.trial import evaluate_held_out
     from vertstudy.train.trainer import train
 
     torch.set_num_threads(1)
@@ -55,7 +56,6 @@ def bench_study(
     progress: bool = True,
 ) -> dict:
     """Figures of the module docstring (names carry units)."""
-    from vertstudy.config import load_config
     from vertstudy.study.dataset import materialize
     from vertstudy.study.runner import run_study
 
@@ -63,7 +63,7 @@ def bench_study(
         stamp = time.strftime("%H%M%S")
         spec = smoke_study(work / "st", f"bench-{stamp}", "bench study", trials=trials, epochs=epochs,
                            concurrency=concurrency, wandb=wandb)
-        data = materialize(spec.data, load_config(spec.config), work / "st", progress=progress)  # not timed
+        data = materialize(spec.data, spec.base_config, work / "st", progress=progress)  # not timed
         plain_s = _plain_optuna(spec, data, concurrency, work)
 
         with local_ray(work, concurrency) as ray_init_s:

@@ -247,30 +247,7 @@ def predict(
     case = read_image_case(image, None if truth is None else Path(truth))
     prediction = predict_case(model, cfg, case, infer, load_spine_prior(Path(checkpoint)))
 
-    summary: dict = {
-        "image": str(image),
-        "checkpoint": str(checkpoint),
-        "out": str(out),
-        "format": fmt,
-        "png": None if png is None else str(png),
-        "case_id": case.case_id,
-        "tiles": prediction.tiles,
-        "votes": prediction.votes,
-        "loc_only_model": prediction.loc_only,
-        "predicted": [v.name for v in prediction.vertebrae],
-        "n_predicted": len(prediction.vertebrae),
-        "vertebrae": [
-            {
-                "name": v.name,
-                "xyz_mm": [round(c, 4) for c in v.xyz_mm],
-                "index_xyz": [round(c, 4) for c in v.index_xyz],
-                "probability": _opt_round(v.probability),
-                "votes": v.votes,
-            }
-            for v in prediction.vertebrae
-        ],
-        "not_written": [],
-    }
+    summary = _summary(image, checkpoint, out, fmt, png, case, prediction)
     if fmt == "verse":
         entries, left_out = verse_ctd_entries(prediction, case.image)
         text = json.dumps(entries) + "\n"
@@ -295,6 +272,34 @@ def predict(
     atomic_write_text(out, text)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     return summary
+
+
+def _summary(image: Path, checkpoint: Path, out: Path, fmt: str, png: Path | None, case: Case, prediction) -> dict:
+    """The JSON-serialisable summary of one prediction (see :func:`predict`), before truth and timing."""
+    return {
+        "image": str(image),
+        "checkpoint": str(checkpoint),
+        "out": str(out),
+        "format": fmt,
+        "png": None if png is None else str(png),
+        "case_id": case.case_id,
+        "tiles": prediction.tiles,
+        "votes": prediction.votes,
+        "loc_only_model": prediction.loc_only,
+        "predicted": [v.name for v in prediction.vertebrae],
+        "n_predicted": len(prediction.vertebrae),
+        "vertebrae": [
+            {
+                "name": v.name,
+                "xyz_mm": [round(c, 4) for c in v.xyz_mm],
+                "index_xyz": [round(c, 4) for c in v.index_xyz],
+                "probability": _opt_round(v.probability),
+                "votes": v.votes,
+            }
+            for v in prediction.vertebrae
+        ],
+        "not_written": [],
+    }
 
 
 def format_summary(summary: dict) -> str:

@@ -19,6 +19,9 @@ from vertstudy.infer.decoders import decode_votes
 from vertstudy.infer.tiling import run_network, tile_origins
 from vertstudy.infer.votes import MERGE_MM, ClassResult, tile_votes
 
+#: the public entry points; the rest serve them and the other inference modules
+__all__ = ["PredictedVertebra", "Prediction", "predict_case", "predict_prepared"]
+
 
 @dataclass(frozen=True)
 class VolumeResult:

@@ -1,8 +1,8 @@
 """Reading the studies' Parquet tables (the report's only input) into pandas frames.
 
 Each study directory ``<storage>/<name>/`` (a local path or a URI pyarrow reads) holds
-``trials``, ``epochs``, ``vertebrae``, ``baseline`` and ``cases`` ``.parquet`` (schemas in
-DESIGN.md). Only ``trials.parquet`` is required; older studies lack ``cases.parquet``, the
+``trials``, ``epochs``, ``vertebrae``, ``baseline`` and ``cases`` ``.parquet`` (their contract:
+:mod:`vertstudy.study.schema`). Only ``trials.parquet`` is required; older studies lack ``cases.parquet``, the
 centroid columns of the vertebra rows and the trials' start times and resources, and the
 report says what it skips for that reason.
 
@@ -22,19 +22,8 @@ import pyarrow.fs as pafs
 
 from vertstudy.errors import InputError
 from vertstudy.study import storage
+from vertstudy.study.schema import POINT_COLUMNS, TRIAL_NUMBERS, TRIAL_TEXTS, VERTEBRA_FLAGS
 from vertstudy.study.tables import read_table
-
-#: trial columns every part of the report may read; absent ones are filled with NaN / "".
-TRIAL_NUMBERS = (
-    "best_val_id_rate", "best_val_loc_error_mm", "best_val_map", "best_val_loss", "best_val_ct_id_rate",
-    "best_val_ct_loc_error_mm", "test_id_rate",
-    "test_loc_error_mm_mean", "test_n_truth", "wall_s", "started_at", "ended_at", "resources_cpu", "resources_gpu",
-    "epochs", "best_epoch",
-)
-TRIAL_TEXTS = ("status", "params", "message", "device", "hostname", "vertstudy_version", "git_sha", "search_metric",
-               "search_mode")
-VERTEBRA_FLAGS = ("in_truth", "predicted", "identified")
-POINT_COLUMNS = tuple(f"{kind}_{axis}_mm" for kind in ("true", "pred") for axis in "zyx")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The numbers behind every table: pooled figures, spread over seeds, bootstrap intervals.
 
-For a set of vertebra rows (one per trial x held-out case x class; DESIGN.md "Metrics"):
+For a set of vertebra rows (one per trial x held-out case x class; :mod:`vertstudy.study.schema`, "Metrics"):
 
 - ``id_rate``: identified / vertebrae in the truth, a fraction in [0, 1];
 - ``loc_error_mm_mean`` / ``loc_error_mm_std``: mean and population std (ddof 0, as
@@ -23,10 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from vertstudy.anatomy import REGIONS as ANATOMY_REGIONS
+
 METRICS = ("id_rate", "loc_error_mm_mean", "loc_error_mm_std")
 RESAMPLES = 1000
 SEED = 0
-REGIONS = ("cervical", "thoracic", "lumbar", "sacral")
+REGIONS = tuple(ANATOMY_REGIONS)  # cervical, thoracic, lumbar, sacral
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ from typing import Any
 
 from vertstudy.errors import ConfigError
 from vertstudy.study import storage
+from vertstudy.study.schema import TrialOutcome
 from vertstudy.study.spec import StudySpec
-from vertstudy.study.tables import TrialOutcome, outcome_status, result_times, split_results
+from vertstudy.study.tables import outcome_status, result_times, split_results
 
 EXPERIMENT = "ray"  # Ray's experiment directory inside the study directory
 
@@ -158,7 +159,8 @@ def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error
     ``live``: results the driver received in this session. Ray copies ``result.json`` to the
     storage in the background, so the driver's own copy of the newest results is appended
     (an epoch reported twice counts once; the last final wins)."""
-    from vertstudy.study.trial import flat_config, trial_config
+    from vertstudy.config import flat_config
+    from vertstudy.study.space import trial_config
 
     params, results, checkpoint = read_trial(study_dir, trial_id)
     if ended_by == "error" and not error:

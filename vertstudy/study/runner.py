@@ -26,15 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vertstudy.config import load_config
 from vertstudy.errors import ConfigError, StorageError
 from vertstudy.study import storage
 from vertstudy.study.compat import StagingTurn, replace_callbacks
 from vertstudy.study.dataset import StudyData, materialize
 from vertstudy.study.results import EXPERIMENT, ended_outcomes, experiment_dir
+from vertstudy.study.schema import STATUS_HEADINGS, to_table
 from vertstudy.study.search import open_optuna_storage, optuna_storage_url, scheduler, searcher
 from vertstudy.study.spec import StudySpec, total_trials, validate_spec
-from vertstudy.study.tables import build_tables, to_table, write_table, write_tables
+from vertstudy.study.tables import build_tables, write_table, write_tables
 from vertstudy.study.tracking import WandbSettings
 
 
@@ -68,7 +68,7 @@ def _meta(spec: StudySpec) -> dict[str, Any]:
     """Provenance every ``trials.parquet`` row carries, and whether trials log to W&B."""
     from vertstudy import __version__
 
-    one = spec.search.algorithm != "optuna-multi"  # a multi-objective search has no single metric
+    one = not spec.search.multi_objective  # a multi-objective search has no single metric
     return {"vertstudy_version": __version__, "git_sha": _git_sha(), "wandb": spec.wandb.mode != "disabled",
             "cpus": float(spec.resources.cpus), "gpus": float(spec.resources.gpus),
             "search_metric": spec.search.metric if one else "", "search_mode": spec.search.mode if one else ""}
@@ -202,13 +202,13 @@ def _tuner(spec: StudySpec, data: StudyData, study_dir: str, meta: dict, progres
 
     from vertstudy.study.space import grid_space
 
-    one_metric = spec.search.algorithm != "optuna-multi"
+    one_metric = not spec.search.multi_objective
     metric = spec.search.metric if one_metric else None
     mode = spec.search.mode if one_metric else None
     storage_path, storage_fs = storage.ray_storage(study_dir)
     return tune.Tuner(
         _trainable(spec, data, study_dir),
-        param_space=grid_space(spec) if spec.search.algorithm == "grid" else {},
+        param_space=grid_space(spec) if spec.search.is_grid else {},
         tune_config=tune.TuneConfig(
             metric=metric, mode=mode, search_alg=searcher(spec, study_dir), scheduler=scheduler(spec),
             num_samples=spec.num_samples, max_concurrent_trials=spec.concurrency, reuse_actors=True,
@@ -250,14 +250,14 @@ def write_baseline(spec: StudySpec, study_dir: str, data: StudyData) -> dict[str
     cases for the reports' failure gallery; returns the baseline's summary."""
     from vertstudy.infer.evaluate import baseline_case_rows
     from vertstudy.study.dataset import case_view_row
-    from vertstudy.study.trial import vertebra_rows
+    from vertstudy.study.schema import held_out_rows
     from vertstudy.train.metrics import summarize
 
     test = data.cases("test")
     per_case = baseline_case_rows(data.cases("train") + data.cases("val"), test)
-    rows = [{"study": spec.name, "trial_id": "baseline", **r} for r in vertebra_rows(per_case)]
-    write_table(study_dir, "baseline", to_table(rows))
-    write_table(study_dir, "cases", to_table([case_view_row(c) for c in test]))
+    rows = [{"study": spec.name, "trial_id": "baseline", **r} for r in held_out_rows(per_case)]
+    write_table(study_dir, "baseline", to_table(rows, "baseline"))
+    write_table(study_dir, "cases", to_table([case_view_row(c) for c in test], "cases"))
     return {k: float(v) for k, v in summarize([r for _, rs in per_case for r in rs]).items()}
 
 
@@ -271,11 +271,11 @@ def prepare_study(spec: StudySpec, progress: bool = True) -> tuple[str, StudyDat
             f"storage: {study_dir} already holds study {spec.name!r}; continue it with `vertstudy study resume "
             f"{study_dir}`, or give another name or --storage"
         )
-    if spec.search.algorithm != "grid":
+    if not spec.search.is_grid:
         optuna_storage_url(spec, study_dir)
     shared = spec.data.shared_cache or (storage.uri_join(spec.storage, "_cache") if not storage.is_local(spec.storage)
                                         else None)
-    data = materialize(spec.data, load_config(spec.config), _work_dir(spec), progress=progress, shared=shared)
+    data = materialize(spec.data, spec.base_config, _work_dir(spec), progress=progress, shared=shared)
     fs, path = storage.resolve(study_dir)
     fs.create_dir(path, recursive=True)  # only now: a study that fails its checks leaves no directory
     storage.write_text(storage.uri_join(study_dir, "split.json"), data.to_json())
@@ -346,7 +346,7 @@ def _resume(study_dir: str, spec: StudySpec, data: StudyData, address: str | Non
 
     tuner = tune.Tuner.restore(
         exp_path, trainable=_trainable(spec, data, study_dir), resume_unfinished=True, resume_errored=True,
-        param_space=grid_space(spec) if spec.search.algorithm == "grid" else {}, storage_filesystem=exp_fs,
+        param_space=grid_space(spec) if spec.search.is_grid else {}, storage_filesystem=exp_fs,
     )
     # the restored run config carries the callbacks pickled by the killed driver: use fresh ones
     replace_callbacks(tuner, _callbacks(spec, study_dir, meta, progress, (turn,)))
@@ -376,7 +376,7 @@ def reconcile_optuna(spec: StudySpec, study_dir: str) -> int:
     """Once every trial has ended: mark Optuna trials still RUNNING as FAIL. They were sampled by
     a driver killed before Ray saved the trial they belonged to, so no Ray trial will ever report
     them. Returns how many. Nothing for grid studies."""
-    if spec.search.algorithm == "grid":
+    if spec.search.is_grid:
         return 0
     import optuna
 
@@ -422,13 +422,6 @@ def export_tables(study_dir: str) -> list:
     return refresh_tables(spec, study_dir, _meta(spec))
 
 
-STATUS_COLUMNS = {  # trials.parquet column -> status table heading
-    "trial_id": "trial", "status": "status", "epochs": "epochs", "best_epoch": "best", "best_val_loc_error_mm":
-    "val mm", "best_val_id_rate": "val id", "test_loc_error_mm_mean": "test mm", "test_id_rate": "test id",
-    "wall_s": "wall s",
-}
-
-
 def study_status(study_dir: str) -> tuple[StudySpec, list[dict[str, Any]], dict[str, float]]:
     """(study, one row per trial: ended trials from ``trials.parquet``, then trials still pending
     or running per Ray's saved state, each with its sampled values by parameter name; baseline
@@ -442,7 +435,7 @@ def study_status(study_dir: str) -> tuple[StudySpec, list[dict[str, Any]], dict[
     spec, _ = load_study_dir(study_dir)
     rows = []
     for r in read_table(study_dir, "trials").to_pylist():
-        row = {k: r.get(k) for k in STATUS_COLUMNS}
+        row = {k: r.get(k) for k in STATUS_HEADINGS}
         row.update(json.loads(r.get("params") or "{}"))
         rows.append(row)
     ended = {r["trial_id"] for r in rows}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from ray.tune.search.optuna import OptunaSearch
 
-from vertstudy.config import load_config
 from vertstudy.errors import ConfigError
 from vertstudy.study import storage
 from vertstudy.study.compat import mark_completed
@@ -92,7 +91,7 @@ def optuna_storage_url(spec: StudySpec, study_dir: str) -> str:
 
 def searcher(spec: StudySpec, study_dir: str):
     """Tune's search algorithm (None for grid: Tune's own grid expansion)."""
-    if spec.search.algorithm == "grid":
+    if spec.search.is_grid:
         return None
     import optuna
 
@@ -103,7 +102,7 @@ def searcher(spec: StudySpec, study_dir: str):
     seed = spec.search.seed
     if spec.search.algorithm == "random":
         sampler, metric, mode = optuna.samplers.RandomSampler(seed=seed), spec.search.metric, spec.search.mode
-    elif spec.search.algorithm == "optuna-multi":
+    elif spec.search.multi_objective:
         sampler = optuna.samplers.TPESampler(seed=seed)
         metric, mode = list(spec.search.metrics), list(spec.search.modes)
     else:
@@ -120,7 +119,7 @@ def scheduler(spec: StudySpec):
 
     # max_t beyond the last epoch: ASHA stops a trial that reaches max_t, which would cut off
     # its final report (evaluation on the held-out cases); trials end by themselves instead.
-    epochs = load_config(spec.config).train.epochs
+    epochs = spec.base_config.train.epochs
     return ASHAScheduler(
         time_attr="epoch", max_t=max(epochs, spec.scheduler.grace_period) + 1,
         grace_period=spec.scheduler.grace_period,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vertstudy.config import Config, load_config
 from vertstudy.errors import ConfigError
 from vertstudy.study.spec import StudySpec, choice_label, trial_seeds
 
@@ -82,3 +83,18 @@ def decode(spec: StudySpec, sampled: dict[str, Any]) -> dict[str, Any]:
         else:
             values[name] = float(value)
     return values
+
+
+def trial_config(spec: StudySpec, params: dict[str, Any]) -> Config:
+    """The trial's config: the study's defaults, then the sampled values. Unless the study sets
+    ``infer.stride``, inference tiles overlap by half a crop. On a trial without a GPU an
+    ``auto`` device means the CPU (never a GPU that Ray did not assign)."""
+    values = {**spec.config, **decode(spec, params)}
+    cfg = load_config(values, where=f"study {spec.name}: trial config")
+    update: dict[str, Any] = {}
+    if "infer.stride" not in values:
+        half = tuple(max(1, c // 2) for c in cfg.data.crop.crop_size)
+        update["infer"] = cfg.infer.model_copy(update={"stride": half})
+    if spec.resources.gpus == 0 and cfg.train.device == "auto":
+        update["train"] = cfg.train.model_copy(update={"device": "cpu"})
+    return cfg.model_copy(update=update) if update else cfg

@@ -25,15 +25,16 @@ Example (see ``studies/quickstart.yaml``)::
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from vertstudy.config import Config, load_config, validated
+from vertstudy.config import Config, StrictModel, load_config, validated
 from vertstudy.errors import ConfigError, InputError
 
 #: Metrics a trial reports every epoch (see :mod:`vertstudy.train.trainer`) that a search can optimize.
@@ -43,11 +44,7 @@ WHOLE_CT_METRICS = ("val_ct_id_rate", "val_ct_loc_error_mm")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PhantomData(_Strict):
+class PhantomData(StrictModel):
     """Synthetic spine CTs written by :mod:`vertstudy.data.phantom` (exact centroids)."""
 
     count: int = Field(30, ge=3, le=10000, description="phantom cases to write")
@@ -55,7 +52,7 @@ class PhantomData(_Strict):
     preset: Literal["coarse", "clinical"] = "coarse"
 
 
-class SplitSpec(_Strict):
+class SplitSpec(StrictModel):
     """Held-out parts of the case list, as counts (>= 1) or fractions (< 1) of the cases.
 
     The cases, sorted by id, are shuffled with ``seed``; the first ``test`` are held out for the
@@ -74,7 +71,7 @@ class SplitSpec(_Strict):
         return count(self.val), count(self.test)
 
 
-class DataSpec(_Strict):
+class DataSpec(StrictModel):
     phantoms: PhantomData | None = None
     root: str | None = Field(None, description="a data set directory (CSI 2014, VerSe or generic)")
     format: Literal["auto", "csi2014", "verse", "generic"] = "auto"
@@ -93,7 +90,7 @@ class DataSpec(_Strict):
         return self
 
 
-class Param(_Strict):
+class Param(StrictModel):
     """One search dimension over a config field.
 
     ``float``/``logfloat``: ``low``..``high``; ``int``: ``low``..``high`` (step ``step``);
@@ -126,7 +123,7 @@ class Param(_Strict):
         return self
 
 
-class SearchSpec(_Strict):
+class SearchSpec(StrictModel):
     algorithm: Literal["optuna-tpe", "random", "grid", "optuna-multi"] = "optuna-tpe"
     metric: str = Field("val_loc_error_mm", description="what one-objective searches and ASHA optimize")
     mode: Literal["min", "max"] = "min"
@@ -150,6 +147,21 @@ class SearchSpec(_Strict):
             raise ValueError(f"need 2 or more of {', '.join(METRICS)}, got {v}")
         return v
 
+    @property
+    def is_grid(self) -> bool:
+        """Tune's own grid expansion: no Optuna, choice parameters only."""
+        return self.algorithm == "grid"
+
+    @property
+    def multi_objective(self) -> bool:
+        """Optuna's multi-objective search over ``metrics``: no single metric to rank or stop by."""
+        return self.algorithm == "optuna-multi"
+
+    @property
+    def objectives(self) -> list[str]:
+        """The metrics the search optimizes: ``metrics`` for a multi-objective search, else ``[metric]``."""
+        return list(self.metrics) if self.multi_objective else [self.metric]
+
     @model_validator(mode="after")
     def _pairs(self) -> SearchSpec:
         if len(self.metrics) != len(self.modes):
@@ -157,7 +169,7 @@ class SearchSpec(_Strict):
         return self
 
 
-class SchedulerSpec(_Strict):
+class SchedulerSpec(StrictModel):
     """ASHA (asynchronous successive halving) over epochs, or none."""
 
     kind: Literal["asha", "none"] = "asha"
@@ -165,7 +177,7 @@ class SchedulerSpec(_Strict):
     reduction_factor: float = Field(2.0, gt=1)
 
 
-class Resources(_Strict):
+class Resources(StrictModel):
     cpus: float = Field(1.0, gt=0, description="CPUs per trial (also its torch threads)")
     gpus: float = Field(0.0, ge=0, description="GPUs per trial; a fraction lets small trials share a GPU")
 
@@ -177,13 +189,13 @@ class Resources(_Strict):
         return v
 
 
-class WandbSpec(_Strict):
+class WandbSpec(StrictModel):
     mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "vertstudy"
     entity: str | None = None
 
 
-class StudySpec(_Strict):
+class StudySpec(StrictModel):
     """A whole study file. ``config`` holds the defaults of :class:`Config` (dotted or nested)."""
 
     name: str
@@ -210,6 +222,12 @@ class StudySpec(_Strict):
         "then raises once (tests the fallback to an older checkpoint)"
     )
 
+    @functools.cached_property
+    def base_config(self) -> Config:
+        """The study's :class:`Config` (``config`` over the defaults), built once; every trial's
+        config starts from it (``validate_spec`` has checked it, naming the file)."""
+        return load_config(self.config, where=f"study {self.name}: config")
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
@@ -219,20 +237,20 @@ class StudySpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> StudySpec:
-        algo = self.search.algorithm
-        if self.scheduler.kind == "asha" and algo == "optuna-multi":
+        search = self.search
+        if self.scheduler.kind == "asha" and search.multi_objective:
             raise ValueError("scheduler 'asha' needs one metric; use scheduler: {kind: none} with optuna-multi")
-        if self.repeats > 1 and algo != "grid":
-            raise ValueError(f"repeats > 1 needs search.algorithm 'grid', got {algo!r}")
+        if self.repeats > 1 and not search.is_grid:
+            raise ValueError(f"repeats > 1 needs search.algorithm 'grid', got {search.algorithm!r}")
         if not self.space and self.repeats == 1:
             raise ValueError("the search space is empty: add parameters under 'space' (or repeats > 1 for grid)")
 
         names = list(self.space)
         for i, (name, p) in enumerate(self.space.items()):
-            if algo == "grid" and p.type != "choice":
+            if search.is_grid and p.type != "choice":
                 raise ValueError(f"space.{name}: grid search takes choice parameters only, got {p.type!r}")
             for cond, wanted in (p.when or {}).items():
-                if algo == "grid":
+                if search.is_grid:
                     raise ValueError(f"space.{name}: grid search has no conditional parameters ('when')")
                 if cond not in names[:i] or self.space[cond].type != "choice":
                     raise ValueError(f"space.{name}.when: {cond!r} must be a choice parameter listed before it")
@@ -287,8 +305,7 @@ def validate_spec(raw: Any, where: str) -> StudySpec:
     spec = validated(StudySpec, where, **raw)
     cfg = load_config(spec.config, where=f"{where}: config")
     load_config({**spec.config, **spec.smoke}, where=f"{where}: smoke")
-    metrics = (spec.search.metric, *(spec.search.metrics if spec.search.algorithm == "optuna-multi" else ()))
-    for metric in metrics:
+    for metric in {spec.search.metric, *spec.search.objectives}:
         if metric in WHOLE_CT_METRICS and cfg.train.whole_ct_every == 0:
             raise ConfigError(f"{where}: search metric {metric!r} needs config 'train.whole_ct_every' > 0 "
                               "(epochs between whole-CT validations)")
@@ -359,7 +376,7 @@ def smoke(spec: StudySpec) -> StudySpec:
             "data": data,
             "config": {**spec.config, **overrides},
             "space": space,
-            "num_samples": min(spec.num_samples, 2) if spec.search.algorithm != "grid" else 1,
+            "num_samples": min(spec.num_samples, 2) if not spec.search.is_grid else 1,
             "concurrency": min(spec.concurrency, 2),
             "resources": Resources(cpus=1, gpus=0),
             "repeats": repeats,
@@ -371,14 +388,14 @@ def smoke(spec: StudySpec) -> StudySpec:
 def total_trials(spec: StudySpec) -> int:
     """Trials the study has when it is done: ``num_samples``, or for a grid every point x
     seed x ``num_samples``."""
-    if spec.search.algorithm != "grid":
+    if not spec.search.is_grid:
         return spec.num_samples
     return math.prod(len(p.values or []) for p in spec.space.values()) * spec.repeats * spec.num_samples
 
 
 def trial_seeds(spec: StudySpec) -> list[int]:
     """The seeds a grid study repeats each configuration with: ``seed, seed+1, ...``."""
-    base = int(load_config(spec.config).seed)
+    base = int(spec.base_config.seed)
     return [base + i for i in range(spec.repeats)]
 
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vertstudy.config import Config, load_config
+from vertstudy.config import flat_config
 from vertstudy.study.dataset import StudyData
-from vertstudy.study.space import decode
+from vertstudy.study.schema import held_out_rows
+from vertstudy.study.space import trial_config
 from vertstudy.study.spec import StudySpec
 from vertstudy.study.tracking import TrialRun, WandbSettings
 
@@ -38,51 +39,11 @@ class TrialSetup:
     wandb: WandbSettings
 
 
-ROW_KEYS = {"study", "trial_id", "case", "label", "region", "in_truth", "predicted", "error_mm", "identified",
-            "true_z_mm", "true_y_mm", "true_x_mm", "pred_z_mm", "pred_y_mm", "pred_x_mm"}
-
-
-def _point_columns(prefix: str, point) -> dict[str, float]:
-    """``{prefix_z_mm, prefix_y_mm, prefix_x_mm}`` of a canonical (z, y, x) mm point (NaN if absent)."""
-    values = point if point is not None else (math.nan,) * 3
-    return {f"{prefix}_{axis}_mm": float(v) for axis, v in zip("zyx", values)}
-
-
 FINAL = "final.json"  # in a trial's last checkpoint: its final report, so a rerun only repeats it
 
 
 class InjectedFailure(RuntimeError):
     """The study's fault drill (``inject_failure_at_epoch``)."""
-
-
-def flat_config(cfg: Config) -> dict[str, Any]:
-    """``{"loss.balance_b": 3.0, ...}``: every leaf of ``cfg`` by its dotted name (tuples as lists)."""
-    out: dict[str, Any] = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-
-    walk(cfg.model_dump(), "")
-    return out
-
-
-def trial_config(spec: StudySpec, params: dict[str, Any]) -> Config:
-    """The trial's config: the study's defaults, then the sampled values. Unless the study sets
-    ``infer.stride``, inference tiles overlap by half a crop. On a trial without a GPU an
-    ``auto`` device means the CPU (never a GPU that Ray did not assign)."""
-    values = {**spec.config, **decode(spec, params)}
-    cfg = load_config(values, where=f"study {spec.name}: trial config")
-    update: dict[str, Any] = {}
-    if "infer.stride" not in values:
-        half = tuple(max(1, c // 2) for c in cfg.data.crop.crop_size)
-        update["infer"] = cfg.infer.model_copy(update={"stride": half})
-    if spec.resources.gpus == 0 and cfg.train.device == "auto":
-        update["train"] = cfg.train.model_copy(update={"device": "cpu"})
-    return cfg.model_copy(update=update) if update else cfg
 
 
 CHECKPOINT_FILES = ("last.pt", "best.pt", FINAL)
@@ -186,22 +147,6 @@ def _restore(work: Path) -> tuple[Path | None, str]:
     return None, note
 
 
-def vertebra_rows(per_case) -> list[dict[str, Any]]:
-    """JSON-ready ``vertebrae.parquet`` rows: case id, the metric row, the true and predicted
-    centroids (canonical (z, y, x) mm: ``true_z_mm`` ... ``pred_x_mm``, NaN when absent) and the
-    case's condition tags."""
-    rows = []
-    for case, case_rows in per_case:
-        tags = {k: str(v) for k, v in sorted(case.tags.items()) if k not in ROW_KEYS}
-        for r in case_rows:
-            rows.append({
-                "case": case.case_id, "label": int(r.label), "region": str(r.region), "in_truth": bool(r.in_truth),
-                "predicted": bool(r.predicted), "error_mm": float(r.error_mm), "identified": bool(r.identified),
-                **_point_columns("true", r.true_mm), **_point_columns("pred", r.pred_mm), **tags,
-            })
-    return rows
-
-
 def evaluate_held_out(checkpoint: Path | None, data: StudyData, device: str) -> tuple[dict[str, float], list[dict]]:
     """Whole-CT evaluation of ``checkpoint`` on the held-out cases: ``test_*`` figures and rows.
 
@@ -228,7 +173,7 @@ def evaluate_held_out(checkpoint: Path | None, data: StudyData, device: str) -> 
     for dec, dec_rows in found.case_rows.items():
         figures.update(decoder_figures(dec, dec_rows))
     figures.update({f"test_diag_{k}": float(v) for k, v in found.figures.items()})
-    return figures, vertebra_rows(per_case)
+    return figures, held_out_rows(per_case)
 
 
 def decoder_figures(decoder: str, per_case: list) -> dict[str, float]:

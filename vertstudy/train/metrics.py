@@ -1,6 +1,6 @@
 """Evaluation metrics of the paper (III-C) as pure numpy functions, overall and per region.
 
-Whole-CT metrics (DESIGN.md "Metrics"), on predicted and true centroids in millimetres:
+Whole-CT metrics (the contract in :mod:`vertstudy.study.schema`), on predicted and true centroids in millimetres:
 
 - Localization error: Euclidean distance (mm) between a predicted centroid and the truth of the
   same class; mean and std over the vertebrae present in the truth that were predicted.

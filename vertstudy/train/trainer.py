@@ -455,15 +455,7 @@ def train(
         monitored = record["val_loss"] if val_cases else record["loss"]
         step_scheduler(scheduler, monitored)
         st.epoch = epoch
-        if cfg.train.select_on == "val_ct" and val_cases:
-            score = ct_score(record)
-            improved = ct_now and score > st.best_ct
-            if improved:
-                st.best_ct, st.best_epoch = score, epoch
-        else:
-            improved = monitored < st.best_loss
-            if improved:
-                st.best_loss, st.best_epoch = monitored, epoch
+        improved = _note_best(st, cfg.train, record, monitored, ct_now and bool(val_cases), bool(val_cases))
         st.history.append(record)
         state = _checkpoint_state(model, optimizer, scheduler, st, cfg, prior)
         save_checkpoint(last_path, state)
@@ -472,6 +464,27 @@ def train(
         if on_epoch is not None:
             on_epoch(dict(record))
 
+    return _result(st, status, message, out_dir, device)
+
+
+def _note_best(st: _State, train_cfg: TrainConfig, record: dict, monitored: float, ct_now: bool,
+               has_val: bool) -> bool:
+    """Whether this epoch is the best so far by ``train.select_on`` (the whole-CT score, which
+    only an epoch with a whole-CT validation can improve; else the monitored loss), noted in ``st``."""
+    if train_cfg.select_on == "val_ct" and has_val:
+        score = ct_score(record)
+        if ct_now and score > st.best_ct:
+            st.best_ct, st.best_epoch = score, record["epoch"]
+            return True
+        return False
+    if monitored < st.best_loss:
+        st.best_loss, st.best_epoch = monitored, record["epoch"]
+        return True
+    return False
+
+
+def _result(st: _State, status: str, message: str, out_dir: Path, device: torch.device) -> TrainResult:
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     best = next((dict(h) for h in st.history if h["epoch"] == st.best_epoch), {})
     return TrainResult(
         status=status,
