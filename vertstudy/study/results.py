@@ -14,7 +14,7 @@ from typing import Any
 
 from vertstudy.errors import ConfigError
 from vertstudy.study import storage
-from vertstudy.study.schema import TrialOutcome
+from vertstudy.study.schema import HELD_OUT, TrialOutcome
 from vertstudy.study.spec import StudySpec
 from vertstudy.study.tables import outcome_status, result_times, split_results
 
@@ -168,6 +168,8 @@ def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error
     if live:
         results = results + list(live)
         params = params or dict(live[-1].get("config") or {})
+        fs, base = storage.resolve(experiment_dir(study_dir))
+        checkpoint = _latest_checkpoint(fs, storage.join(base, trial_id), results)  # the newest the driver heard of
     epochs, final, where = split_results(results)
     started, ended = result_times(results)
     try:
@@ -177,7 +179,24 @@ def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error
     return TrialOutcome(
         trial_id=trial_id, status=outcome_status(ended_by, final), config=config, epochs=epochs, final=final,
         checkpoint=checkpoint, error=error, where=where, params=params, started_at=started, ended_at=ended,
+        vertebrae=held_out_rows_at(study_dir, checkpoint) if final and "vertebrae" not in final else [],
     )
+
+
+def held_out_rows_at(study_dir: str, checkpoint: str | None) -> list[dict[str, Any]]:
+    """The held-out rows a trial wrote beside its final report (:data:`schema.HELD_OUT` in the
+    checkpoint folder ``checkpoint``, a path on the study storage's filesystem); none if absent."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    if not checkpoint:
+        return []
+    fs, _ = storage.resolve(experiment_dir(study_dir))
+    path = storage.join(checkpoint, HELD_OUT)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return []
+    table = pq.read_table(path, filesystem=fs)
+    return [{k: v for k, v in row.items() if k not in ("study", "trial_id")} for row in table.to_pylist()]
 
 
 def ended_outcomes(

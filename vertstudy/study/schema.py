@@ -83,6 +83,10 @@ STATUS_HEADINGS = {
     "wall_s": "wall s",
 }
 TYPES = {"trials": TRIAL_TYPES, "vertebrae": VERTEBRA_TYPES, "baseline": VERTEBRA_TYPES}
+#: a trial's held-out rows (``vertebrae`` columns but ``study`` and ``trial_id``), written by the
+#: trial into the checkpoint of its final result, so Ray carries them to the study's storage
+#: from any node; the trial reports only scalars to Ray
+HELD_OUT = "held_out.parquet"
 
 
 @dataclass
@@ -100,6 +104,7 @@ class TrialOutcome:
     params: dict[str, Any] = field(default_factory=dict)  # the values the search sampled (labels as sampled)
     started_at: float = math.nan  # unix seconds: the start of its first reported iteration
     ended_at: float = math.nan  # unix seconds: its last report
+    vertebrae: list[dict[str, Any]] = field(default_factory=list)  # held-out rows (its checkpoint's HELD_OUT file)
 
 
 def _number(v: Any) -> Any:
@@ -168,7 +173,9 @@ def epoch_rows(study: str, o: TrialOutcome) -> list[dict[str, Any]]:
 
 
 def vertebra_rows(study: str, o: TrialOutcome) -> list[dict[str, Any]]:
-    rows = json.loads(o.final.get("vertebrae", "[]") or "[]")
+    """The trial's held-out rows (trials of studies written before :data:`HELD_OUT` existed
+    carried them as JSON in their final result)."""
+    rows = o.vertebrae or json.loads(o.final.get("vertebrae", "[]") or "[]")
     return [{"study": study, "trial_id": o.trial_id, **r} for r in rows]
 
 

@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from vertstudy.config import flat_config
 from vertstudy.study.dataset import StudyData
-from vertstudy.study.schema import held_out_rows
+from vertstudy.study.schema import HELD_OUT, held_out_rows, to_table
 from vertstudy.study.space import trial_config
 from vertstudy.study.spec import StudySpec
 from vertstudy.study.tracking import TrialRun, WandbSettings
@@ -46,7 +49,7 @@ class InjectedFailure(RuntimeError):
     """The study's fault drill (``inject_failure_at_epoch``)."""
 
 
-CHECKPOINT_FILES = ("last.pt", "best.pt", FINAL)
+CHECKPOINT_FILES = ("last.pt", "best.pt", FINAL, HELD_OUT)
 ATTEMPT_PREFIX = "attempt-"
 
 
@@ -88,9 +91,14 @@ def checkpoint_problem(folder: Path) -> str | None:
                 return f"{name}: {str(exc).split(': ', 1)[-1]}"
     if (folder / FINAL).exists():
         try:
-            json.loads((folder / FINAL).read_text(encoding="utf-8"))
+            final = json.loads((folder / FINAL).read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
             return f"{FINAL}: {exc}"
+        if "vertebrae" not in final:  # (older final reports carried the rows themselves)
+            try:
+                pq.read_table(folder / HELD_OUT)
+            except (OSError, pa.ArrowException) as exc:
+                return f"{HELD_OUT}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     return None
 
 
@@ -258,12 +266,13 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
                 "device": result.device,
                 "seed": cfg.seed,
                 "wandb_run": run.id or "",
-                "vertebrae": json.dumps(rows),
+                "held_out_rows": len(rows),  # the rows themselves: HELD_OUT beside this report
             }
             # the searched metric of a trial is its value at the best epoch (NaN if it diverged)
             for key in (spec.search.metric, *spec.search.metrics):
                 final[key] = float(metrics.get(key, math.nan)) if result.status == "completed" else math.nan
-            run.summary({k: v for k, v in final.items() if k != "vertebrae"})
+            run.summary(final)
+        pq.write_table(to_table(rows, "vertebrae"), work / HELD_OUT)
         (work / FINAL).write_text(json.dumps(final), encoding="utf-8")
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(staging)))
     finally:
