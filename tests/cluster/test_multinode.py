@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tests.cluster.conftest import trial_results
+from tests.paths import short_tmp
 from tests.study.conftest import tiny_study
 from vertstudy.localcluster import load_cluster, ray_command
 
@@ -36,10 +36,8 @@ SECRETS = {"WANDB_API_KEY": "wb" + secrets.token_hex(20), "PGPASSWORD": "pg" + s
 
 @pytest.fixture(scope="module")
 def root():
-    path = Path(tempfile.mkdtemp(prefix="vs-mn-", dir="/tmp"))
-    yield path
-    if not os.environ.get("VS_KEEP"):
-        shutil.rmtree(path, ignore_errors=True)
+    with short_tmp("vs-mn-") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -76,20 +74,6 @@ def study_file(root: Path, name: str, epochs: int, **fields) -> Path:
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(study), encoding="utf-8")
     return path
-
-
-def trial_results(study_dir: Path) -> dict[str, list[dict]]:
-    out = {}
-    for f in sorted(study_dir.glob("ray/*/result.json")):
-        rows = []
-        for line in f.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line being written
-                break
-        if rows:
-            out[f.parent.name] = rows
-    return out
 
 
 def test_study_runs_on_both_workers_and_fetches_the_cache_once(cluster, root):

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tests.cluster.conftest import trial_results
+from tests.paths import short_tmp
 from tests.study.conftest import tiny_study
 from vertstudy.localcluster import load_cluster
 from vertstudy.localnet import namespaces_allowed
@@ -36,10 +36,8 @@ EPOCHS = 30
 
 @pytest.fixture(scope="module")
 def root():
-    path = Path(tempfile.mkdtemp(prefix="vs-pt-", dir="/tmp"))
-    yield path
-    if not os.environ.get("VS_KEEP"):
-        shutil.rmtree(path, ignore_errors=True)
+    with short_tmp("vs-pt-") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -68,20 +66,6 @@ def test_workers_have_addresses_of_their_own(cluster):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == sorted(ips)
 
 
-def results_of(study_dir: Path) -> dict[str, list[dict]]:
-    out = {}
-    for f in sorted(study_dir.glob("ray/*/result.json")):
-        rows = []
-        for line in f.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line being written
-                break
-        if rows:
-            out[f.parent.name] = rows
-    return out
-
-
 def test_a_worker_cut_off_mid_trial_its_trial_goes_on_elsewhere_once(cluster, root):
     study = tiny_study("cut", root / "st", config={"train.epochs": EPOCHS})
     study.update({"space": {"loss.balance_b": {"type": "choice", "values": [2.0, 3.0]}},
@@ -96,7 +80,7 @@ def test_a_worker_cut_off_mid_trial_its_trial_goes_on_elsewhere_once(cluster, ro
     try:
         deadline = time.monotonic() + 300
         while True:
-            results = results_of(study_dir)
+            results = trial_results(study_dir)
             if len(results) == 2 and all(max(r.get("epoch", 0) for r in rows) >= 3 for rows in results.values()):
                 break
             assert driver.poll() is None and time.monotonic() < deadline, "trials did not reach epoch 3"
@@ -110,7 +94,7 @@ def test_a_worker_cut_off_mid_trial_its_trial_goes_on_elsewhere_once(cluster, ro
         cut_at = time.time()
         survivor = next(n.node_id for n in cluster.workers() if n.index != index)
         while True:  # the victim goes on elsewhere; then the cut-off worker comes back
-            rows = results_of(study_dir).get(victim, [])
+            rows = trial_results(study_dir).get(victim, [])
             moved = [r for r in rows if r.get("node") == survivor and "epoch" in r]
             if moved:
                 break
@@ -137,7 +121,7 @@ def test_a_worker_cut_off_mid_trial_its_trial_goes_on_elsewhere_once(cluster, ro
     epochs = pq.read_table(study_dir / "epochs.parquet").to_pandas()
     for tid in trials:
         assert sorted(epochs[epochs.trial_id == tid].epoch) == list(range(1, EPOCHS + 1)), "each epoch once"
-    rows = results_of(study_dir)[victim]
+    rows = trial_results(study_dir)[victim]
     first = next(i for i, r in enumerate(rows) if r.get("node") == survivor and "epoch" in r)
     assert 1 < rows[first]["epoch"] <= rows[first - 1]["epoch"] + 1, "went on from its checkpoint, not epoch 1"
     # each attempt wrote under its own folder; the tables point at the last attempt's files

@@ -7,23 +7,19 @@ rather than pytest's ``tmp_path``. Every study here is CPU-sized (the ``--smoke`
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.paths import short_tmp
 from vertstudy.study.spec import SMOKE_CONFIG, StudySpec, validate_spec
 
 
 @pytest.fixture(scope="module")
 def short_dir():
-    path = Path(tempfile.mkdtemp(prefix="vs-", dir="/tmp"))
-    yield path
-    if not os.environ.get("VS_KEEP"):
-        shutil.rmtree(path, ignore_errors=True)
+    with short_tmp("vs-") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

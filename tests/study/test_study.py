@@ -53,6 +53,13 @@ def check_consistent(study_dir, spec, expected_trials: int) -> list[dict]:
             assert len(rows) == 26 * len(test_cases)
             assert not math.isnan(t["test_id_rate"])
             assert (Path(t["checkpoint"]) / "best.pt").exists()
+            # the rows travel as a Parquet file in the final checkpoint; Ray got only scalars
+            held_out = pq.read_table(Path(t["checkpoint"]) / "held_out.parquet").to_pylist()
+            assert [(r["case"], r["label"]) for r in held_out] == [(r["case"], r["label"]) for r in rows]
+            final = [r for r in results_of(study_dir, t["trial_id"]) if r.get("phase") == "final"][-1]
+            assert all(not isinstance(v, (str, list, dict)) or k in ("phase", "status", "message", "node", "hostname",
+                       "device", "wandb_run", "checkpoint_dir_name", "date", "trial_id", "pid", "node_ip",
+                       "experiment_tag", "config") for k, v in final.items()), final
     if spec.search.algorithm != "grid":
         from vertstudy.study.search import open_optuna_storage
 

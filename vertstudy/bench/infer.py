@@ -93,31 +93,8 @@ def bench_infer(
 
         best, results = _timed_runs(model, cfg, prepared, {"configured": infer, "batch1": single}, repeats, tiles,
                                     progress)
-        return {
-            "model_width": width,
-            "model_parameters": sum(p.numel() for p in model.parameters()),
-            "weights": "untrained (random)",
-            "phantom_resolution": resolution,
-            "image_size_xyz": "x".join(str(s) for s in case.image.GetSize()),
-            "image_spacing_xyz_mm": "x".join(f"{s:.2f}" for s in case.image.GetSpacing()),
-            "canonical_shape_zyx": "x".join(str(s) for s in volume.shape),
-            "crop_size_zyx": "x".join(str(c) for c in crop),
-            "stride_zyx": "x".join(str(s) for s in infer.stride),
-            "tiles": tiles,
-            "torch_threads": torch.get_num_threads(),
-            "batch_size": infer.batch_size,
-            "read_s": read_s,
-            "prep_s": prep_s,
-            "infer_batch_s": best["configured"],
-            "infer_batch1_s": best["batch1"],
-            "batch1_to_batch_ratio": best["batch1"] / best["configured"],
-            "label_ct_batch_s": read_s + prep_s + best["configured"],
-            "label_ct_batch1_s": read_s + prep_s + best["batch1"],
-            "tiles_per_s_batch": tiles / best["configured"],
-            "tiles_per_s_batch1": tiles / best["batch1"],
-            "centroid_max_diff_vox": _centroid_diff(results["configured"], results["batch1"]),
-            "repeats": repeats,
-        }
+        return _figures(width, model, resolution, case, volume, crop, infer, tiles, read_s, prep_s, best, results,
+                        repeats)
 
 
 def _timed_runs(model, cfg: Config, prepared, runs: dict[str, InferConfig], repeats: int, tiles: int,
@@ -137,6 +114,36 @@ def _timed_runs(model, cfg: Config, prepared, runs: dict[str, InferConfig], repe
             if progress:
                 print(f"  {name} (batch {run_cfg.batch_size}): {times[name][-1]:.2f} s for {tiles} tiles")
     return {name: min(ts) for name, ts in times.items()}, results
+
+
+def _figures(width, model, resolution, case, volume, crop, infer, tiles, read_s, prep_s, best, results,
+             repeats) -> dict:
+    """The figures of one run (names carry units)."""
+    return {
+        "model_width": width,
+        "model_parameters": sum(p.numel() for p in model.parameters()),
+        "weights": "untrained (random)",
+        "phantom_resolution": resolution,
+        "image_size_xyz": "x".join(str(s) for s in case.image.GetSize()),
+        "image_spacing_xyz_mm": "x".join(f"{s:.2f}" for s in case.image.GetSpacing()),
+        "canonical_shape_zyx": "x".join(str(s) for s in volume.shape),
+        "crop_size_zyx": "x".join(str(c) for c in crop),
+        "stride_zyx": "x".join(str(s) for s in infer.stride),
+        "tiles": tiles,
+        "torch_threads": torch.get_num_threads(),
+        "batch_size": infer.batch_size,
+        "read_s": read_s,
+        "prep_s": prep_s,
+        "infer_batch_s": best["configured"],
+        "infer_batch1_s": best["batch1"],
+        "batch1_to_batch_ratio": best["batch1"] / best["configured"],
+        "label_ct_batch_s": read_s + prep_s + best["configured"],
+        "label_ct_batch1_s": read_s + prep_s + best["batch1"],
+        "tiles_per_s_batch": tiles / best["configured"],
+        "tiles_per_s_batch1": tiles / best["batch1"],
+        "centroid_max_diff_vox": _centroid_diff(results["configured"], results["batch1"]),
+        "repeats": repeats,
+    }
 
 
 def format_table(figures: dict) -> str:

@@ -3,7 +3,7 @@
 The paper crops the test CT into blocks, runs the network on each, and clusters with K-means
 "the coordinates of the same type of vertebrae" to one centroid per type. Here:
 
-1. **Tiling** (:func:`tile_origins`). The canonical volume (``(Z, Y, X)``, z-scored, isotropic,
+1. **Tiling** (:func:`vertstudy.infer.tiling.tile_origins`). The canonical volume (``(Z, Y, X)``, z-scored, isotropic,
    see :mod:`vertstudy.data.preprocess`) is covered by overlapping crops of the checkpoint's
    ``crop_size`` at ``stride`` voxels. Along each axis the origins are ``0, s, 2s, ...`` and
    the last tile is flush with the end of the volume (origin ``n - c``), so every voxel lies
@@ -12,11 +12,11 @@ The paper crops the test CT into blocks, runs the network on each, and clusters 
    (z-scored air), as in training crops that leave the volume. A stride larger than the crop
    would leave voxels unseen and is refused (``ConfigError``).
 
-2. **Network** (:func:`run_tiles`). Tiles go through the model in batches of ``batch_size``
+2. **Network** (:func:`vertstudy.infer.tiling.run_network`). Tiles go through the model in batches of ``batch_size``
    under ``torch.inference_mode``; ``coords`` ``(B, 26, 3)`` are crop voxels ``(z, y, x)``,
    ``logits`` ``(B, 26)`` pre-sigmoid (or ``None`` for a localization-only model).
 
-3. **Votes** (:func:`collect_votes`). In each tile, class ``n`` votes when its probability
+3. **Votes** (:func:`vertstudy.infer.votes.collect_votes`). In each tile, class ``n`` votes when its probability
    ``sigmoid(logit)`` is ``>= threshold`` **and** its coordinate lies inside the tile
    (``0 <= c < size`` on every axis, the rule by which training crops mark a class present).
    The vote is the point ``origin + c`` in canonical voxels, weighted by its probability.
@@ -26,7 +26,7 @@ The paper crops the test CT into blocks, runs the network on each, and clusters 
    Those false votes are why a loc-only model has a poor identification rate (paper table
    III: the classification branch "eliminates the false positives of localization").
 
-4. **Clustering** (:func:`cluster_votes`), per class, on its votes ``(N, 3)`` with weights:
+4. **Clustering** (:func:`vertstudy.infer.votes.cluster_votes`), per class, on its votes ``(N, 3)`` with weights:
 
    - no vote: the class is not predicted;
    - one distinct point, or a cloud whose bounding-box diagonal is below ``merge_mm`` (no two
@@ -45,5 +45,6 @@ The paper crops the test CT into blocks, runs the network on each, and clusters 
    Each class is clustered independently, as in the paper: two classes may end up on the same
    vertebra (a shift like paper Fig. 9B); nothing here enforces the order of the spine.
 
-Everything but :func:`run_tiles` (and the wrappers that call it) is a pure numpy function.
+Everything but :func:`vertstudy.infer.tiling.run_network` (and the functions that call it) is a pure
+numpy function.
 """

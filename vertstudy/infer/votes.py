@@ -8,10 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from vertstudy.anatomy import NUM_CLASSES
-from vertstudy.infer.tiling import TileOutputs, run_network
+from vertstudy.infer.tiling import TileOutputs
 
 MERGE_MM = 10.0  # two K-means centres closer than this are one vertebra's scatter
 
@@ -224,17 +223,3 @@ def tile_votes(tiles: TileOutputs, crop_size: Sequence[int], threshold: float, v
     if len(tiles.origins) == 0:
         return Votes.empty()
     return collect_votes(tiles.coords, tiles.probs, tiles.origins, crop_size, threshold, volume_shape)
-
-
-def run_tiles(
-    model: torch.nn.Module,
-    volume: np.ndarray,
-    pad_value: float,
-    crop_size: Sequence[int],
-    origins_zyx: np.ndarray,
-    batch_size: int,
-    threshold: float,
-) -> tuple[Votes, bool]:
-    """The votes of every tile at ``origins_zyx`` (no tile skipped), and whether the model is loc-only."""
-    tiles = run_network(model, volume, pad_value, crop_size, origins_zyx, batch_size)
-    return tile_votes(tiles, crop_size, threshold, volume.shape), tiles.loc_only
