@@ -19,8 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.cluster.conftest import trial_results
-from tests.paths import short_tmp
+from tests.cluster.conftest import both_trials_at_epoch, trial_results
 from tests.study.conftest import tiny_study
 from vertstudy.localcluster import load_cluster, ray_command
 
@@ -32,12 +31,6 @@ VERTSTUDY = str(Path(sys.executable).parent / "vertstudy")
 # secrets the drivers get in their environment; no file a study writes may contain them
 SECRETS = {"WANDB_API_KEY": "wb" + secrets.token_hex(20), "PGPASSWORD": "pg" + secrets.token_hex(12),
            "VS_TEST_SECRET": "vs" + secrets.token_hex(12)}
-
-
-@pytest.fixture(scope="module")
-def root():
-    with short_tmp("vs-mn-") as path:
-        yield path
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +160,7 @@ def test_worker_killed_mid_study_resumes_on_the_other_node(cluster, root):
     driver = subprocess.Popen([*CLI, "study", "run", str(path), "--no-progress"], env=driver_env(cluster),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            results = trial_results(study_dir)
-            if len(results) == 2 and all(max(r.get("epoch", 0) for r in rows) >= 3 for rows in results.values()):
-                break
-            assert driver.poll() is None and time.monotonic() < deadline, "trials did not reach epoch 3"
-            time.sleep(0.2)
+        results = both_trials_at_epoch(driver, study_dir, 3)
         victim = sorted(results)[0]
         last = results[victim][-1]
         index = next(n.index for n in cluster.workers() if n.node_id == last["node"])
