@@ -44,10 +44,12 @@ def test_match_case_rows():
     rows = match_case(PRED, TRUTH)
     assert [r.label for r in rows] == list(range(NUM_CLASSES))
     by = {r.label: r for r in rows}
-    assert by[T1] == VertebraRow(T1, "thoracic", True, True, 5.0, True)
-    assert by[T2] == VertebraRow(T2, "thoracic", True, True, 25.0, False)
-    assert by[T3] == VertebraRow(T3, "thoracic", True, True, 8.0, False)
-    assert by[S1] == VertebraRow(S1, "sacral", True, True, 10.0, True)
+    # the last flag is the VerSe rule: T3's own prediction is the one closest to T3's truth among
+    # the truths in both (T4 is not in the truth), so VerSe counts T3 where the paper does not
+    assert by[T1] == VertebraRow(T1, "thoracic", True, True, 5.0, True, True)
+    assert by[T2] == VertebraRow(T2, "thoracic", True, True, 25.0, False, False)
+    assert by[T3] == VertebraRow(T3, "thoracic", True, True, 8.0, False, True)
+    assert by[S1] == VertebraRow(S1, "sacral", True, True, 10.0, True, True)
     assert by[L1].in_truth and not by[L1].predicted and math.isnan(by[L1].error_mm) and not by[L1].identified
     assert by[T4].predicted and not by[T4].in_truth and math.isnan(by[T4].error_mm) and not by[T4].identified
     untouched = by[20]
@@ -63,6 +65,7 @@ def test_summarize_golden():
     assert s["loc_error_mm_mean"] == pytest.approx(12.0)
     assert s["loc_error_mm_std"] == pytest.approx(math.sqrt(59.5))
     assert s["id_rate"] == pytest.approx(0.4)
+    assert s["id_rate_verse"] == pytest.approx(0.6)  # T1, T3, S1 of 5 (see test_match_case_rows)
     assert (s["n_truth"], s["n_predicted"], s["n_matched"]) == (5, 6, 4)
 
 
@@ -104,6 +107,50 @@ def test_identification_radius_is_strict_and_ties_go_to_the_own_class():
     # T2's prediction exactly as close as T1's own (both 5 mm) -> still identified
     rows = match_case({T1: p(0, 0, 5), T2: p(0, 0, -5)}, {T1: p(0, 0, 0)})
     assert rows[T1].identified
+
+
+def test_verse_rule_differs_from_the_paper_both_ways():
+    # T1's prediction is nearer T2's truth than its own: the paper looks from T1's truth (its own
+    # prediction is the nearest, 6 mm) and counts it; VerSe looks from the prediction and does not
+    rows = match_case({T1: p(0, 0, 6), T2: p(0, 0, 30)}, {T1: p(0, 0, 0), T2: p(0, 0, 10)})
+    assert rows[T1].identified and not rows[T1].identified_verse
+    # a stray prediction of a class not in the truth steals nothing under VerSe (T3 of the golden case)
+    rows = match_case({T1: p(0, 0, 8), T2: p(0, 0, 2)}, {T1: p(0, 0, 0)})
+    assert not rows[T1].identified and rows[T1].identified_verse
+    # radius: VerSe counts exactly 20 mm (it drops > 20), the paper needs less than 20
+    rows = match_case({T1: p(0, 0, 20)}, {T1: p(0, 0, 0)})
+    assert not rows[T1].identified and rows[T1].identified_verse
+    # a tie between two truths goes to the lower class index (numpy's argmin in get_hits)
+    rows = match_case({T1: p(0, 0, -30), T2: p(0, 0, 5)}, {T1: p(0, 0, 0), T2: p(0, 0, 10)})
+    assert rows[T2].identified and not rows[T2].identified_verse
+
+
+def _verse_reference(pred: dict, truth: dict, radius: float = 20.0) -> set[int]:
+    """get_hits as its docstring and code read, one vertebra at a time."""
+    both = sorted(set(pred) & set(truth))
+    hits = set()
+    for k in both:
+        d = [float(np.linalg.norm(pred[k] - truth[j])) for j in both]
+        if both[int(np.argmin(d))] == k and float(np.linalg.norm(pred[k] - truth[k])) <= radius:
+            hits.add(k)
+    return hits
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000))
+def test_verse_rule_matches_a_plain_reference(seed):
+    rng = np.random.default_rng(seed)
+    truth = {k: p(0, 0, 30.0 * k) for k in sorted(rng.choice(NUM_CLASSES, rng.integers(0, 8), replace=False))}
+    pred = {k: p(*rng.normal(0, 15, 3)) + p(0, 0, 30.0 * k + rng.choice([0, 0, 30, -30]))
+            for k in sorted(rng.choice(NUM_CLASSES, rng.integers(0, 8), replace=False))}
+    rows = match_case(pred, truth)
+    assert {r.label for r in rows if r.identified_verse} == _verse_reference(pred, truth)
+
+
+def test_tables_without_the_verse_column_still_summarize():
+    records = [{k: v for k, v in asdict(r).items() if k != "identified_verse"} for r in match_case(PRED, TRUTH)]
+    s = summarize(records)
+    assert "id_rate_verse" not in s and s["id_rate"] == pytest.approx(0.4)
 
 
 def test_no_predictions_at_all():

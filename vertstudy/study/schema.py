@@ -18,7 +18,8 @@ the records they are built from and their row builders. Every writer (the study'
 - ``vertebrae`` - the evaluation of each finished trial's best checkpoint on the held-out
   cases, one row per trial x case x class: ``study``, ``trial_id``, ``case``, ``label``
   (class index, :mod:`vertstudy.anatomy`), ``region``, ``in_truth``, ``predicted``,
-  ``error_mm``, ``identified``, the true and predicted centroids (canonical (z, y, x) mm,
+  ``error_mm``, ``identified``, ``identified_verse`` (the VerSe benchmark's rule, below), the
+  true and predicted centroids (canonical (z, y, x) mm,
   :data:`POINT_COLUMNS`, NaN when absent), plus the case's condition tags (phantoms carry e.g.
   ``fov``, ``metal``, ``curvature``). Types: :data:`VERTEBRA_TYPES`.
 - ``baseline`` - the same rows for the mean-position baseline (``trial_id`` ``baseline``).
@@ -29,7 +30,9 @@ Metrics (paper section III-C; :mod:`vertstudy.train.metrics`): the localization 
 Euclidean distance in mm between a predicted centroid and the truth of the same class, mean and
 std over the true vertebrae that were predicted; a true vertebra is identified when the
 predicted centroid closest to it is of its class and within 20 mm, and the identification rate
-is identified / vertebrae in the truth; classification is the mAP over the 26 classes; every
+is identified / vertebrae in the truth; ``id_rate_verse`` counts by the VerSe benchmark's
+rule instead (:mod:`vertstudy.train.metrics`: from each prediction to the truths present in
+both); classification is the mAP over the 26 classes; every
 metric is also reported per region.
 
 Reports are pure functions of these files: the same Parquet gives the same report.
@@ -63,7 +66,7 @@ POINT_COLUMNS = tuple(f"{kind}_{axis}_mm" for kind in ("true", "pred") for axis 
 VERTEBRA_TYPES: dict[str, pa.DataType] = {
     "study": pa.string(), "trial_id": pa.string(), "case": pa.string(), "label": pa.int64(),
     "region": pa.string(), "in_truth": pa.bool_(), "predicted": pa.bool_(), "error_mm": pa.float64(),
-    "identified": pa.bool_(), **{c: pa.float64() for c in POINT_COLUMNS},
+    "identified": pa.bool_(), "identified_verse": pa.bool_(), **{c: pa.float64() for c in POINT_COLUMNS},
 }
 ROW_KEYS = set(VERTEBRA_TYPES)  # a case tag with one of these names is left out of its rows
 VERTEBRA_FLAGS = ("in_truth", "predicted", "identified")
@@ -214,6 +217,7 @@ def held_out_rows(per_case) -> list[dict[str, Any]]:
             rows.append({
                 "case": case.case_id, "label": int(r.label), "region": str(r.region), "in_truth": bool(r.in_truth),
                 "predicted": bool(r.predicted), "error_mm": float(r.error_mm), "identified": bool(r.identified),
+                "identified_verse": bool(r.identified_verse),
                 **_point_columns("true", r.true_mm), **_point_columns("pred", r.pred_mm), **tags,
             })
     return rows

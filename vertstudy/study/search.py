@@ -35,6 +35,14 @@ class ResumableOptunaSearch(OptunaSearch):
         except optuna.exceptions.UpdateFinishedTrialError:
             mark_completed(self, trial_id)
 
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """A trial that ended without its final report was stopped by the scheduler (ASHA): it is
+        PRUNED in Optuna, keeping the intermediate values it reported, not COMPLETE with its
+        early value (TPE would learn from truncated curves as if they were finished)."""
+        if not error and result is not None and result.get("phase") != "final":
+            result = None  # Ray's OptunaSearch tells PRUNED for a trial that ended without a value
+        super().on_trial_complete(trial_id, result, error)
+
 
 def open_optuna_storage(spec: StudySpec, study_dir: str):
     """The Optuna storage object of a study (see the module docstring)."""
@@ -103,13 +111,24 @@ def searcher(spec: StudySpec, study_dir: str):
     if spec.search.algorithm == "random":
         sampler, metric, mode = optuna.samplers.RandomSampler(seed=seed), spec.search.metric, spec.search.mode
     elif spec.search.multi_objective:
-        sampler = optuna.samplers.TPESampler(seed=seed)
+        sampler = optuna.samplers.TPESampler(seed=seed, **tpe_settings(spec))
         metric, mode = list(spec.search.metrics), list(spec.search.modes)
     else:
-        sampler, metric, mode = optuna.samplers.TPESampler(seed=seed), spec.search.metric, spec.search.mode
+        sampler = optuna.samplers.TPESampler(seed=seed, **tpe_settings(spec))
+        metric, mode = spec.search.metric, spec.search.mode
     return ResumableOptunaSearch(
         space=define_by_run(spec), metric=metric, mode=mode, sampler=sampler, study_name=spec.name, storage=store
     )
+
+
+def tpe_settings(spec: StudySpec) -> dict:
+    """TPE's ``n_startup_trials`` (random trials before it models: ``search.startup_trials``, by
+    default a third of ``num_samples``, 2 to 10; Optuna's own default, 10, would leave a small
+    study random) and ``constant_liar`` (``search.constant_liar``, by default on when trials
+    run at once, so parallel trials do not all sample the same point)."""
+    startup = spec.search.startup_trials or max(2, min(10, spec.num_samples // 3))
+    liar = spec.search.constant_liar if spec.search.constant_liar is not None else spec.concurrency > 1
+    return {"n_startup_trials": int(startup), "constant_liar": bool(liar)}
 
 
 def scheduler(spec: StudySpec):

@@ -130,6 +130,10 @@ class SearchSpec(StrictModel):
     metrics: list[str] = Field(["val_loc_error_mm", "val_id_rate"], description="optuna-multi objectives")
     modes: list[Literal["min", "max"]] = ["min", "max"]
     seed: int = Field(0, ge=0, description="sampler seed")
+    startup_trials: int | None = Field(None, ge=1, description="TPE: random trials before it models (default: a "
+                                       "third of num_samples, 2 to 10)")
+    constant_liar: bool | None = Field(None, description="TPE: constant liar for trials running at once "
+                                       "(default: on when concurrency > 1)")
     optuna_storage: str | None = Field(None, description="Optuna storage URL; default sqlite in the study dir")
 
     @field_validator("metric")

@@ -9,6 +9,13 @@ Whole-CT metrics (the contract in :mod:`vertstudy.study.schema`), on predicted a
   (20 mm; the paper: "less than 20mm") away. A tie between its own prediction and another
   class's equally close one counts as identified. Identification rate = identified / vertebrae
   in the truth; a vertebra without a prediction is not identified.
+- Identification, VerSe rule (the VerSe benchmark's ``get_hits``, ``anjany/verse``
+  ``utils/eval_utilities.py``): a vertebra in both the truth and the prediction is identified
+  when, among the true centroids of the vertebrae in both, the one closest to its *prediction*
+  is its own (a tie goes to the lowest class index, as numpy's ``argmin``), and that prediction
+  is at most ``radius_mm`` from its truth. ``id_rate_verse`` = identified / vertebrae in the
+  truth. It differs from the paper's rule when predictions cluster or shift: the paper looks
+  from each truth to all predictions, VerSe from each prediction to the truths both hold.
 - Classification: mAP, the mean over classes of sklearn's ``average_precision_score``.
 
 :func:`match_case` gives one :class:`VertebraRow` per class and case (the rows of
@@ -52,6 +59,8 @@ class VertebraRow:
     predicted: bool
     error_mm: float
     identified: bool
+    #: identified by the VerSe rule (module docstring); False when not in the truth
+    identified_verse: bool = False
     #: the true / predicted centroid, (3,) in the caller's millimetres (canonical (z, y, x) mm for
     #: the study tables); None when absent. Not part of equality: rows compare by their figures.
     true_mm: tuple[float, float, float] | None = field(default=None, compare=False)
@@ -92,6 +101,27 @@ def identified_mask(
         return in_truth & predicted & (own < radius_mm) & (own <= closest)
 
 
+def identified_verse_mask(
+    true_pts: np.ndarray,
+    pred_pts: np.ndarray,
+    in_truth: np.ndarray,
+    predicted: np.ndarray,
+    radius_mm: float = ID_RADIUS_MM,
+) -> np.ndarray:
+    """:func:`identified_mask` by the VerSe benchmark's rule (module docstring): ``(N, K)`` bool
+    for ``N`` cases; same arguments."""
+    true_pts = np.asarray(true_pts, dtype=np.float64)
+    pred_pts = np.asarray(pred_pts, dtype=np.float64)
+    both = np.asarray(in_truth, dtype=bool) & np.asarray(predicted, dtype=bool)
+    # dist[n, i, j]: prediction of class i to truth of class j, over classes in both only
+    dist = np.linalg.norm(pred_pts[:, :, None, :] - true_pts[:, None, :, :], axis=-1)
+    dist = np.where(both[:, None, :], dist, np.inf)
+    closest = np.argmin(np.where(np.isnan(dist), np.inf, dist), axis=2)  # first index on ties
+    own = np.diagonal(dist, axis1=1, axis2=2)
+    with np.errstate(invalid="ignore"):
+        return both & (closest == np.arange(true_pts.shape[1])[None, :]) & (own <= radius_mm)
+
+
 def _points_array(points: Mapping[int, np.ndarray], what: str) -> tuple[np.ndarray, np.ndarray]:
     """``{class: (3,) mm}`` -> ``(K, 3)`` points (NaN where absent) and ``(K,)`` presence."""
     pts = np.full((NUM_CLASSES, 3), np.nan)
@@ -119,6 +149,7 @@ def match_case(
     true_pts, in_truth = _points_array(truth, "truth")
     error = np.linalg.norm(pred_pts - true_pts, axis=-1)  # NaN unless both
     identified = identified_mask(true_pts[None], pred_pts[None], in_truth[None], predicted[None], radius_mm)[0]
+    verse = identified_verse_mask(true_pts[None], pred_pts[None], in_truth[None], predicted[None], radius_mm)[0]
     return [
         VertebraRow(
             label=k,
@@ -127,6 +158,7 @@ def match_case(
             predicted=bool(predicted[k]),
             error_mm=float(error[k]),
             identified=bool(identified[k]),
+            identified_verse=bool(verse[k]),
             true_mm=tuple(float(v) for v in true_pts[k]) if in_truth[k] else None,
             pred_mm=tuple(float(v) for v in pred_pts[k]) if predicted[k] else None,
         )
@@ -138,11 +170,12 @@ def _column(rows: Sequence[VertebraRow | Mapping], name: str, dtype) -> np.ndarr
     return np.array([row[name] if isinstance(row, Mapping) else getattr(row, name) for row in rows], dtype=dtype)
 
 
-def _summary(in_truth: np.ndarray, predicted: np.ndarray, error: np.ndarray, identified: np.ndarray) -> dict:
+def _summary(in_truth: np.ndarray, predicted: np.ndarray, error: np.ndarray, identified: np.ndarray,
+             verse: np.ndarray | None) -> dict:
     matched = in_truth & predicted
     errors = error[matched]
     n_truth = int(in_truth.sum())
-    return {
+    out = {
         "loc_error_mm_mean": float(errors.mean()) if errors.size else float("nan"),
         "loc_error_mm_std": float(errors.std()) if errors.size else float("nan"),
         "id_rate": float((identified & in_truth).sum() / n_truth) if n_truth else float("nan"),
@@ -151,6 +184,9 @@ def _summary(in_truth: np.ndarray, predicted: np.ndarray, error: np.ndarray, ide
         "n_matched": int(matched.sum()),
         "n_false": int((predicted & ~in_truth).sum()),
     }
+    if verse is not None:
+        out["id_rate_verse"] = float((verse & in_truth).sum() / n_truth) if n_truth else float("nan")
+    return out
 
 
 def summarize(rows: Iterable[VertebraRow | Mapping]) -> dict[str, float | int]:
@@ -158,7 +194,8 @@ def summarize(rows: Iterable[VertebraRow | Mapping]) -> dict[str, float | int]:
 
     rows: :class:`VertebraRow` s or mappings with the same keys (e.g. Parquet records).
     Keys: ``loc_error_mm_mean``, ``loc_error_mm_std`` (population std, ddof 0) over rows in the
-    truth and predicted; ``id_rate`` = identified / ``n_truth``; ``n_truth`` (rows in the truth),
+    truth and predicted; ``id_rate`` = identified / ``n_truth``; ``id_rate_verse`` by the VerSe rule (only when the rows
+    carry ``identified_verse``: tables written before it existed do not); ``n_truth`` (rows in the truth),
     ``n_predicted`` (rows predicted, in the truth or not), ``n_matched`` (both), ``n_false``
     (predicted but not in the truth: false predictions, which neither the id rate nor the
     error counts against); and each of
@@ -170,11 +207,14 @@ def summarize(rows: Iterable[VertebraRow | Mapping]) -> dict[str, float | int]:
     predicted = _column(rows, "predicted", bool)
     error = _column(rows, "error_mm", np.float64)
     identified = _column(rows, "identified", bool)
+    has_verse = all(isinstance(r, VertebraRow) or "identified_verse" in r for r in rows)
+    verse = _column(rows, "identified_verse", bool) if has_verse else None
     region = _column(rows, "region", object)
-    out: dict[str, float | int] = dict(_summary(in_truth, predicted, error, identified))
+    out: dict[str, float | int] = dict(_summary(in_truth, predicted, error, identified, verse))
     for name in REGIONS:
         sel = region == name
-        for key, value in _summary(in_truth[sel], predicted[sel], error[sel], identified[sel]).items():
+        part = None if verse is None else verse[sel]
+        for key, value in _summary(in_truth[sel], predicted[sel], error[sel], identified[sel], part).items():
             out[f"{key}_{name}"] = value
     return out
 

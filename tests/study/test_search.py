@@ -1,0 +1,66 @@
+"""The search as Optuna records it, read back from a real SQLite storage: a trial the scheduler
+stopped is PRUNED with its intermediate values (not COMPLETE with an early value), a finished
+trial COMPLETE, a failed one FAIL; TPE's start-up and constant liar fit the study."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from tests.study.conftest import tiny_spec
+from vertstudy.study.search import searcher, tpe_settings
+
+
+def epoch(value: float, n: int, metric: str = "val_loc_error_mm") -> dict:
+    return {"phase": "epoch", "epoch": n, "training_iteration": n, metric: value, "val_id_rate": 0.1 * n}
+
+
+@pytest.fixture
+def study_dir(tmp_path):
+    path = tmp_path / "st" / "search"
+    path.mkdir(parents=True)
+    return path
+
+
+def test_stopped_finished_and_failed_trials_are_recorded_as_such(tmp_path, study_dir):
+    spec = tiny_spec("search", tmp_path / "st", num_samples=3)
+    search = searcher(spec, str(study_dir))
+    for tid in ("stopped", "finished", "failed"):
+        search.suggest(tid)
+    for n, v in ((1, 40.0), (2, 35.0)):
+        search.on_trial_result("stopped", epoch(v, n))
+    search.on_trial_complete("stopped", epoch(35.0, 2))  # ASHA stopped it after epoch 2
+    for n, v in ((1, 30.0), (2, 22.0)):
+        search.on_trial_result("finished", epoch(v, n))
+    search.on_trial_complete("finished", {"phase": "final", "epoch": 2, "training_iteration": 3,
+                                          "val_loc_error_mm": 22.0})
+    search.on_trial_complete("failed", None, error=True)
+
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{study_dir}/optuna.db")
+    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE,
+                                         optuna.trial.TrialState.FAIL]
+    assert trials[0].intermediate_values == {1: 40.0, 2: 35.0}  # (Optuna gives a pruned trial its last one as value)
+    assert trials[1].value == 22.0 and trials[1].intermediate_values == {1: 30.0, 2: 22.0}
+
+
+def test_a_stopped_multi_objective_trial_is_pruned_without_intermediate_values(tmp_path, study_dir):
+    spec = tiny_spec("search", tmp_path / "st", num_samples=2, search={"algorithm": "optuna-multi"},
+                     scheduler={"kind": "none"})
+    search = searcher(spec, str(study_dir))
+    search.suggest("stopped")
+    search.on_trial_result("stopped", epoch(40.0, 1))
+    search.on_trial_complete("stopped", epoch(40.0, 1))
+    (trial,) = optuna.load_study(study_name="search", storage=f"sqlite:///{study_dir}/optuna.db").get_trials()
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values == {}
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"num_samples": 6, "concurrency": 2}, {"n_startup_trials": 2, "constant_liar": True}),
+    ({"num_samples": 60, "concurrency": 1}, {"n_startup_trials": 10, "constant_liar": False}),
+    ({"num_samples": 12, "concurrency": 4}, {"n_startup_trials": 4, "constant_liar": True}),
+    ({"num_samples": 12, "search": {"algorithm": "optuna-tpe", "startup_trials": 7, "constant_liar": False}},
+     {"n_startup_trials": 7, "constant_liar": False}),
+])
+def test_tpe_starts_modelling_early_enough_for_the_study(tmp_path, fields, expected):
+    assert tpe_settings(tiny_spec("search", tmp_path, **fields)) == expected
