@@ -80,18 +80,22 @@ def identified_mask(
     in_truth: np.ndarray,
     predicted: np.ndarray,
     radius_mm: float = ID_RADIUS_MM,
+    rule: str = "paper",
 ) -> np.ndarray:
     """Which true vertebrae are identified, for ``N`` independent cases at once.
 
     true_pts, pred_pts: ``(N, K, 3)`` mm (entries of absent classes are ignored and may be NaN).
-    in_truth, predicted: ``(N, K)`` bool. Returns ``(N, K)`` bool: class ``k`` of case ``n`` is
-    in the truth, predicted, its own prediction is closer than ``radius_mm`` and no predicted
-    centroid of another class of that case is closer to the truth than its own.
+    in_truth, predicted: ``(N, K)`` bool. Returns ``(N, K)`` bool. ``rule="paper"``: class ``k``
+    of case ``n`` is in the truth, predicted, its own prediction is closer than ``radius_mm``
+    and no predicted centroid of another class of that case is closer to the truth than its
+    own. ``rule="verse"``: the VerSe benchmark's (module docstring).
     """
     true_pts = np.asarray(true_pts, dtype=np.float64)
     pred_pts = np.asarray(pred_pts, dtype=np.float64)
     in_truth = np.asarray(in_truth, dtype=bool)
     predicted = np.asarray(predicted, dtype=bool)
+    if rule == "verse":
+        return _verse_hits(true_pts, pred_pts, in_truth & predicted, radius_mm)
     # dist[n, i, j]: truth of class i to prediction of class j; unpredicted j are infinitely far.
     dist = np.linalg.norm(true_pts[:, :, None, :] - pred_pts[:, None, :, :], axis=-1)
     dist = np.where(predicted[:, None, :], dist, np.inf)
@@ -101,18 +105,7 @@ def identified_mask(
         return in_truth & predicted & (own < radius_mm) & (own <= closest)
 
 
-def identified_verse_mask(
-    true_pts: np.ndarray,
-    pred_pts: np.ndarray,
-    in_truth: np.ndarray,
-    predicted: np.ndarray,
-    radius_mm: float = ID_RADIUS_MM,
-) -> np.ndarray:
-    """:func:`identified_mask` by the VerSe benchmark's rule (module docstring): ``(N, K)`` bool
-    for ``N`` cases; same arguments."""
-    true_pts = np.asarray(true_pts, dtype=np.float64)
-    pred_pts = np.asarray(pred_pts, dtype=np.float64)
-    both = np.asarray(in_truth, dtype=bool) & np.asarray(predicted, dtype=bool)
+def _verse_hits(true_pts: np.ndarray, pred_pts: np.ndarray, both: np.ndarray, radius_mm: float) -> np.ndarray:
     # dist[n, i, j]: prediction of class i to truth of class j, over classes in both only
     dist = np.linalg.norm(pred_pts[:, :, None, :] - true_pts[:, None, :, :], axis=-1)
     dist = np.where(both[:, None, :], dist, np.inf)
@@ -149,7 +142,7 @@ def match_case(
     true_pts, in_truth = _points_array(truth, "truth")
     error = np.linalg.norm(pred_pts - true_pts, axis=-1)  # NaN unless both
     identified = identified_mask(true_pts[None], pred_pts[None], in_truth[None], predicted[None], radius_mm)[0]
-    verse = identified_verse_mask(true_pts[None], pred_pts[None], in_truth[None], predicted[None], radius_mm)[0]
+    verse = identified_mask(true_pts[None], pred_pts[None], in_truth[None], predicted[None], radius_mm, "verse")[0]
     return [
         VertebraRow(
             label=k,
