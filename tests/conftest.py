@@ -13,9 +13,7 @@ def driver_environment():
 
     from vertstudy.study.compat import driver_environment
 
-    for name, value in driver_environment().items():
-        if name == "TUNE_GLOBAL_CHECKPOINT_S" or name not in os.environ:
-            os.environ[name] = value
+    os.environ.update(driver_environment(os.environ))
     yield
 
 

@@ -743,9 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from vertstudy.study.compat import driver_environment
 
-    for name, value in driver_environment().items():  # the entry point sets what Tune reads from it
-        if name == "TUNE_GLOBAL_CHECKPOINT_S" or name not in os.environ:  # resume relies on the first
-            os.environ[name] = value
+    os.environ.update(driver_environment(os.environ))  # the entry point sets what Tune reads from it
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -97,10 +98,11 @@ def _staging_turn_class():
     return StagingTurn
 
 
-def driver_environment() -> dict[str, str]:
-    """Tune settings that only the environment carries, for a process that drives studies; its
-    entry point (the CLI's ``main``, the test session) sets them, since nothing below it touches
-    the environment.
+def driver_environment(current: Mapping[str, str]) -> dict[str, str]:
+    """Tune settings that only the environment carries, for a process that drives studies, given
+    its ``current`` environment: what to set in it. Its entry point (the CLI's ``main``, the test
+    session) sets them, since nothing below it touches the environment. The 1 s save always (a
+    resume relies on it); the others only where the user has not set them.
 
     Ray's experiment state is saved every second (Tune's default is about 10 s), so a resumed
     study reruns at most the last second's finished trials, and those only re-report their
@@ -108,8 +110,8 @@ def driver_environment() -> dict[str, str]:
     copy to the storage may still be reading it, and back-to-back saves tear that copy. Tune's
     warning about slow state syncs, and its newer console output, are off (vertstudy prints its
     own progress)."""
-    return {"TUNE_GLOBAL_CHECKPOINT_S": "1", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-            "RAY_AIR_NEW_OUTPUT": "0"}
+    defaults = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0", "RAY_AIR_NEW_OUTPUT": "0"}
+    return {"TUNE_GLOBAL_CHECKPOINT_S": "1", **{k: v for k, v in defaults.items() if k not in current}}
 
 
 def init_local_ray(cpus: int, temp_dir: Path, object_store_mb: int) -> None:

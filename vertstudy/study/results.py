@@ -14,7 +14,7 @@ from typing import Any
 
 from vertstudy.errors import ConfigError
 from vertstudy.study import storage
-from vertstudy.study.schema import HELD_OUT, TrialOutcome
+from vertstudy.study.schema import ATTEMPT_PREFIX, HELD_OUT, TrialOutcome
 from vertstudy.study.spec import StudySpec
 from vertstudy.study.tables import outcome_status, result_times, split_results
 
@@ -75,12 +75,12 @@ def _latest_checkpoint(fs, trial_dir: str, results: list[dict[str, Any]]) -> str
     if not names:
         return None
     checkpoint = names[-1]
-    attempts = subdirs(checkpoint, "attempt-")
+    attempts = subdirs(checkpoint, ATTEMPT_PREFIX)
     return attempts[-1] if attempts else checkpoint
 
 
-def read_trial(study_dir: str, trial_id: str) -> tuple[dict[str, Any], list[dict[str, Any]], str | None]:
-    """(sampled params, results in report order, latest checkpoint path) of one trial."""
+def read_trial(study_dir: str, trial_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(sampled params, results in report order) of one trial."""
     import pyarrow.fs as pafs
 
     fs, base = storage.resolve(experiment_dir(study_dir))
@@ -95,8 +95,7 @@ def read_trial(study_dir: str, trial_id: str) -> tuple[dict[str, Any], list[dict
 
     params_text = text("params.json")
     params = json.loads(params_text) if params_text.strip() else {}
-    results = _read_json_lines(text("result.json"))
-    return params, results, _latest_checkpoint(fs, tdir, results)
+    return params, _read_json_lines(text("result.json"))
 
 
 def trial_error(study_dir: str, trial_id: str) -> str:
@@ -162,14 +161,14 @@ def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error
     from vertstudy.config import flat_config
     from vertstudy.study.space import trial_config
 
-    params, results, checkpoint = read_trial(study_dir, trial_id)
+    params, results = read_trial(study_dir, trial_id)
     if ended_by == "error" and not error:
         error = trial_error(study_dir, trial_id)
     if live:
         results = results + list(live)
         params = params or dict(live[-1].get("config") or {})
-        fs, base = storage.resolve(experiment_dir(study_dir))
-        checkpoint = _latest_checkpoint(fs, storage.join(base, trial_id), results)  # the newest the driver heard of
+    fs, base = storage.resolve(experiment_dir(study_dir))
+    checkpoint = _latest_checkpoint(fs, storage.join(base, trial_id), results)  # the newest the driver heard of
     epochs, final, where = split_results(results)
     started, ended = result_times(results)
     try:
@@ -179,19 +178,18 @@ def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error
     return TrialOutcome(
         trial_id=trial_id, status=outcome_status(ended_by, final), config=config, epochs=epochs, final=final,
         checkpoint=checkpoint, error=error, where=where, params=params, started_at=started, ended_at=ended,
-        vertebrae=held_out_rows_at(study_dir, checkpoint) if final and "vertebrae" not in final else [],
+        vertebrae=held_out_rows_at(fs, checkpoint) if final and "vertebrae" not in final else [],
     )
 
 
-def held_out_rows_at(study_dir: str, checkpoint: str | None) -> list[dict[str, Any]]:
+def held_out_rows_at(fs, checkpoint: str | None) -> list[dict[str, Any]]:
     """The held-out rows a trial wrote beside its final report (:data:`schema.HELD_OUT` in the
-    checkpoint folder ``checkpoint``, a path on the study storage's filesystem); none if absent."""
+    checkpoint folder ``checkpoint``, a path on the study storage's filesystem ``fs``); none if absent."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     if not checkpoint:
         return []
-    fs, _ = storage.resolve(experiment_dir(study_dir))
     path = storage.join(checkpoint, HELD_OUT)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return []

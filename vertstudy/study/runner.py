@@ -442,7 +442,7 @@ def study_status(study_dir: str) -> tuple[StudySpec, list[dict[str, Any]], dict[
     for trial_id, state in sorted(experiment_states(study_dir).items()):
         if trial_id in ended:
             continue
-        params, results, _ = read_trial(study_dir, trial_id)
+        params, results = read_trial(study_dir, trial_id)
         last = results[-1] if results else {}
         rows.append({"trial_id": trial_id, "status": state.lower(), "epochs": last.get("epoch"), **params})
     return spec, rows, baseline_summary(study_dir)

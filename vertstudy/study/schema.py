@@ -90,6 +90,9 @@ TYPES = {"trials": TRIAL_TYPES, "vertebrae": VERTEBRA_TYPES, "baseline": VERTEBR
 #: trial into the checkpoint of its final result, so Ray carries them to the study's storage
 #: from any node; the trial reports only scalars to Ray
 HELD_OUT = "held_out.parquet"
+#: inside each of Tune's ``checkpoint_NNNNNN`` folders, every attempt of a trial writes its files
+#: under ``attempt-<start ns>-<pid>/`` (:func:`vertstudy.study.trial.attempt_name`); readers take the newest
+ATTEMPT_PREFIX = "attempt-"
 
 
 @dataclass

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from vertstudy.config import flat_config
 from vertstudy.study.dataset import StudyData
-from vertstudy.study.schema import HELD_OUT, held_out_rows, to_table
+from vertstudy.study.schema import ATTEMPT_PREFIX, HELD_OUT, held_out_rows, to_table
 from vertstudy.study.space import trial_config
 from vertstudy.study.spec import StudySpec
 from vertstudy.study.tracking import TrialRun, WandbSettings
@@ -50,7 +50,6 @@ class InjectedFailure(RuntimeError):
 
 
 CHECKPOINT_FILES = ("last.pt", "best.pt", FINAL, HELD_OUT)
-ATTEMPT_PREFIX = "attempt-"
 
 
 def attempt_name() -> str:
