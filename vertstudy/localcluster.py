@@ -197,6 +197,10 @@ def _ray_start(cluster: LocalCluster, node: Node, ports: dict[str, int], log) ->
             args = in_namespace(cluster.net, node.index, args)
     env = {**os.environ, **cluster.env(), **_health_env(cluster.health_check_s)}
     env.pop("RAY_ADDRESS")  # `ray start` takes --address; a stale RAY_ADDRESS would confuse the head
+    # a W&B service of the caller's process (wandb sets WANDB_SERVICE once it has run) would serve
+    # every node's trials: two attempts of a trial would share it, and it refuses the retry's run
+    # while the lost attempt's is still open. Each node's workers start their own, as on real hosts.
+    env.pop("WANDB_SERVICE", None)
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
     (cluster.root / "logs").mkdir(exist_ok=True)
     (cluster.root / "logs" / f"ray-start-{node.index}.log").write_text(out.stdout + out.stderr, encoding="utf-8")
