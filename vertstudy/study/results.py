@@ -197,17 +197,19 @@ def held_out_rows_at(fs, checkpoint: str | None) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if k not in ("study", "trial_id")} for row in table.to_pylist()]
 
 
-def ended_outcomes(
+def ended_trials(
     spec: StudySpec, study_dir: str, ended: dict[str, str] | None = None,
     live: dict[str, list[dict[str, Any]]] | None = None,
-) -> list[TrialOutcome]:
-    """Every ended trial of the study. ``ended``: ``{trial_id: complete|error}`` known to the
-    caller (the driver's own events), ``live``: the results it received per trial; otherwise a
-    trial counts as ended when it sent its final result, or when the saved experiment state
-    says TERMINATED / ERROR."""
+) -> tuple[dict[str, str], dict[str, TrialOutcome]]:
+    """(``{trial_id: complete|error}`` of every ended trial of the study, the outcomes built on
+    the way). ``ended``: ``{trial_id: complete|error}`` known to the caller (the driver's own
+    events), ``live``: the results it received per trial; otherwise a trial counts as ended when
+    the saved experiment state says TERMINATED / ERROR, or when it sent its final result (found
+    by building its outcome: those are returned, the others are not built)."""
     ended, live = dict(ended or {}), dict(live or {})
     states = experiment_states(study_dir)
-    out = []
+    hows: dict[str, str] = {}
+    built: dict[str, TrialOutcome] = {}
     for trial_id in sorted(set(trial_dirs(study_dir)) | set(ended)):
         how = ended.get(trial_id)
         if how is None:
@@ -216,10 +218,20 @@ def ended_outcomes(
                 how = "error"
             elif state == "TERMINATED":
                 how = "complete"
-        o = None
         if how is None:
             o = outcome(spec, study_dir, trial_id, "complete", live=live.get(trial_id))
             if not o.final:
                 continue  # still running, pending or interrupted: not in the tables yet
-        out.append(o or outcome(spec, study_dir, trial_id, how, live=live.get(trial_id)))
-    return out
+            how, built[trial_id] = "complete", o
+        hows[trial_id] = how
+    return hows, built
+
+
+def ended_outcomes(
+    spec: StudySpec, study_dir: str, ended: dict[str, str] | None = None,
+    live: dict[str, list[dict[str, Any]]] | None = None,
+) -> list[TrialOutcome]:
+    """The :class:`TrialOutcome` of every ended trial of the study (:func:`ended_trials`), by trial id."""
+    hows, built = ended_trials(spec, study_dir, ended, live)
+    live = dict(live or {})
+    return [built.get(t) or outcome(spec, study_dir, t, how, live=live.get(t)) for t, how in hows.items()]

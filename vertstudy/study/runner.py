@@ -4,14 +4,16 @@
 data once, then runs Ray Tune with the trial adapter (:mod:`vertstudy.study.trial`), Optuna
 (persistent storage in the study directory, so ``optuna-dashboard sqlite:///<dir>/optuna.db``
 opens it) or a grid, ASHA, a concurrency limit, checkpoints (best k kept) and trial retries.
-After every trial ends, the Parquet tables are rebuilt from Ray's results and written
-atomically. ``resume_study`` continues an interrupted study from its directory.
+After every trial ends, its rows are added to the Parquet tables (what it adds, written
+atomically: :mod:`vertstudy.study.refresh`); when the study ends they are checked against Ray's
+results and compacted. ``resume_study`` continues an interrupted study from its directory.
 
 Study directory ``<storage>/<name>/``::
 
     study.json       the validated study (what resume and export read)
     split.json       the cache entries of the train / val / test cases
     trials.parquet epochs.parquet vertebrae.parquet baseline.parquet
+    parts/           while it runs: epochs and vertebrae rows per ended trial (schema.PARTS)
     optuna.db        Optuna's storage (Optuna searches)
     ray/<trial_id>/  Ray's trial directories: params.json, result.json, checkpoint_*/
     wandb/           W&B offline runs (one per trial; ``wandb sync`` uploads them)
@@ -30,7 +32,8 @@ from vertstudy.errors import ConfigError, StorageError
 from vertstudy.study import storage
 from vertstudy.study.compat import StagingTurn, replace_callbacks
 from vertstudy.study.dataset import StudyData, materialize
-from vertstudy.study.results import EXPERIMENT, ended_outcomes, experiment_dir
+from vertstudy.study.refresh import TableRefresh, sync_tables
+from vertstudy.study.results import EXPERIMENT, experiment_dir
 from vertstudy.study.schema import STATUS_HEADINGS, to_table
 from vertstudy.study.search import open_optuna_storage, optuna_storage_url, scheduler, searcher
 from vertstudy.study.spec import StudySpec, total_trials, validate_spec
@@ -149,17 +152,8 @@ def _trainable(spec: StudySpec, data: StudyData, study_dir: str):
 def _callbacks(spec: StudySpec, study_dir: str, meta: dict, progress: bool, extra: tuple = ()) -> list:
     from vertstudy.study.live import LiveTable, TablesCallback
 
-    tables = TablesCallback(lambda ended, live: refresh_tables(spec, study_dir, meta, ended, live))
+    tables = TablesCallback(TableRefresh(spec, study_dir, meta))
     return [tables, *([LiveTable(spec)] if progress else []), *extra]
-
-
-def refresh_tables(spec: StudySpec, study_dir: str, meta: dict, ended: dict[str, str] | None = None,
-                   live: dict[str, list[dict]] | None = None) -> list:
-    """Rebuild and write the three tables from the study's Ray results (and the results this
-    driver received, ``live``, which Ray copies to the storage a moment later); returns the outcomes."""
-    outcomes = ended_outcomes(spec, study_dir, ended, live)
-    write_tables(study_dir, build_tables(spec.name, outcomes, meta))
-    return outcomes
 
 
 def _fit(tuner, turn: StagingTurn, spec: StudySpec, study_dir: str, meta: dict, t0: float, discard: bool = False
@@ -183,7 +177,7 @@ def _fit(tuner, turn: StagingTurn, spec: StudySpec, study_dir: str, meta: dict, 
     if discard:  # a killed driver's last trial may have been started after our first look
         discard_unrecorded_trials(study_dir)
     try:
-        outcomes = refresh_tables(spec, study_dir, meta)
+        statuses = sync_tables(spec, study_dir, meta)  # every ended trial once, the parts compacted
     except OSError as exc:  # a full disk: Ray's results are intact, the tables can be rebuilt
         raise StorageError(
             f"{study_dir}: could not write the study tables ({exc.strerror or exc}); the trials' results are kept: "
@@ -191,10 +185,10 @@ def _fit(tuner, turn: StagingTurn, spec: StudySpec, study_dir: str, meta: dict, 
         ) from None
     # Tune handles Ctrl-C itself (it saves its state and returns): fewer ended trials than the
     # study has means it was interrupted, and its running Optuna trials continue on resume
-    interrupted = interrupted or len(outcomes) < total_trials(spec)
+    interrupted = interrupted or len(statuses) < total_trials(spec)
     if not interrupted:
         reconcile_optuna(spec, study_dir)
-    return summarize_study(spec, study_dir, outcomes, time.perf_counter() - t0, interrupted)
+    return summarize_study(spec, study_dir, statuses.values(), time.perf_counter() - t0, interrupted)
 
 
 def _tuner(spec: StudySpec, data: StudyData, study_dir: str, meta: dict, progress: bool, extra: tuple = ()):
@@ -337,6 +331,7 @@ def _resume(study_dir: str, spec: StudySpec, data: StudyData, address: str | Non
     _quiet_ray()
     _ensure_ray(address)
     discard_unrecorded_trials(study_dir)
+    sync_tables(spec, study_dir, meta)  # trials the stopped driver saw end but did not write; compacted
     turn = StagingTurn()
     exp_path, exp_fs = storage.ray_storage(exp)
     if not tune.Tuner.can_restore(exp_path, storage_filesystem=exp_fs):
@@ -390,13 +385,14 @@ def reconcile_optuna(spec: StudySpec, study_dir: str) -> int:
     return len(stale)
 
 
-def summarize_study(spec: StudySpec, study_dir: str, outcomes, wall_s: float, interrupted: bool) -> StudyResult:
+def summarize_study(spec: StudySpec, study_dir: str, statuses, wall_s: float, interrupted: bool) -> StudyResult:
+    """``statuses``: the status of every ended trial."""
     from vertstudy.study.objective import metric_objective
     from vertstudy.study.tables import read_table
 
     counts: dict[str, int] = {}
-    for o in outcomes:
-        counts[o.status] = counts.get(o.status, 0) + 1
+    for status in statuses:
+        counts[status] = counts.get(status, 0) + 1
     rows = read_table(study_dir, "trials").to_pylist()
     metric = spec.search.metric
     objective = metric_objective(metric, spec.search.mode)  # the report ranks by the same rule
@@ -415,11 +411,12 @@ def baseline_summary(study_dir: str) -> dict[str, float]:
     return {k: float(v) for k, v in summarize(base).items()} if base else {}
 
 
-def export_tables(study_dir: str) -> list:
-    """``study export``: rebuild the three tables from Ray's results in the study directory."""
+def export_tables(study_dir: str) -> dict[str, str]:
+    """``study export``: rebuild the three tables from Ray's results in the study directory;
+    returns ``{trial_id: status}`` of the ended trials."""
     study_dir = storage.canonical(study_dir)
     spec, _ = load_study_dir(study_dir)
-    return refresh_tables(spec, study_dir, _meta(spec))
+    return sync_tables(spec, study_dir, _meta(spec), rebuild=True)
 
 
 def study_status(study_dir: str) -> tuple[StudySpec, list[dict[str, Any]], dict[str, float]]:

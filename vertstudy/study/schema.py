@@ -35,6 +35,14 @@ rule instead (:mod:`vertstudy.train.metrics`: from each prediction to the truths
 both); classification is the mAP over the 26 classes; every
 metric is also reported per region.
 
+While a study runs, ``epochs`` and ``vertebrae`` grow by one file per ended trial,
+``<storage>/<study>/parts/<table>/<trial_id>.parquet`` (:data:`PARTS`, :data:`PARTED`), so a
+refresh writes what the new trial adds; ``trials.parquet`` is rewritten whole (one row a trial).
+A part holds the current rows of its trial (they replace that trial's rows in the table's file)
+and counts once its trial has a row in ``trials.parquet``. When the study ends the parts are
+merged into ``<table>.parquet`` and removed; :func:`vertstudy.study.tables.read_table` reads a
+table with its parts at any time.
+
 Reports are pure functions of these files: the same Parquet gives the same report.
 """
 
@@ -90,6 +98,11 @@ TYPES = {"trials": TRIAL_TYPES, "vertebrae": VERTEBRA_TYPES, "baseline": VERTEBR
 #: trial into the checkpoint of its final result, so Ray carries them to the study's storage
 #: from any node; the trial reports only scalars to Ray
 HELD_OUT = "held_out.parquet"
+#: folder in the study directory of the per-trial parts of the tables in :data:`PARTED`
+#: (``parts/<table>/<trial_id>.parquet``; see the module docstring)
+PARTS = "parts"
+#: the tables that grow by one part per ended trial while a study runs
+PARTED = ("epochs", "vertebrae")
 #: inside each of Tune's ``checkpoint_NNNNNN`` folders, every attempt of a trial writes its files
 #: under ``attempt-<start ns>-<pid>/`` (:func:`vertstudy.study.trial.attempt_name`); readers take the newest
 ATTEMPT_PREFIX = "attempt-"
@@ -188,19 +201,29 @@ def vertebra_rows(study: str, o: TrialOutcome) -> list[dict[str, Any]]:
 FIRST = ["study", "trial_id", "status", "case", "epoch"]
 
 
-def to_table(rows: list[dict[str, Any]], name: str | None = None) -> pa.Table:
-    """Rows (dicts, columns may differ) as one table; fixed key columns first, then sorted. With
-    the table's ``name``, its declared columns (:data:`TYPES`) get their declared types (a column
-    that holds only nulls, for one)."""
-    names = sorted({k for r in rows for k in r}, key=lambda k: (FIRST.index(k) if k in FIRST else len(FIRST), k))
-    if not rows:
-        return pa.table({n: pa.array([], pa.string()) for n in ("study", "trial_id")})
-    table = pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows])
+def column_order(names) -> list[str]:
+    """The tables' column order: the fixed key columns (:data:`FIRST`) first, then by name."""
+    return sorted(set(names), key=lambda k: (FIRST.index(k) if k in FIRST else len(FIRST), k))
+
+
+def declared_types(table: pa.Table, name: str | None) -> pa.Table:
+    """``table`` with the declared columns of table ``name`` (:data:`TYPES`) cast to their
+    declared types (a column that holds only nulls, for one)."""
     for column, kind in TYPES.get(name or "", {}).items():
         i = table.schema.get_field_index(column)
         if i >= 0 and table.schema.field(i).type != kind:
             table = table.set_column(i, column, table.column(i).cast(kind))
     return table
+
+
+def to_table(rows: list[dict[str, Any]], name: str | None = None) -> pa.Table:
+    """Rows (dicts, columns may differ) as one table; fixed key columns first, then sorted. With
+    the table's ``name``, its declared columns (:data:`TYPES`) get their declared types (a column
+    that holds only nulls, for one)."""
+    names = column_order(k for r in rows for k in r)
+    if not rows:
+        return pa.table({n: pa.array([], pa.string()) for n in ("study", "trial_id")})
+    return declared_types(pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows]), name)
 
 
 def _point_columns(prefix: str, point) -> dict[str, float]:
