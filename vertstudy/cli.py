@@ -632,6 +632,23 @@ def _run_study(args: argparse.Namespace, workdir: Path | None, progress: bool) -
                        workdir=workdir, progress=progress)
 
 
+def _tables_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trials", type=_positive_int, nargs="+", default=(10, 100, 1000), metavar="N",
+                   help="ended trials at which one refresh is timed (default 10 100 1000)")
+    p.add_argument("--epochs", type=_positive_int, default=70, help="epochs per trial (default 70)")
+    p.add_argument("--cases", type=_positive_int, default=60, help="held-out cases per trial (default 60)")
+    p.add_argument("--vertebrae", type=_positive_int, default=25, help="vertebra rows per case (default 25)")
+    p.add_argument("--repeats", type=_positive_int, default=3,
+                   help="timed new refreshes; the median counts (default 3)")
+
+
+def _run_tables(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
+    from vertstudy.bench.tables import bench_tables
+
+    return bench_tables(sizes=tuple(args.trials), epochs=args.epochs, cases=args.cases, vertebrae=args.vertebrae,
+                        repeats=args.repeats, workdir=workdir, progress=progress)
+
+
 def _cluster_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=_positive_int, default=6, help="trials of the throughput study (default 6)")
     p.add_argument("--epochs", type=_positive_int, default=16, help="epochs per throughput trial (default 16)")
@@ -692,6 +709,12 @@ BENCHMARKS: tuple[_Bench, ...] = (
            "concurrency; the platform's overhead per trial.",
            _study_arguments, _run_study, _format_table_of("study"),
            workdir_help="keep phantoms, cache and results here (default: a temporary directory)"),
+    _Bench("tables", "seconds of one refresh of the study tables at 10, 100 and 1,000 ended trials, old versus new",
+           "Simulated ended trials in Ray's folders (no training): when the N-th trial ends, one refresh that "
+           "rewrites the three tables whole from every trial (the old way) beside one that adds the new trial's "
+           "rows (parts); also reading the tables while the study runs, and the compaction at its end.",
+           _tables_arguments, _run_tables, _format_table_of("tables"),
+           workdir_help="keep the simulated study here (default: a temporary folder, removed)"),
     _Bench("cluster", "throughput on 1 versus 2 worker nodes, and recovery from a dead node",
            "Real local multi-node clusters: the same study on 1 and on 2 worker nodes (trials per minute), then a "
            "worker SIGKILLed mid-trial (seconds until its trial is detected, restarted and reporting again on "
