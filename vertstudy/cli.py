@@ -366,6 +366,18 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     print(f"with {built.figures} figures in {built.out / 'figures'}; {built.bytes / 1e6:.2f} MB in all; "
           f"built in {built.seconds:.1f} s")
+    if args.wandb is not False:
+        from vertstudy.report.build import track_report
+
+        settings, run = track_report(args.dirs, built, mode=args.wandb)
+        where = f" in {settings.dir / 'wandb'}" if settings.dir is not None else ""
+        if args.wandb == "disabled":
+            print("W&B: nothing logged (--wandb disabled)")
+        elif settings.mode == "disabled":
+            print(f"W&B: nothing logged (the study {args.dirs[0]} has wandb.mode disabled; give --wandb offline or "
+                  "online)")
+        elif run is not None:
+            print(f"W&B: report run {run} ({settings.mode}{where}; job type report, artifact type report)")
     return 0
 
 
@@ -385,6 +397,12 @@ def _add_report_command(top: argparse._SubParsersAction) -> None:
     p.add_argument("--chosen", metavar="TRIAL_ID",
                    help="Table IV, robustness and the failure gallery use this trial's configuration (default: the "
                         "configuration with the best mean validation identification rate)")
+    p.add_argument("--wandb", nargs="?", choices=("offline", "online", "disabled"), const=None, default=False,
+                   metavar="MODE",
+                   help="also log the report to W&B: a new run of job type report in the first study's group, with "
+                        "the report's files (HTML, JSON, figures) as an artifact of type report; MODE offline, "
+                        "online or disabled (default: the first study's wandb.mode, offline unless it says "
+                        "otherwise; online reads WANDB_API_KEY from the environment)")
     p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_report)
 

@@ -88,8 +88,10 @@ def test_quickstart_smoke_writes_tables_wandb_and_optuna(ray_cluster, storage):
     assert sorted(round(tr.params["loss.balance_b"], 9) for tr in study.trials) == sorted(
         round(t["cfg.loss.balance_b"], 9) for t in trials
     )
-    # one W&B offline run per trial, grouped by study, with its per-epoch history
-    runs = {r.run_id: r for r in read_offline_runs(Path(result.study_dir) / "wandb", settle_s=10)}
+    # one W&B offline run per trial, grouped by study, with its per-epoch history (beside the study's own run)
+    every = read_offline_runs(Path(result.study_dir) / "wandb", settle_s=10)
+    assert [r.run_id for r in every if r.job_type == "study"] == [f"{spec.name}-study"]
+    runs = {r.run_id: r for r in every if r.job_type != "study"}
     assert {t["wandb_run"] for t in trials} == set(runs)
     for t in trials:
         run = runs[t["wandb_run"]]

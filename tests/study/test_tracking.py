@@ -1,8 +1,12 @@
-"""W&B trial runs, with real wandb in offline mode: what a trial writes is decoded back from the run files."""
+"""W&B trial, study and report runs, with real wandb in offline mode: what a run writes is decoded back from the
+run files (and the files of its tables and artifacts)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
+import logging
 import math
 import os
 import re
@@ -11,7 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from vertstudy.study.tracking import TrialRun, WandbSettings, read_offline_runs, run_id
+from tests.study.conftest import tiny_spec
+from vertstudy.study.tracking import (
+    TrialRun,
+    WandbSettings,
+    log_report,
+    log_study,
+    read_offline_runs,
+    run_id,
+    study_run_id,
+    trials_table_columns,
+)
 
 pytestmark = pytest.mark.timeout(120)  # offline runs must never wait on the network or a login
 
@@ -126,3 +140,221 @@ def test_api_key_from_the_environment_is_never_written(tmp_path, monkeypatch):
     assert any(p.suffix == ".wandb" for p in files) and any(p.suffix == ".log" for p in files)
     leaked = [p for p in files if secret.encode() in p.read_bytes()]
     assert leaked == []
+
+
+# -- the study's run and a report's run ------------------------------------------------------------------------------
+ROWS = [  # trials.parquet rows, as read_table(...).to_pylist() gives them (columns as the schema names them)
+    {"study": "s5", "trial_id": "t_a", "status": "completed", "seed": 0, "params": "{}", "cfg.loss.balance_b": 2.5,
+     "cfg.train.lr": 0.01, "cfg.model.tasks": "loc+cls", "val_loss": 1.2, "best_val_loss": 1.1, "best_val_id_rate": 0.5,
+     "test_id_rate": 0.75, "test_loc_error_mm_mean": 6.5, "test_id_rate_verse": 0.7, "epochs": 2, "best_epoch": 2,
+     "wall_s": 12.0, "wandb_run": "s5-t_a", "message": "", "hostname": "h"},
+    {"study": "s5", "trial_id": "t_b", "status": "diverged", "seed": 0, "params": "{}", "cfg.loss.balance_b": 3.5,
+     "cfg.train.lr": 0.01, "cfg.model.tasks": "loc+cls", "val_loss": math.nan, "best_val_loss": math.nan,
+     "best_val_id_rate": math.nan, "test_id_rate": None, "test_loc_error_mm_mean": None, "test_id_rate_verse": None,
+     "epochs": 1, "best_epoch": 1, "wall_s": 3.0, "wandb_run": "s5-t_b", "message": "loss non-finite", "hostname": "h"},
+]
+COLUMNS = ["trial_id", "status", "seed", "loss.balance_b", "best_val_id_rate", "best_val_loss", "test_id_rate",
+           "test_id_rate_verse", "test_loc_error_mm_mean", "epochs", "best_epoch", "wall_s", "wandb_run", "message"]
+
+
+def _md5(data: bytes) -> str:
+    """W&B's manifest digest: base64 of the MD5."""
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def test_trials_table_columns_put_the_trial_parameters_and_figures_in_order():
+    names = sorted({k for r in ROWS for k in r})
+    columns = trials_table_columns(names, ["loss.balance_b", "not.in.the.table"])
+    assert [shown for _, shown in columns] == COLUMNS
+    assert ("cfg.loss.balance_b", "loss.balance_b") in columns  # the sampled value, named as the search names it
+    assert trials_table_columns(["trial_id", "status"], []) == [("trial_id", "trial_id"), ("status", "status")]
+
+
+def test_study_run_logs_the_trials_table_and_a_second_one_resumes_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+    monkeypatch.delenv("WANDB_DATA_DIR", raising=False)
+    settings = _offline(tmp_path)
+    config = {"name": "s5", "num_samples": 2, "space": {"loss.balance_b": {"type": "float", "low": 2.0, "high": 4.0}}}
+    summary = {"best_trial": "t_a", "best_val_loss": 1.1, "n_trials": 2, "n_completed": 1, "n_diverged": 1,
+               "skipped": [1]}
+    assert log_study(settings, "s5", config, ROWS[:1], ["loss.balance_b"], summary) == "s5-study" == study_run_id("s5")
+    assert log_study(settings, "s5", config, ROWS, ["loss.balance_b"], summary) == "s5-study"
+    # the process's environment is as it was: no W&B service handed to processes started later, no staging dir
+    assert {"WANDB_SERVICE", "WANDB_DATA_DIR", "WANDB_MODE"}.isdisjoint(os.environ)
+
+    first, second = read_offline_runs(tmp_path, settle_s=30)  # one offline run per log_study, both of one W&B run
+    assert first.run_id == second.run_id == "s5-study"
+    assert {r.job_type for r in (first, second)} == {"study"}
+    assert {r.group for r in (first, second)} == {"s5"}
+    assert first.config == second.config == config
+    assert first.exit_code == second.exit_code == 0
+    tables = sorted([first.table("trials"), second.table("trials")], key=lambda t: len(t["data"]))
+    assert [len(t["data"]) for t in tables] == [1, 2]
+    table = tables[1]
+    assert table["columns"] == COLUMNS
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert [(r["trial_id"], r["status"], r["loss.balance_b"]) for r in rows] == [("t_a", "completed", 2.5),
+                                                                                  ("t_b", "diverged", 3.5)]
+    assert rows[0]["test_id_rate"] == 0.75 and rows[0]["test_id_rate_verse"] == 0.7
+    assert rows[0]["best_val_loss"] == 1.1 and rows[0]["wandb_run"] == "s5-t_a"
+    assert math.isnan(rows[1]["best_val_loss"]) and rows[1]["test_id_rate"] is None
+    assert rows[1]["message"] == "loss non-finite"
+    for run in (first, second):
+        assert {k: run.summary[k] for k in summary if k != "skipped"} == {k: v for k, v in summary.items()
+                                                                          if k != "skipped"}
+        assert "skipped" not in run.summary
+        assert run.summary["trials"]["_type"] == "table-file"  # the summary keeps the table, not a count over it
+    # the table's artifact is staged beside the offline runs (what `wandb sync` uploads)
+    staged = [a for r in (first, second) for a in r.artifacts]
+    assert [a.type for a in staged] == ["run_table", "run_table"]
+    for artifact in staged:
+        (copy,) = artifact.staged.values()
+        assert copy.parent == tmp_path / "wb" / "wandb" / "artifacts" / "staging" and copy.is_file()
+        assert artifact.digests["trials.table.json"] == _md5(copy.read_bytes())
+
+
+def test_report_run_logs_the_report_folder_as_an_artifact_of_type_report(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+    folder = tmp_path / "rep"
+    (folder / "figures").mkdir(parents=True)
+    files = {"report.html": b"<html><body><h1>vertstudy report</h1></body></html>", "report.json": b'{"a": 1}\n',
+             "figures/loss.png": b"\x89PNG fake", "figures/cost.png": b"\x89PNG other"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    settings = _offline(tmp_path)
+    first = log_report(settings, "my study", folder, {"studies": ["my study", "b"], "date": "2025-01-31"},
+                       tags=["my study", "b"])
+    (folder / "report.html").write_bytes(b"<html>rebuilt</html>")  # a later report: a new run, a new version
+    second = log_report(settings, "my study", folder, {"studies": ["my study"], "date": "2025-02-01"})
+    assert first and second and first != second
+
+    runs = {r.run_id: r for r in read_offline_runs(tmp_path, settle_s=30)}
+    assert set(runs) == {first, second}
+    run = runs[first]
+    assert (run.job_type, run.group, run.exit_code) == ("report", "my study", 0)
+    assert run.config == {"studies": ["my study", "b"], "date": "2025-01-31"}
+    (artifact,) = run.artifacts
+    assert (artifact.name, artifact.type) == ("report-my-study", "report")
+    assert artifact.digests == {name: _md5(data) for name, data in files.items()}
+    assert {name: path.read_bytes() for name, path in artifact.staged.items()} == files  # what `wandb sync` uploads
+    (later,) = runs[second].artifacts
+    assert later.name == "report-my-study"
+    assert later.digests["report.html"] == _md5(b"<html>rebuilt</html>")
+    assert later.staged["report.html"].read_bytes() == b"<html>rebuilt</html>"
+
+
+def test_a_wandb_error_in_a_study_or_report_run_is_one_warning_line(tmp_path, caplog):
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("x", encoding="utf-8")  # wandb cannot write its runs under a file
+    settings = WandbSettings(mode="offline", dir=blocked)
+    with caplog.at_level(logging.WARNING, logger="vertstudy.study.tracking"):
+        assert log_study(settings, "s6", {}, ROWS, [], {}) is None
+        assert log_report(settings, "s6", tmp_path, {}) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("\n" not in line for line in lines), lines
+    assert lines[0].startswith("W&B: the study run of s6 not logged (FileExistsError: "), lines[0]
+    assert lines[1].startswith("W&B: the report run of s6 not logged (FileExistsError: "), lines[1]
+    assert "WANDB_DATA_DIR" not in os.environ
+
+
+def test_disabled_study_and_report_runs_write_nothing(tmp_path):
+    settings = WandbSettings(mode="disabled", dir=tmp_path / "wb")
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "report.html").write_text("<html/>", encoding="utf-8")
+    assert log_study(settings, "s7", {}, ROWS, [], {"n_trials": 2}) is None
+    assert log_report(settings, "s7", tmp_path / "rep", {}) is None
+    assert not (tmp_path / "wb").exists()
+
+
+# -- end to end: a real study on a real local Ray cluster, its resume and its report --------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_study_its_resume_and_its_report_each_log_their_run(ray_cluster, storage, tmp_path, capsys):
+    """A grid of two trials (one completes, one diverges) with W&B offline (the default): the study's own run logs
+    the final trials table; `study resume` of the ended study logs it again under the same run id; `vertstudy
+    report --wandb` adds a report run in the study's group with the report's files as an artifact."""
+    import pyarrow.parquet as pq
+
+    from vertstudy.cli import main
+    from vertstudy.study.runner import resume_study, run_study
+
+    spec = tiny_spec("wbs", storage, num_samples=1, search={"algorithm": "grid"},
+                     space={"train.lr": {"type": "choice", "values": [0.003, 1.0e30]}})
+    assert spec.wandb.mode == "offline"
+    result = run_study(spec, progress=False)
+    study_dir = Path(result.study_dir)
+    trials = {t["trial_id"]: t for t in pq.read_table(study_dir / "trials.parquet").to_pylist()}
+    assert sorted(t["status"] for t in trials.values()) == ["completed", "diverged"]
+
+    runs = read_offline_runs(study_dir / "wandb", settle_s=30)
+    (study,) = [r for r in runs if r.job_type == "study"]
+    assert {r.job_type for r in runs} == {"trial", "study"} and len(runs) == 3  # two trials, one study
+    assert (study.run_id, study.group, study.exit_code) == ("wbs-study", "wbs", 0)
+    assert study.config["name"] == "wbs" and study.config["space"]["train.lr"]["values"] == [0.003, 1.0e30]
+    assert study.config["wandb"] == {"mode": "offline", "project": "vertstudy", "entity": None}
+    table = study.table("trials")
+    columns = table["columns"]
+    assert columns[:4] == ["trial_id", "status", "seed", "train.lr"]
+    for name in ("best_val_loss", "best_val_id_rate", "test_id_rate", "test_loc_error_mm_mean", "test_id_rate_verse",
+                 "epochs", "wandb_run", "message"):
+        assert name in columns, name
+    rows = {r["trial_id"]: r for r in (dict(zip(columns, row, strict=True)) for row in table["data"])}
+    assert set(rows) == set(trials)  # one row per trial
+    for trial_id, row in rows.items():
+        parquet = trials[trial_id]
+        assert row["status"] == parquet["status"]
+        assert row["train.lr"] == parquet["cfg.train.lr"]
+        assert row["wandb_run"] == parquet["wandb_run"]
+        if row["status"] == "completed":
+            assert 0.0 <= row["test_id_rate"] <= 1.0
+            for name in ("test_id_rate", "test_id_rate_verse", "test_loc_error_mm_mean", "best_val_loss"):
+                assert row[name] == pytest.approx(parquet[name], nan_ok=True), name  # NaN: no vertebra found
+    completed = next(t for t in trials.values() if t["status"] == "completed")
+    assert study.summary["best_trial"] == completed["trial_id"] == result.best["trial_id"]
+    assert study.summary["search_metric"] == spec.search.metric
+    assert study.summary[f"best_{spec.search.metric}"] == pytest.approx(completed[f"best_{spec.search.metric}"])
+    assert study.summary["best_trial_test_id_rate"] == pytest.approx(completed["test_id_rate"], nan_ok=True)
+    assert {k: study.summary[k] for k in ("n_trials", "n_completed", "n_diverged", "n_pruned", "n_error")} == {
+        "n_trials": 2, "n_completed": 1, "n_diverged": 1, "n_pruned": 0, "n_error": 0}
+
+    # resuming the ended study logs its run again under the same id (W&B resumes that run: no second study run)
+    resumed = resume_study(str(study_dir), progress=False)
+    assert not resumed.interrupted
+    again = read_offline_runs(study_dir / "wandb", settle_s=30)
+    studies = [r for r in again if r.job_type == "study"]
+    assert len(again) == 4 and [r.run_id for r in studies] == ["wbs-study", "wbs-study"]
+    assert {r.run_id for r in again} == {r.run_id for r in runs}
+    assert all(r.table("trials") == table for r in studies)
+
+    # the report, and its run
+    out = tmp_path / "report"
+    assert main(["report", str(study_dir), "--out", str(out), "--date", "2025-01-31", "--quiet", "--wandb"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed.startswith("W&B: report run ") and f"(offline in {study_dir / 'wandb'}; " in printed, printed
+    (report,) = [r for r in read_offline_runs(study_dir / "wandb", settle_s=30) if r.job_type == "report"]
+    assert printed.split()[3] == report.run_id
+    assert (report.group, report.exit_code) == ("wbs", 0)
+    assert report.config["studies"] == ["wbs"] and report.config["date"] == "2025-01-31"
+    (artifact,) = report.artifacts
+    assert (artifact.name, artifact.type) == ("report-wbs", "report")
+    written = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {"report.html", "report.json", "report.md", "tables.tex"} <= set(written)
+    assert any(name.startswith("figures/") and name.endswith(".png") for name in written)
+    assert artifact.digests == {name: _md5(data) for name, data in written.items()}
+    assert artifact.staged["report.html"].read_bytes() == written["report.html"]
+    assert json.loads(artifact.staged["report.json"].read_bytes())["studies"] == ["wbs"]
+
+    # --wandb MODE overrides the study's: disabled logs nothing, and says so
+    assert main(["report", str(study_dir), "--out", str(tmp_path / "quiet"), "--quiet", "--wandb", "disabled"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "W&B: nothing logged (--wandb disabled)"
+    assert len(read_offline_runs(study_dir / "wandb")) == 5  # 2 trials, the study twice, 1 report
+
+
+def test_report_help_mentions_wandb(capsys):
+    from vertstudy.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--wandb [MODE]" in text and "job type report" in text and "artifact of type report" in text

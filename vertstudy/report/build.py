@@ -8,6 +8,9 @@ Parquet tables is the date in the header, so the same tables and date give byte-
 The report is built in a hidden folder beside ``out`` and renamed into place when complete; an
 existing ``out`` (an earlier report) is replaced only then. Bad inputs are found before anything
 is written.
+
+:func:`track_report` (``vertstudy report --wandb``) then logs the finished folder to W&B as the
+artifact of a new run of job type ``report`` in the group of the first study given.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from vertstudy.report.document import (
 from vertstudy.report.load import load_tables
 from vertstudy.report.render import Block, Heading, Para, to_html, to_markdown
 from vertstudy.report.stats import Estimate, clean
+from vertstudy.study.tracking import WandbSettings
 
 
 @dataclass
@@ -203,3 +207,38 @@ def build_report(locations: list[str], out: str | Path, date: str | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Built(out, [out / n for n in files], len(drawn), size, html_size, time.perf_counter() - t0)
+
+
+def track_report(locations: list[str], built: Built, mode: str | None = None) -> tuple[WandbSettings, str | None]:
+    """Log the report ``built`` of the studies at ``locations`` to W&B: a new run of job type ``report`` in the group
+    (study name) of the first study given, with that study's W&B project and entity, written beside its trial and
+    study runs (its ``wandb/`` folder when the study directory is local). A report pooling several studies is one
+    document, so it is one run, tagged with every study's name and listing them in its config. Its artifact
+    ``report-<study>`` (type ``report``) holds ``report.html``, ``report.json``, ``report.md``, ``tables.tex`` and
+    ``figures/*.png`` (:func:`vertstudy.study.tracking.log_report`). ``mode``: offline, online or disabled; default
+    the first study's ``wandb.mode`` (offline unless its file says otherwise; W&B's defaults for a study directory
+    without its ``study.json``). Returns (the W&B settings used, the run id); the id is None when the mode is
+    disabled or W&B failed (one warning line; the report is kept)."""
+    import dataclasses
+
+    from vertstudy.study import storage
+    from vertstudy.study.runner import load_study_dir, wandb_settings
+    from vertstudy.study.spec import WandbSpec
+    from vertstudy.study.tracking import log_report
+
+    first = storage.canonical(locations[0])
+    if storage.exists(storage.uri_join(first, "study.json")):
+        spec, _ = load_study_dir(first)
+        name, settings = spec.name, wandb_settings(spec, first)
+    else:  # tables only: the study's name as the report reads it, W&B's defaults
+        from vertstudy.report.load import read_study
+
+        name, default = read_study(first).name, WandbSpec()
+        settings = WandbSettings(mode=default.mode, project=default.project, entity=default.entity,
+                                 dir=storage.local_path(first) if storage.is_local(first) else None)
+    if mode is not None:
+        settings = dataclasses.replace(settings, mode=mode)
+    report = json.loads((built.out / "report.json").read_text(encoding="utf-8"))
+    config = {"studies": report["studies"], "date": report["date"], "out": str(built.out),
+              "figures": len(report["figures"]), "status": report["status"]}  # ended trials by study and status
+    return settings, log_report(settings, name, built.out, config, tags=report["studies"])

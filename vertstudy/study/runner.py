@@ -16,7 +16,10 @@ Study directory ``<storage>/<name>/``::
     parts/           while it runs: epochs and vertebrae rows per ended trial (schema.PARTS)
     optuna.db        Optuna's storage (Optuna searches)
     ray/<trial_id>/  Ray's trial directories: params.json, result.json, checkpoint_*/
-    wandb/           W&B offline runs (one per trial; ``wandb sync`` uploads them)
+    wandb/           W&B offline runs (one per trial, the study's own, reports'; ``wandb sync`` uploads them)
+
+When every trial has ended (``study run``, and again after each ``study resume``), the study's
+own W&B run logs the final trials table (:func:`track_study`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from vertstudy.study.schema import STATUS_HEADINGS, to_table
 from vertstudy.study.search import open_optuna_storage, optuna_storage_url, scheduler, searcher
 from vertstudy.study.spec import StudySpec, total_trials, validate_spec
 from vertstudy.study.tables import build_tables, write_table, write_tables
-from vertstudy.study.tracking import WandbSettings
+from vertstudy.study.tracking import WandbSettings, log_study
 
 
 @dataclass
@@ -84,7 +87,8 @@ def _work_dir(spec: StudySpec) -> Path:
     return Path.home() / ".cache" / "vertstudy"
 
 
-def _wandb_settings(spec: StudySpec, study_dir: str) -> WandbSettings:
+def wandb_settings(spec: StudySpec, study_dir: str) -> WandbSettings:
+    """The study's W&B mode, project and entity; runs are written under the study directory when it is local."""
     wdir = storage.local_path(study_dir) if storage.is_local(study_dir) else None
     return WandbSettings(mode=spec.wandb.mode, project=spec.wandb.project, entity=spec.wandb.entity, dir=wdir)
 
@@ -143,7 +147,7 @@ def _trainable(spec: StudySpec, data: StudyData, study_dir: str):
 
     from vertstudy.study.trial import TrialSetup, run_trial
 
-    setup = TrialSetup(spec=spec, data=data, wandb=_wandb_settings(spec, study_dir))
+    setup = TrialSetup(spec=spec, data=data, wandb=wandb_settings(spec, study_dir))
     return tune.with_resources(
         tune.with_parameters(run_trial, setup=setup), {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
     )
@@ -188,7 +192,10 @@ def _fit(tuner, turn: StagingTurn, spec: StudySpec, study_dir: str, meta: dict, 
     interrupted = interrupted or len(statuses) < total_trials(spec)
     if not interrupted:
         reconcile_optuna(spec, study_dir)
-    return summarize_study(spec, study_dir, statuses.values(), time.perf_counter() - t0, interrupted)
+    result = summarize_study(spec, study_dir, statuses.values(), time.perf_counter() - t0, interrupted)
+    if not interrupted:
+        track_study(spec, study_dir, result)
+    return result
 
 
 def _tuner(spec: StudySpec, data: StudyData, study_dir: str, meta: dict, progress: bool, extra: tuple = ()):
@@ -400,6 +407,26 @@ def summarize_study(spec: StudySpec, study_dir: str, statuses, wall_s: float, in
               and r[f"best_{metric}"] == r[f"best_{metric}"]]
     best = min(scored, key=lambda r: (*objective.row_key(r), r["trial_id"])) if scored else {}
     return StudyResult(study_dir, counts, best, baseline_summary(study_dir), wall_s, interrupted)
+
+
+def track_study(spec: StudySpec, study_dir: str, result: StudyResult) -> str | None:
+    """The study's own W&B run (:func:`vertstudy.study.tracking.log_study`): the study spec as config, the final
+    ``trials.parquet`` as the table ``trials``, and in the summary the best trial, its searched metric and held-out
+    figures, and the number of trials in all (``n_trials``) and by status (``n_completed``...). Returns its id;
+    None when W&B is disabled or failed (one warning line: the study still ends normally)."""
+    from vertstudy.study.schema import STATUSES
+    from vertstudy.study.tables import read_table
+
+    rows = read_table(study_dir, "trials").to_pylist()
+    best, metric = result.best, spec.search.metric
+    summary: dict[str, Any] = {"n_trials": len(rows), **{f"n_{s}": 0 for s in STATUSES},
+                               **{f"n_{s}": n for s, n in result.counts.items()}}
+    if best:
+        summary |= {"best_trial": best["trial_id"], "search_metric": metric, f"best_{metric}": best.get(
+            f"best_{metric}"), **{f"best_trial_{k}": best.get(k) for k in ("test_id_rate", "test_loc_error_mm_mean",
+                                                                           "test_id_rate_verse")}}
+    return log_study(wandb_settings(spec, study_dir), spec.name, spec.model_dump(mode="json"), rows,
+                     list(spec.space), summary)
 
 
 def baseline_summary(study_dir: str) -> dict[str, float]:

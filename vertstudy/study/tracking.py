@@ -1,10 +1,17 @@
-"""Weights & Biases tracking: one W&B run per study trial.
+"""Weights & Biases tracking: one W&B run per study trial, one per study, one per report.
 
 A :class:`TrialRun` (id derived from study and trial id, grouped by study) starts with the trial's flat dotted
 hyperparameters as config, logs the numeric entries of every epoch record at ``step=epoch``, puts the final metrics in
 the summary and is finished on exit (exit code 1 if the trial raised). Mode defaults to ``offline``: files go to
 ``<dir>/wandb/offline-run-*`` without any network access (``wandb sync`` uploads them later); ``disabled`` never calls
 wandb. The API key is never read here: online mode lets wandb take ``WANDB_API_KEY`` from the environment itself.
+
+When a study ends, :func:`log_study` writes its run (job type ``study``, id ``<study>-study``, same group: a resumed
+study's run resumes it instead of adding one) with the final trials table as a ``wandb.Table``; :func:`log_report`
+writes a new run of job type ``report`` whose artifact (type ``report``) holds a report's files. Neither ever
+raises: a W&B error is one warning line, and the study or report goes on. Their staged artifact files sit in
+``<dir>/wandb/artifacts/staging`` beside the offline runs. Every run leaves the process's environment as it found it
+(no ``WANDB_SERVICE``: a Ray cluster started later from the process must not hand its W&B service to its trials).
 :func:`read_offline_runs` decodes offline run files (wandb has no public reader).
 """
 
@@ -12,13 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import numbers
 import os
 import re
 import struct
 import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +38,8 @@ _RUN_SETTINGS = {  # no console capture, code, git, requirements, system metadat
     "x_disable_meta": True, "x_disable_machine_info": True, "x_disable_stats": True, "silent": True,
 }
 _INTERNAL_KEYS = frozenset({"_wandb", "_runtime", "_timestamp"})  # bookkeeping wandb adds to config/history/summary
+STUDY_JOB, REPORT_JOB = "study", "report"  # job types of the study's run and of a report's run (trials: "trial")
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,25 +88,9 @@ class TrialRun:
     def __enter__(self) -> TrialRun:
         if self.settings.mode == "disabled":
             return self
-        import wandb  # lazy: importing wandb is slow and a disabled run must not touch it
-        if self.settings.dir is not None:  # fail loudly instead of wandb silently falling back to the temp dir
-            self.settings.dir.mkdir(parents=True, exist_ok=True)
-        fields = getattr(wandb.Settings, "model_fields", _RUN_SETTINGS)  # pass only the settings this wandb knows
-        env = {"WANDB_SILENT": "true"} | ({"WANDB_MODE": "offline"} if self.settings.mode == "offline" else {})
-        saved = {name: os.environ.get(name) for name in env}
-        os.environ.update(env)  # only for the duration of init: the run's settings are fixed once it has started
-        try:
-            self._run = wandb.init(
-                id=run_id(self.study, self.trial_id), name=self.trial_id, group=self.study, job_type="trial",
-                project=self.settings.project, entity=self.settings.entity, dir=self.settings.dir,
-                config=self.config, tags=list(self.tags) or None, mode=self.settings.mode,
-                resume="allow" if self.resume else None, reinit="create_new",
-                settings=wandb.Settings(**{k: v for k, v in _RUN_SETTINGS.items() if k in fields}),
-            )
-        finally:
-            os.environ.update({name: value for name, value in saved.items() if value is not None})
-            for name in [name for name, value in saved.items() if value is None]:
-                del os.environ[name]
+        self._run = _init(self.settings, id=run_id(self.study, self.trial_id), name=self.trial_id, group=self.study,
+                          job_type="trial", config=self.config, tags=list(self.tags) or None,
+                          resume="allow" if self.resume else None)
         self._id = str(self._run.id)
         return self
 
@@ -124,6 +119,148 @@ class TrialRun:
         return False
 
 
+@contextmanager
+def _environment(settings: WandbSettings, extra: dict[str, str] | None = None,
+                 restore: Sequence[str] = ()) -> Iterator[None]:
+    """Set wandb's environment for the block (silent; offline mode; ``extra``), then put back the variables it set
+    and those named in ``restore`` as they were before."""
+    env = {"WANDB_SILENT": "true"} | ({"WANDB_MODE": "offline"} if settings.mode == "offline" else {}) | (extra or {})
+    saved = {name: os.environ.get(name) for name in (*env, *restore)}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.update({name: value for name, value in saved.items() if value is not None})
+        for name in [name for name, value in saved.items() if value is None]:
+            os.environ.pop(name, None)
+
+
+def _init(settings: WandbSettings, **init: Any) -> Any:
+    """``wandb.init`` of a run of ``settings`` (its mode, project, entity, dir) with the quiet run settings;
+    ``init``: the run's id, name, group, job type, config... The environment is wandb's only during init: the run's
+    settings are fixed once it has started, and its service stays this process's without ``WANDB_SERVICE`` (which
+    would hand it to every process started later from here: a Ray cluster's trials)."""
+    import wandb  # lazy: importing wandb is slow and a disabled run must not touch it
+
+    if settings.dir is not None:  # fail loudly instead of wandb silently falling back to the temp dir
+        settings.dir.mkdir(parents=True, exist_ok=True)
+    fields = getattr(wandb.Settings, "model_fields", _RUN_SETTINGS)  # pass only the settings this wandb knows
+    with _environment(settings, restore=("WANDB_SERVICE",)):
+        return wandb.init(project=settings.project, entity=settings.entity, dir=settings.dir, mode=settings.mode,
+                          reinit="create_new",
+                          settings=wandb.Settings(**{k: v for k, v in _RUN_SETTINGS.items() if k in fields}), **init)
+
+
+@contextmanager
+def _driver_run(settings: WandbSettings, what: str, **init: Any) -> Iterator[Any]:
+    """A run of the study's driver or of a report (see the module docstring), finished on exit (exit code 1 if the
+    block raised). Yields None when mode is ``disabled`` or the run could not start; a W&B error (starting, in the
+    block, finishing) is logged as one warning line naming ``what`` and not raised."""
+    if settings.mode == "disabled":
+        yield None
+        return
+    staging = {"WANDB_DATA_DIR": str(settings.dir / "wandb")} if settings.dir is not None else {}
+    with _environment(settings, staging):
+        try:
+            run = _init(settings, **init)
+        except Exception as exc:
+            _warn(what, exc)
+            yield None
+            return
+        try:
+            yield run
+        except BaseException as exc:
+            try:
+                run.finish(exit_code=1)
+            except Exception:
+                pass  # the block's own error is the one to tell
+            if not isinstance(exc, Exception):
+                raise
+            _warn(what, exc)
+            return
+        try:
+            run.finish(exit_code=0)
+        except Exception as exc:
+            _warn(what, exc)
+
+
+def _warn(what: str, exc: Exception) -> None:
+    """W&B must never fail the study or the report: one line, not a traceback."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    _log.warning("W&B: %s not logged (%s: %s)", what, type(exc).__name__, first)
+
+
+def study_run_id(study: str) -> str:
+    """The id of a study's own run: ``{study}-study`` (sanitized and capped as :func:`run_id`)."""
+    return run_id(study, STUDY_JOB)
+
+
+def trials_table_columns(names: Sequence[str], params: Sequence[str]) -> list[tuple[str, str]]:
+    """(``trials.parquet`` column, W&B table column) pairs of a study run's table, in order: the trial, its status
+    and seed, the sampled parameters (``cfg.<name>`` as ``<name>``), the validation figures at its best epoch
+    (``best_val_*``), the held-out figures (``test_*``), then epochs, best epoch, wall time, its W&B run and
+    message. Columns the table lacks are left out."""
+    have = set(names)
+    head = [(c, c) for c in ("trial_id", "status", "seed") if c in have]
+    sampled = [(f"cfg.{p}", p) for p in params if f"cfg.{p}" in have]
+    figures = [(c, c) for prefix in ("best_val_", "test_") for c in sorted(have) if c.startswith(prefix)]
+    tail = [(c, c) for c in ("epochs", "best_epoch", "wall_s", "wandb_run", "message") if c in have]
+    return head + sampled + figures + tail
+
+
+def log_study(settings: WandbSettings, study: str, config: dict[str, Any], rows: Sequence[dict[str, Any]],
+              params: Sequence[str], summary: dict[str, Any]) -> str | None:
+    """The study's run (job type ``study``, id :func:`study_run_id`, group ``study``; resumed if it exists):
+    ``config`` (the study spec), the final trials table ``rows`` as the ``wandb.Table`` ``trials``
+    (:func:`trials_table_columns`; ``params``: the searched parameters) and ``summary`` (numbers and strs). Returns
+    the run id; None when disabled or when W&B failed (logged as one warning line, never raised)."""
+    logged = None
+    with _driver_run(settings, f"the study run of {study}", id=study_run_id(study), name=study, group=study,
+                     job_type=STUDY_JOB, config=config, resume="allow") as run:
+        if run is not None:
+            import wandb
+
+            names = sorted({k for r in rows for k in r})
+            columns = trials_table_columns(names, params)
+            table = wandb.Table(columns=[shown for _, shown in columns], allow_mixed_types=True,
+                                data=[[row.get(c) for c, _ in columns] for row in rows])
+            run.log({"trials": table})
+            kept = {key: value if isinstance(value, str) else _scalar(value) for key, value in summary.items()}
+            run.summary.update({key: value for key, value in kept.items() if value is not None})
+            logged = str(run.id)
+    return logged
+
+
+def log_report(settings: WandbSettings, group: str, folder: Path, config: dict[str, Any],
+               tags: Sequence[str] = ()) -> str | None:
+    """A new run of job type ``report`` in ``group`` with ``config``, logging every file of the report ``folder``
+    (``report.html``, ``report.json``, ``report.md``, ``tables.tex``, ``figures/*.png``) as the artifact
+    ``report-<group>`` of type ``report`` (each report a new version of it). Returns the run id; None when
+    disabled or when W&B failed (logged as one warning line, never raised)."""
+    logged = None
+    with _driver_run(settings, f"the report run of {group}", name=f"report {folder.name}", group=group,
+                     job_type=REPORT_JOB, config=config, tags=list(tags) or None) as run:
+        if run is not None:
+            import wandb
+
+            artifact = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]", "-", f"report-{group}")[:128], type="report",
+                                      metadata={k: v for k, v in config.items() if isinstance(v, str | list)})
+            artifact.add_dir(str(folder))
+            run.log_artifact(artifact)
+            logged = str(run.id)
+    return logged
+
+
+@dataclass
+class OfflineArtifact:
+    """An artifact an offline run logged: its manifest, by path in the artifact."""
+
+    name: str
+    type: str
+    digests: dict[str, str]  # path -> base64 MD5 of the file's contents
+    staged: dict[str, Path]  # path -> the local copy `wandb sync` uploads
+
+
 @dataclass
 class OfflineRun:
     """A decoded offline run file."""
@@ -135,6 +272,17 @@ class OfflineRun:
     summary: dict[str, Any]
     path: Path  # the offline-run-* directory
     exit_code: int | None = None  # None when the file has no exit record (run not finished)
+    job_type: str | None = None
+    artifacts: list[OfflineArtifact] = field(default_factory=list)  # in the order logged
+
+    def table(self, key: str) -> dict[str, Any]:
+        """The last ``wandb.Table`` logged under ``key``: ``{"columns": [...], "data": [[...], ...]}`` as wandb
+        wrote it in the run's files (NaN as NaN); KeyError when none was logged."""
+        logged = [row[key] for row in self.history if isinstance(row.get(key), dict)
+                  and row[key].get("_type") == "table-file"]
+        if not logged:
+            raise KeyError(f"no table {key!r} in run {self.run_id}")
+        return json.loads((self.path / "files" / logged[-1]["path"]).read_text(encoding="utf-8"))
 
 
 # leveldb-log-style datastore: 32 KiB blocks, 7-byte headers, chunk types full/first/(3 = middle)/last
@@ -201,6 +349,7 @@ def _decode_runs(root: Path, pb) -> list[OfflineRun]:
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run.run_id, run.group = record.run.run_id, record.run.run_group or None
+                run.job_type = record.run.job_type or None
                 _put(run.config, record.run.config.update)
             elif kind == "config":
                 _put(run.config, record.config.update)
@@ -210,6 +359,12 @@ def _decode_runs(root: Path, pb) -> list[OfflineRun]:
                 _put(run.summary, record.summary.update)
                 for item in record.summary.remove:
                     run.summary.pop(item.key or item.nested_key[0], None)
+            elif kind == "artifact":
+                entries = record.artifact.manifest.contents
+                run.artifacts.append(OfflineArtifact(
+                    name=record.artifact.name, type=record.artifact.type,
+                    digests={e.path: e.digest for e in entries},
+                    staged={e.path: Path(e.local_path) for e in entries if e.local_path}))
             elif kind == "exit":
                 run.exit_code = record.exit.exit_code
         if not run.run_id:  # a run cut off before wandb flushed its first record: the file names it
