@@ -67,7 +67,8 @@ class DataConfig(StrictModel):
 class ModelConfig(StrictModel):
     """The network (paper II-A, Fig. 3-4) and its ablation variants (paper tables I-III).
 
-    Channel widths are the defaults documented in ``vertstudy.model.network`` times ``width``.
+    Channel widths are the defaults documented in ``vertstudy.model.network`` times ``width``;
+    so is the LSTM's hidden size unless ``lstm_hidden`` is set (:attr:`lstm_states`).
     """
 
     width: float = Field(1.0, gt=0, le=4, description="multiplies every channel width")
@@ -75,9 +76,31 @@ class ModelConfig(StrictModel):
     loc_head: Literal["integral", "heatmap", "fc"] = "integral"
     classifier: Literal["bilstm", "none-lstm"] = "bilstm"
     tasks: Literal["loc", "loc+cls"] = "loc+cls"
-    lstm_hidden: int = Field(128, ge=1, description="hidden states per LSTM direction (paper: 128)")
+    lstm_hidden: int | None = Field(
+        None, ge=1,
+        description="hidden states per LSTM direction; None: follows width, 128 x width (the paper's 128 at width 1), "
+        "at least 8",
+    )
     lstm_layers: int = Field(3, ge=1, description="stacked bidirectional LSTMs (paper: 3)")
     heatmap_sigma_vox: float = Field(2.0, gt=0, description="Gaussian target sigma of the heatmap head, voxels")
+    conv_layout: Literal["channels_last", "contiguous"] = Field(
+        "channels_last",
+        description="memory layout the k > 1 convolutions run in (same outputs within float rounding; channels_last "
+        "is faster on the CPU, measured); not part of what the network computes, so a checkpoint resumes under "
+        "either",
+    )
+
+    @property
+    def lstm_states(self) -> int:
+        """Hidden states per LSTM direction: ``lstm_hidden``, or ``max(8, round(128 * width))``."""
+        return self.lstm_hidden if self.lstm_hidden is not None else max(8, round(128 * self.width))
+
+    def same_network(self, other: ModelConfig) -> bool:
+        """Whether ``other`` builds the same network (parameters and what they compute): equal
+        but for ``conv_layout``, with the LSTM size resolved (:attr:`lstm_states`)."""
+        def key(cfg: ModelConfig) -> ModelConfig:
+            return cfg.model_copy(update={"conv_layout": "contiguous", "lstm_hidden": cfg.lstm_states})
+        return key(self) == key(other)
 
 
 class LossConfig(StrictModel):

@@ -112,3 +112,22 @@ def test_argmax_coordinates_golden_value() -> None:
 def test_wrong_rank_raises(fn) -> None:
     with pytest.raises(ValueError, match=r"\(B, C, D, H, W\).*\(2, 3, 4, 4\)"):
         fn(torch.zeros(2, 3, 4, 4))
+
+
+def test_hand_written_backward_matches_autograd_of_the_plain_formula() -> None:
+    """The fused forward/backward equals autograd through softmax and the three marginals
+    (values and gradients, float32, 26 maps of a realistic crop)."""
+    g = torch.Generator().manual_seed(3)
+    logits = (3 * torch.randn(2, 26, 24, 16, 16, generator=g)).requires_grad_(True)
+    weights = torch.randn(2, 26, 3, generator=g)
+
+    probs = softmax_3d(logits)
+    plain = torch.stack([(probs.sum(dim=tuple(a for a in (2, 3, 4) if a != axis))
+                          * torch.arange(probs.shape[axis], dtype=probs.dtype)).sum(-1) for axis in (2, 3, 4)], -1)
+    (grad_plain,) = torch.autograd.grad((plain * weights).sum(), logits)
+    fused = integral_regression(logits)
+    (grad_fused,) = torch.autograd.grad((fused * weights).sum(), logits)
+
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-4)
+    scale = float(grad_plain.abs().max())  # rounding differs where P_k (a_k - E[a]) cancels
+    torch.testing.assert_close(grad_fused, grad_plain, rtol=1e-4, atol=1e-5 * scale)

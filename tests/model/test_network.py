@@ -159,3 +159,42 @@ def test_integral_head_overfits_one_crop() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+LAYOUT_VARIANTS = [("integral", "bilstm", "loc+cls"), ("fc", "none-lstm", "loc"), ("heatmap", "bilstm", "loc+cls")]
+
+
+@pytest.mark.parametrize(("loc_head", "classifier", "tasks"), LAYOUT_VARIANTS)
+def test_conv_layout_changes_speed_not_results(loc_head: str, classifier: str, tasks: str) -> None:
+    """``model.conv_layout`` channels_last and contiguous: same parameters, same outputs and
+    same gradients within float rounding (it only changes how the k > 1 convolutions run)."""
+    results = []
+    for layout in ("channels_last", "contiguous"):
+        torch.manual_seed(0)
+        model = build_model(tiny(loc_head=loc_head, classifier=classifier, tasks=tasks, conv_layout=layout))
+        assert sum(isinstance(m, network.Conv3d) and m.channels_last for m in model.modules()) > 0 \
+            if layout == "channels_last" else not any(getattr(m, "channels_last", False) for m in model.modules())
+        x = torch.randn(2, 1, 24, 16, 16, generator=torch.Generator().manual_seed(1))
+        out = model(x)
+        _loss(out, torch.Generator().manual_seed(2)).backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (out_a, grads_a), (out_b, grads_b) = results
+    for key in ("coords", "logits", "heatmaps"):
+        if out_a[key] is not None:
+            assert out_a[key].is_contiguous()
+            torch.testing.assert_close(out_a[key], out_b[key], rtol=1e-4, atol=1e-4)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_lstm_follows_width_unless_set() -> None:
+    """The LSTM's hidden size is 128 x width (the paper's 128 at width 1) unless lstm_hidden is
+    set; a checkpoint's stored explicit size and the resolved default are the same network."""
+    assert ModelConfig().lstm_states == 128
+    assert ModelConfig(width=0.25).lstm_states == 32
+    assert ModelConfig(width=0.03).lstm_states == 8
+    assert ModelConfig(width=0.25, lstm_hidden=128).lstm_states == 128
+    assert build_model(ModelConfig(width=0.25)).classifier.lstm.hidden_size == 32
+    assert ModelConfig(width=0.25).same_network(ModelConfig(width=0.25, lstm_hidden=32, conv_layout="contiguous"))
+    assert not ModelConfig(width=0.25).same_network(ModelConfig(width=0.25, lstm_hidden=128))

@@ -394,3 +394,26 @@ def test_selection_on_whole_ct_needs_its_evaluations():
 
     with pytest.raises(ConfigError, match=r"select_on = 'val_ct' needs train.whole_ct_every > 0"):
         load_config({"train.select_on": "val_ct"}, where="study.yaml")
+
+
+def test_fused_adam_makes_the_plain_update():
+    """make_optimizer's fused Adam: the same parameters as the per-parameter loop after a few
+    steps (float rounding only), and a state dict either one loads."""
+    torch.manual_seed(0)
+    fused_model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LSTM(7, 3))
+    plain_model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LSTM(7, 3))
+    plain_model.load_state_dict(fused_model.state_dict())
+    cfg = TrainConfig(lr=0.01, weight_decay=1e-4)
+    fused = make_optimizer(fused_model, cfg)
+    plain = torch.optim.Adam(plain_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for step in range(5):
+        for model, opt in ((fused_model, fused), (plain_model, plain)):
+            x = torch.randn(4, 5, generator=torch.Generator().manual_seed(step))
+            out, _ = model[1](model[0](x))
+            opt.zero_grad()
+            out.square().sum().backward()
+            opt.step()
+    for (name, a), b in zip(fused_model.named_parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    plain.load_state_dict(fused.state_dict())
+    assert plain.state_dict()["state"].keys() == fused.state_dict()["state"].keys()

@@ -60,8 +60,9 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
 def make_step(model: torch.nn.Module, cfg: Config) -> Callable[[dict], float]:
     """A full training step on one batch (forward, loss, backward, Adam); returns the loss."""
     from vertstudy.losses import total_loss
+    from vertstudy.train.trainer import make_optimizer
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(model, cfg.train)
     model.train()
 
     def step(batch: dict) -> float:

@@ -45,6 +45,29 @@ class GroupNorm(nn.GroupNorm):
         return super().forward(x)
 
 
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that can run in the ``channels_last_3d`` memory layout.
+
+    With ``channels_last = True`` the input and weight are laid out channels-last for the
+    convolution and the output comes back in the default (contiguous) layout, so the GroupNorm,
+    ReLU and 1x1x1 convolutions around it keep their fast contiguous kernels. Same parameters,
+    same state dict and the same output within float rounding; only the speed differs. Measured
+    on the CPU (oneDNN, 1 thread, batch 2, forward + backward): 3x3x3 convolutions of 4-32
+    channels run 1.3-2.3x faster channels-last, 1x1x1 ones slower (they stay contiguous; see
+    :meth:`vertstudy.model.network.VertebraNet.set_conv_layout`).
+    """
+
+    channels_last: bool = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.channels_last:
+            return super().forward(x)
+        layout = torch.channels_last_3d
+        y = F.conv3d(x.contiguous(memory_format=layout), self.weight.contiguous(memory_format=layout), self.bias,
+                     self.stride, self.padding, self.dilation, self.groups)
+        return y.contiguous()
+
+
 class ConvNormAct(nn.Sequential):
     """Conv3d (no bias) -> GroupNorm -> ReLU (``act=False``: no ReLU). Spatial size unchanged."""
 
@@ -57,7 +80,7 @@ class ConvNormAct(nn.Sequential):
         act: bool = True,
     ) -> None:
         layers: list[nn.Module] = [
-            nn.Conv3d(in_channels, out_channels, kernel_size, padding=_same_padding(kernel_size), bias=False),
+            Conv3d(in_channels, out_channels, kernel_size, padding=_same_padding(kernel_size), bias=False),
             GroupNorm(groups, out_channels),
         ]
         if act:

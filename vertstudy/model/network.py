@@ -39,7 +39,8 @@ and rounded to a multiple of ``ModelConfig.groups`` by ``scaled_channels``):
   conv 32 kernels 5x3x3 + GN + ReLU, conv 32 kernels 1x1x1 + GN + ReLU, then the one
   max-pooling: a max over the whole (y, x) plane, which turns the features into a sequence
   along the body axis, ``(B, D/8, 32)``, one 32-vector per z-slab of 8 voxels (16 mm). Three
-  stacked bidirectional LSTMs (``lstm_hidden`` = 128 states per direction) run along z; the
+  stacked bidirectional LSTMs (128 states per direction at width 1; ``ModelConfig.lstm_states``:
+  ``lstm_hidden``, or 128 x width when it is unset) run along z; the
   ``(B, D/8, 256)`` outputs are max-pooled over time (a vertebra is present if it is seen at
   any z, and this works for any crop depth) and a fully connected layer gives 26 logits.
   ``none-lstm``: the same convolutions and in-plane max, then the max over z, straight into
@@ -82,7 +83,7 @@ from torch import Tensor, nn
 
 from vertstudy.anatomy import NUM_CLASSES
 from vertstudy.config import ModelConfig
-from vertstudy.model.blocks import ConvNormAct, ResidualModule, scaled_channels
+from vertstudy.model.blocks import Conv3d, ConvNormAct, ResidualModule, scaled_channels
 from vertstudy.model.integral import argmax_coordinates, integral_regression
 
 #: Channels at scales 1, 1/2, 1/4, 1/8 at ``width=1`` (before rounding to ``groups``).
@@ -200,10 +201,19 @@ class VertebraNet(nn.Module):
                 scaled_channels(CLASSIFIER_CHANNELS, cfg.width, g),
                 g,
                 use_lstm=cfg.classifier == "bilstm",
-                lstm_hidden=cfg.lstm_hidden,
+                lstm_hidden=cfg.lstm_states,
                 lstm_layers=cfg.lstm_layers,
             )
         self._init_weights()
+        self.set_conv_layout(cfg.conv_layout)
+
+    def set_conv_layout(self, layout: str) -> None:
+        """Run every convolution with a kernel larger than 1x1x1 in ``layout`` (``channels_last``
+        or ``contiguous``; see :class:`vertstudy.model.blocks.Conv3d`). 1x1x1 convolutions are
+        memory-bound and measured slower channels-last, so they stay contiguous."""
+        for m in self.modules():
+            if isinstance(m, Conv3d):
+                m.channels_last = layout == "channels_last" and m.kernel_size != (1, 1, 1)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Encoder: ``x (B, 1, D, H, W)`` -> ``[f0, f1, f2, f3, b]``, scales 1, 1/2, 1/4, 1/8, 1/8.

