@@ -213,6 +213,30 @@ def test_the_end_of_a_study_adds_missed_trials_drops_unknown_ones_and_compacts(r
         assert same_table(pq.read_table(study_dir / f"{name}.parquet"), want[name]), name
 
 
+def test_an_error_row_gets_its_error_once_ray_copied_it(ray_study):
+    """Ray copies a failed trial's error.txt to the storage after the driver heard of the error:
+    the next refresh, and the study's end, write the row again with it."""
+    spec, study_dir, ids = ray_study
+
+    def message() -> str:
+        trials = read_table(str(study_dir), "trials").to_pylist()
+        return next(r["message"] for r in trials if r["trial_id"] == ids[0])
+
+    results = study_dir / "ray" / ids[0] / "result.json"
+    results.write_text("".join(results.read_text().splitlines(keepends=True)[:-1]))  # failed: no final result
+    refresh = TableRefresh(spec, str(study_dir), META)
+    assert refresh({ids[0]: "error"}) == [ids[0]] and message() == ""
+    (study_dir / "ray" / ids[0] / "error.txt").write_text("Traceback ...\nRuntimeError: out of memory\n")
+    assert refresh({ids[0]: "error", ids[1]: "complete"}) == ids[:2]
+    assert message() == "RuntimeError: out of memory"
+    assert refresh({ids[0]: "error", ids[1]: "complete"}) == []
+    (study_dir / "ray" / ids[0] / "error.txt").write_text("RuntimeError: the last word\n")
+    (study_dir / "ray" / "experiment_state-2025-01-01_00-00-00.json").write_text(json.dumps({"trial_data": [
+        [json.dumps({"trial_id": t, "status": "ERROR" if t == ids[0] else "TERMINATED"}), "{}"] for t in ids]}))
+    assert sync_tables(spec, str(study_dir), META) == {ids[0]: "error", **{t: "completed" for t in ids[1:]}}
+    assert message() == "RuntimeError: the last word"
+
+
 def test_bench_tables_runs_from_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "tables", "--help"])

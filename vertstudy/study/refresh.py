@@ -7,8 +7,9 @@
   ``trials.parquet``). Trials that ended before, in a driver since stopped, are not read again.
 - :func:`sync_tables` makes the tables hold exactly the ended trials of the study's Ray results
   (the rule of :func:`vertstudy.study.results.ended_trials`), writing only the trials that are
-  missing or ended differently, and dropping the rows of trials that are no longer ended (a
-  trial Ray does not know, an errored one running again); then merges the parts into the
+  missing, ended differently or errored (Ray copies a failed trial's ``error.txt`` after the
+  driver heard of it), and dropping the rows of trials that are no longer ended (a trial Ray
+  does not know, an errored one running again); then merges the parts into the
   tables' files (:func:`vertstudy.study.tables.compact_tables`). The driver calls it when a
   study starts again (``study resume``) and when it ends; ``study export`` with ``rebuild``.
 
@@ -35,8 +36,8 @@ class TableRefresh:
     """``refresh(ended, live)`` after a trial ends (pickled with the Tune callback that calls it).
 
     ``written``: ``{trial_id: complete|error}`` this refresh wrote; a trial is written again only
-    when it ended differently since (errored, then retried and completed). A refresh that
-    failed writes its trials on the next call."""
+    when it ended differently since (errored, then retried and completed), or while its error
+    row lacks the error. A refresh that failed writes its trials on the next call."""
 
     spec: StudySpec
     study_dir: str
@@ -50,10 +51,12 @@ class TableRefresh:
         new = {t: how for t, how in sorted(ended.items()) if self.written.get(t) != how}
         if new:
             live = live or {}
-            add_trials(self.study_dir, self.spec.name,
-                       (outcome(self.spec, self.study_dir, t, how, live=live.get(t)) for t, how in new.items()),
-                       self.meta)
-            self.written.update(new)
+            outcomes = [outcome(self.spec, self.study_dir, t, how, live=live.get(t)) for t, how in new.items()]
+            add_trials(self.study_dir, self.spec.name, outcomes, self.meta)
+            # Ray copies a failed trial's error.txt to the storage after telling the driver: a row
+            # without its error is written again at the next refresh (and at the study's end)
+            self.written.update({o.trial_id: new[o.trial_id] for o in outcomes
+                                 if new[o.trial_id] != "error" or o.error})
         return list(new)
 
 
@@ -72,7 +75,8 @@ def sync_tables(spec: StudySpec, study_dir: str, meta: dict[str, Any], rebuild: 
     hows, built = ended_trials(spec, study_dir)
     have = _statuses(study_dir)
     drop = set(have) - set(hows)
-    stale = [t for t, how in hows.items() if rebuild or t not in have or (have[t] == "error") != (how == "error")]
+    # an errored trial is built again: its error.txt may have reached the storage after its row
+    stale = [t for t, how in hows.items() if rebuild or how == "error" or t not in have or have[t] == "error"]
 
     def outcomes() -> Iterator[TrialOutcome]:  # one at a time: a rebuild holds one trial's rows
         for t in stale:
