@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vertstudy"
 
 #: the stages, first to last, and the modules (dotted prefixes under ``vertstudy``) of each
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("shared basics", ("anatomy", "errors", "config", "progress", "checkpoint", "atomic")),
+    ("shared basics", ("anatomy", "errors", "config", "progress", "checkpoint", "atomic", "memory")),
     ("data", ("data",)),
     ("model", ("model",)),
     ("losses", ("losses",)),

@@ -207,6 +207,9 @@ def bench_train(
     default); the default 1 leaves the second of two cores to the one loader worker, and
     avoids the collapse of OpenMP's spinning threads when other processes share the cores.
     """
+    from vertstudy.memory import reuse_freed_memory
+
+    reuse_freed_memory()  # as the trainer does
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

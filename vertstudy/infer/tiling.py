@@ -12,6 +12,7 @@ import torch
 from vertstudy.anatomy import NUM_CLASSES
 from vertstudy.data.crops import extract_crop
 from vertstudy.errors import ConfigError
+from vertstudy.memory import reuse_freed_memory
 
 
 # -- tiling ----------------------------------------------------------------------------------
@@ -99,7 +100,9 @@ def run_network(
 
     ``volume`` (Z, Y, X) float32 canonical, z-scored; ``pad_value`` fills tile voxels outside
     it. ``body_fraction``: skip tiles that fail :func:`has_body` (``None``: run every tile).
+    Large activations reuse freed memory (:func:`vertstudy.memory.reuse_freed_memory`).
     """
+    reuse_freed_memory()
     model.eval()
     device = _model_device(model)
     keep, coords, probs = [], [], []

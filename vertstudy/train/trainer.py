@@ -64,6 +64,7 @@ from vertstudy.config import Config, ModelConfig, TrainConfig
 from vertstudy.data.cache import CachedCase
 from vertstudy.data.crops import CropDataset, make_loader
 from vertstudy.errors import ConfigError
+from vertstudy.memory import reuse_freed_memory
 from vertstudy.model.load import select_device
 from vertstudy.model.prior import training_prior
 
@@ -432,6 +433,7 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     device = select_device(cfg.train.device)
+    reuse_freed_memory()  # large activations: no mmap / page faults / munmap per step
 
     from vertstudy.model.network import build_model
 
