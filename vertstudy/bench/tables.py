@@ -17,7 +17,8 @@ both ways, side by side on the same folders:
   rewritten; the median of ``repeats`` refreshes of the same trial (each replaces its rows).
 
 Also at each N: ``read_<table>_s``, reading a whole table with its parts while the study runs
-(:func:`vertstudy.study.tables.read_table`). At the end: ``end_sync_s``, the study's end
+(:func:`vertstudy.study.tables.read_table`), beside ``old_read_vertebrae_s``, reading the one
+file the old refresh wrote. At the end: ``end_sync_s``, the study's end
 (:func:`vertstudy.study.refresh.sync_tables`: the tables checked against Ray's folders, the
 parts compacted into one file per table), and whether the compacted tables equal the old full
 rebuild (``compacted_equals_old``). Figures carry their units; ``_at_N`` says the trial count.
@@ -204,6 +205,7 @@ def bench_tables(sizes: tuple[int, ...] = (10, 100, 1000), epochs: int = 70, cas
             figures[f"old_over_new_at_{n}"] = figures[f"old_refresh_s_at_{n}"] / figures[f"new_refresh_s_at_{n}"]
             for table in ("trials", "vertebrae"):
                 figures[f"read_{table}_s_at_{n}"] = _timed(lambda t=table: read_table(str(study_dir), t))
+            figures[f"old_read_vertebrae_s_at_{n}"] = _timed(lambda: read_table(str(old_dir), "vertebrae"))
             figures[f"vertebra_rows_at_{n}"] = read_table(str(study_dir), "vertebrae").num_rows
             if progress:
                 print(f"{n} trials: old refresh {figures[f'old_refresh_s_at_{n}']:.3f} s, new "

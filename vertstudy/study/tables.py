@@ -198,15 +198,20 @@ def add_trials(study_dir: str, study: str, outcomes: Iterable[TrialOutcome], met
     write_table(study_dir, "trials", _by_trial(merge_tables([old, *fresh], "trials")))
 
 
+def _read_part(fs, path: str) -> pa.Table:
+    with fs.open_input_file(path) as f:  # a file's reader alone: pq.read_table sets up a dataset each time
+        return pq.ParquetFile(f).read(use_threads=False)
+
+
 def _read_parts(fs, paths: list[str]) -> list[pa.Table]:
     """The tables of ``paths``, in order; read on a few threads (a part is small: the time of a
     read is mostly opening it, and on an object store, waiting for it)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if len(paths) < 4:
-        return [pq.read_table(p, filesystem=fs) for p in paths]
+        return [_read_part(fs, p) for p in paths]
     with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
-        return list(pool.map(lambda p: pq.read_table(p, filesystem=fs, use_threads=False), paths))
+        return list(pool.map(lambda p: _read_part(fs, p), paths))
 
 
 def read_table(study_dir: str, name: str) -> pa.Table:
