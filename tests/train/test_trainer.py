@@ -417,3 +417,19 @@ def test_fused_adam_makes_the_plain_update():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     plain.load_state_dict(fused.state_dict())
     assert plain.state_dict()["state"].keys() == fused.state_dict()["state"].keys()
+
+
+def test_best_checkpoint_holds_weights_without_optimizer_state(prepared, tmp_path):
+    """best.pt is lean (no optimizer, scheduler or RNG states, so about a third of last.pt with
+    Adam's moments), loads for prediction like last.pt, and is refused as a resume point in one
+    line naming it."""
+    cases, _ = prepared
+    result = train(tiny(train={"epochs": 2}), cases[:1], cases[1:2], tmp_path)
+    best, last = load_checkpoint(result.best_checkpoint), load_checkpoint(result.last_checkpoint)
+    assert not {"optimizer", "scheduler", "rng"} & set(best) and {"optimizer", "scheduler", "rng"} <= set(last)
+    assert {"model", "config", "spine_prior", "epoch", "best_epoch"} <= set(best)
+    assert result.best_checkpoint.stat().st_size < 0.5 * result.last_checkpoint.stat().st_size
+    model, _ = load_model(result.best_checkpoint)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in best["model"].items())
+    with pytest.raises(ConfigError, match=r"best\.pt.*weights only.*resume from last\.pt"):
+        train(tiny(train={"epochs": 3}), cases[:1], cases[1:2], tmp_path / "again", resume=result.best_checkpoint)

@@ -40,9 +40,11 @@ Checkpoints (``last.pt`` every epoch, ``best.pt`` at the lowest validation loss 
 the best whole-CT validation) also hold the spine prior of the sequence decoder, fitted on the
 training cases (:func:`training_prior`), and are written
 atomically and hold only tensors and plain Python values, so :func:`load_checkpoint` reads
-them with ``torch.load(..., weights_only=True)``. They include the optimizer, scheduler and
-random-number states: resuming from ``last.pt`` (in this or a fresh process) continues the
-run bit for bit on CPU, because every crop is drawn from ``(seed, epoch, index)``.
+them with ``torch.load(..., weights_only=True)``. ``last.pt`` includes the optimizer, scheduler
+and random-number states: resuming from it (in this or a fresh process) continues the run bit
+for bit on CPU, because every crop is drawn from ``(seed, epoch, index)``. ``best.pt`` leaves
+them out (:data:`RESUME_ONLY`; a third of the size with Adam's two moments): it is read for its
+weights only.
 """
 
 from __future__ import annotations
@@ -304,6 +306,11 @@ def _loaders(cfg: Config, train_cases: list[CachedCase], val_cases: list[CachedC
     return train_set, train_loader, val_loader
 
 
+#: what ``best.pt`` leaves out of the state: it is read for its weights (evaluation, predict,
+#: diagnose), never resumed from, and Adam's two moments would triple its size.
+RESUME_ONLY = ("optimizer", "scheduler", "rng")
+
+
 def _checkpoint_state(model, optimizer, scheduler, st: _State, cfg: Config, prior=None) -> dict[str, Any]:
     return {
         "spine_prior": None if prior is None else prior.to_state(),
@@ -324,6 +331,8 @@ def _checkpoint_state(model, optimizer, scheduler, st: _State, cfg: Config, prio
 
 def _restore(path: Path, cfg: Config, model, optimizer, scheduler) -> _State:
     state = load_checkpoint(path)
+    if any(key not in state for key in RESUME_ONLY):
+        raise ConfigError(f"{path}: holds the weights only (a best.pt has no optimizer state); resume from last.pt")
     saved_model = ModelConfig.model_validate(state["config"]["model"])
     if not saved_model.same_network(cfg.model):
         raise ConfigError(f"{path}: resume with model config {cfg.model!r}, but the checkpoint has {saved_model!r}")
@@ -468,7 +477,7 @@ def train(
         state = _checkpoint_state(model, optimizer, scheduler, st, cfg, prior)
         save_checkpoint(last_path, state)
         if improved:
-            save_checkpoint(best_path, state)
+            save_checkpoint(best_path, {k: v for k, v in state.items() if k not in RESUME_ONLY})
         if on_epoch is not None:
             on_epoch(dict(record))
 
