@@ -696,6 +696,18 @@ def _run_report(args: argparse.Namespace, workdir: Path | None, progress: bool) 
                         workdir=workdir, progress=progress)
 
 
+def _gpu_arguments(p: argparse.ArgumentParser) -> None:
+    from vertstudy.bench.gpu import add_arguments  # standard library only at import: no torch here
+
+    add_arguments(p)
+
+
+def _run_gpu(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
+    from vertstudy.bench.gpu import run_from_args
+
+    return run_from_args(args, progress)
+
+
 BENCHMARKS: tuple[_Bench, ...] = (
     _Bench("prep", "preprocessing throughput on 1 and 2 processes, and a cached rerun",
            "Write realistic-size phantoms, preprocess them on one and on two processes into fresh caches, then "
@@ -744,6 +756,13 @@ BENCHMARKS: tuple[_Bench, ...] = (
            "Ray cluster, then build its report several times; report the median build time and the report's size.",
            _report_arguments, _run_report, _format_table_of("report"),
            workdir_help="keep phantoms, study and reports here (default: a temporary directory, removed)"),
+    _Bench("gpu", "the paper's network on a GPU: crops/s, peak memory against the estimate, TFLOP/s, labelling time",
+           "Training steps (fp32 and bf16 autocast) at the paper's size, inference at batch 1, 4 and 8, and the "
+           "network's time over every tile of a 2 mm whole-CT-sized volume, on one device (default CUDA when "
+           "present). Needs only torch, numpy and pydantic: on a bare GPU machine run it as "
+           "`python -m vertstudy.bench.gpu` from a checkout.",
+           _gpu_arguments, _run_gpu, _format_table_of("gpu"),
+           workdir_help="unused (bench gpu writes no files)", seed_help="weights and data seed (default 0)"),
 )
 
 
