@@ -166,26 +166,35 @@ LAYOUT_VARIANTS = [("integral", "bilstm", "loc+cls"), ("fc", "none-lstm", "loc")
 
 @pytest.mark.parametrize(("loc_head", "classifier", "tasks"), LAYOUT_VARIANTS)
 def test_conv_layout_changes_speed_not_results(loc_head: str, classifier: str, tasks: str) -> None:
-    """``model.conv_layout`` channels_last and contiguous: same parameters, same outputs and
-    same gradients within float rounding (it only changes how the k > 1 convolutions run)."""
-    results = []
-    for layout in ("channels_last", "contiguous"):
+    """``model.conv_layout`` auto, channels_last and contiguous: same parameters, same outputs
+    and gradients within float rounding (it only changes how the k > 1 convolutions run), and
+    the same outputs without gradients (auto's inference path)."""
+    results = {}
+    for layout in ("auto", "channels_last", "contiguous"):
         torch.manual_seed(0)
         model = build_model(tiny(loc_head=loc_head, classifier=classifier, tasks=tasks, conv_layout=layout))
-        assert sum(isinstance(m, network.Conv3d) and m.channels_last for m in model.modules()) > 0 \
-            if layout == "channels_last" else not any(getattr(m, "channels_last", False) for m in model.modules())
+        convs = [m for m in model.modules() if isinstance(m, network.Conv3d)]
+        assert {m.layout for m in convs if m.kernel_size != (1, 1, 1)} == {layout}
+        assert {m.layout for m in convs if m.kernel_size == (1, 1, 1)} <= {"contiguous"}
         x = torch.randn(2, 1, 24, 16, 16, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            inference = model(x)
         out = model(x)
         _loss(out, torch.Generator().manual_seed(2)).backward()
-        results.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (out_a, grads_a), (out_b, grads_b) = results
-    for key in ("coords", "logits", "heatmaps"):
-        if out_a[key] is not None:
-            assert out_a[key].is_contiguous()
-            torch.testing.assert_close(out_a[key], out_b[key], rtol=1e-4, atol=1e-4)
-    assert grads_a.keys() == grads_b.keys() and grads_a
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-3, atol=1e-5, msg=name)
+        results[layout] = (out, inference, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    _, _, grads_ref = results["contiguous"]
+    assert grads_ref
+    for layout in ("auto", "channels_last"):
+        for key in ("coords", "logits", "heatmaps"):
+            for i in (0, 1):  # with and without gradients
+                a, b = results[layout][i][key], results["contiguous"][i][key]
+                if a is not None:
+                    assert a.is_contiguous()
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        grads = results[layout][2]
+        assert grads.keys() == grads_ref.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_lstm_follows_width_unless_set() -> None:

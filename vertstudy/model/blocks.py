@@ -48,22 +48,25 @@ class GroupNorm(nn.GroupNorm):
 class Conv3d(nn.Conv3d):
     """``nn.Conv3d`` that can run in the ``channels_last_3d`` memory layout.
 
-    With ``channels_last = True`` the input and weight are laid out channels-last for the
-    convolution and the output comes back in the default (contiguous) layout, so the GroupNorm,
-    ReLU and 1x1x1 convolutions around it keep their fast contiguous kernels. Same parameters,
-    same state dict and the same output within float rounding; only the speed differs. Measured
-    on the CPU (oneDNN, 1 thread, batch 2, forward + backward): 3x3x3 convolutions of 4-32
-    channels run 1.3-2.3x faster channels-last, 1x1x1 ones slower (they stay contiguous; see
+    ``layout``: ``contiguous`` (PyTorch's default), ``channels_last``, or ``auto``:
+    channels-last when autograd is recording (training), contiguous otherwise (inference). In
+    the channels-last layout the input and weight are laid out channels-last for the convolution
+    and the output comes back contiguous, so the GroupNorm, ReLU and 1x1x1 convolutions around it
+    keep their fast contiguous kernels. Same parameters, same state dict and the same output
+    within float rounding; only the speed differs. Measured on the CPU (oneDNN, 1 thread, this
+    network's 3x3x3 shapes): forward + backward 1.1-2.1x faster channels-last (4-128 channels;
+    equal at 32 and 256), forward alone 0.63-0.96x (faster only at 8 channels), hence ``auto``;
+    1x1x1 convolutions are slower channels-last and stay contiguous (see
     :meth:`vertstudy.model.network.VertebraNet.set_conv_layout`).
     """
 
-    channels_last: bool = False
+    layout: str = "contiguous"
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.channels_last:
+        if self.layout == "contiguous" or (self.layout == "auto" and not torch.is_grad_enabled()):
             return super().forward(x)
-        layout = torch.channels_last_3d
-        y = F.conv3d(x.contiguous(memory_format=layout), self.weight.contiguous(memory_format=layout), self.bias,
+        cl = torch.channels_last_3d
+        y = F.conv3d(x.contiguous(memory_format=cl), self.weight.contiguous(memory_format=cl), self.bias,
                      self.stride, self.padding, self.dilation, self.groups)
         return y.contiguous()
 

@@ -208,12 +208,12 @@ class VertebraNet(nn.Module):
         self.set_conv_layout(cfg.conv_layout)
 
     def set_conv_layout(self, layout: str) -> None:
-        """Run every convolution with a kernel larger than 1x1x1 in ``layout`` (``channels_last``
-        or ``contiguous``; see :class:`vertstudy.model.blocks.Conv3d`). 1x1x1 convolutions are
-        memory-bound and measured slower channels-last, so they stay contiguous."""
+        """Run every convolution with a kernel larger than 1x1x1 in ``layout`` (``auto``,
+        ``channels_last`` or ``contiguous``; see :class:`vertstudy.model.blocks.Conv3d`). 1x1x1
+        convolutions are memory-bound and measured slower channels-last: they stay contiguous."""
         for m in self.modules():
             if isinstance(m, Conv3d):
-                m.channels_last = layout == "channels_last" and m.kernel_size != (1, 1, 1)
+                m.layout = layout if m.kernel_size != (1, 1, 1) else "contiguous"
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Encoder: ``x (B, 1, D, H, W)`` -> ``[f0, f1, f2, f3, b]``, scales 1, 1/2, 1/4, 1/8, 1/8.
