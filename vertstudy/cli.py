@@ -584,6 +584,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
     p.add_argument("--steps", type=_positive_int, default=16, help="timed steps per path (default 16)")
     p.add_argument("--no-memory", action="store_true", help="skip the (slow) default-network memory measurement")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="a config field of the measured network, e.g. --set model.lstm_hidden=128 (repeatable)")
 
 
 def _run_train(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
@@ -591,7 +593,7 @@ def _run_train(args: argparse.Namespace, workdir: Path | None, progress: bool) -
 
     return bench_train(width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm,
                        workers=args.workers, threads=args.threads, steps=args.steps, memory=not args.no_memory,
-                       seed=args.seed, workdir=workdir, progress=progress)
+                       seed=args.seed, workdir=workdir, progress=progress, overrides=_overrides(args.set))
 
 
 def _learn_arguments(p: argparse.ArgumentParser) -> None:

@@ -170,16 +170,24 @@ def default_step_memory(cfg: Config | None = None) -> dict:
 
 # -- the benchmark ---------------------------------------------------------------------------
 def bench_config(
-    width: float, crop_size: tuple[int, int, int], spacing_mm: float, batch_size: int, workers: int, seed: int
+    width: float, crop_size: tuple[int, int, int], spacing_mm: float, batch_size: int, workers: int, seed: int,
+    overrides: dict | None = None,
 ) -> Config:
-    """The throughput configuration: paper defaults but for width, crop, spacing, batch and workers."""
-    return Config.model_validate(
+    """The throughput configuration: paper defaults but for width, crop, spacing, batch and workers,
+    then ``overrides`` (dotted field names, e.g. ``{"model.lstm_hidden": 128}``), validated."""
+    from vertstudy.config import load_config
+
+    return load_config(
         {
-            "model": {"width": width},
-            "data": {"prep": {"spacing_mm": spacing_mm}, "crop": {"crop_size": crop_size}},
-            "train": {"batch_size": batch_size, "workers": workers},
+            "model.width": width,
+            "data.prep.spacing_mm": spacing_mm,
+            "data.crop.crop_size": crop_size,
+            "train.batch_size": batch_size,
+            "train.workers": workers,
             "seed": seed,
-        }
+            **(overrides or {}),
+        },
+        where="bench train --set",
     )
 
 
@@ -198,6 +206,7 @@ def bench_train(
     seed: int = 0,
     workdir: Path | None = None,
     progress: bool = True,
+    overrides: dict | None = None,
 ) -> dict:
     """Measure training throughput, FLOPs and memory; returns the figures (names carry units).
 
@@ -206,6 +215,7 @@ def bench_train(
     torch intra-op threads of the training process during the run (None: leave torch's
     default); the default 1 leaves the second of two cores to the one loader worker, and
     avoids the collapse of OpenMP's spinning threads when other processes share the cores.
+    ``overrides``: further config fields of the measured network (``{"model.lstm_hidden": 128}``).
     """
     from vertstudy.memory import reuse_freed_memory
 
@@ -228,19 +238,21 @@ def bench_train(
             seed,
             workdir,
             progress,
+            overrides,
         )
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _bench_train(
-    width, crop_size, spacing_mm, batch_size, workers, steps, warmup, rounds, cases, memory, seed, workdir, progress
+    width, crop_size, spacing_mm, batch_size, workers, steps, warmup, rounds, cases, memory, seed, workdir, progress,
+    overrides,
 ) -> dict:
     from vertstudy.data.crops import CropDataset, make_loader
     from vertstudy.model.network import build_model
 
     with work_folder(workdir, "vertstudy-bench-train-") as work:
-        cfg = bench_config(width, crop_size, spacing_mm, batch_size, workers, seed)
+        cfg = bench_config(width, crop_size, spacing_mm, batch_size, workers, seed, overrides)
         cached = prepared_phantoms(work, cases, seed, spacing_mm, progress)
         dataset = CropDataset(cached, cfg.data.crop, cfg.data.augment, seed=seed, train=True)
         loader = make_loader(dataset, batch_size, workers, drop_last=True)
@@ -271,7 +283,7 @@ def _bench_train(
         achieved = flops * per_round * rounds / t_model
         figures = {
             "throughput_config": f"width {width:g}, crop {'x'.join(map(str, crop_size))} at {spacing_mm:g} mm, "
-            f"batch {batch_size}, augmentation on",
+            f"batch {batch_size}, augmentation on" + "".join(f", {k}={v}" for k, v in (overrides or {}).items()),
             "params": sum(p.numel() for p in model.parameters()),
             "workers": workers,
             "torch_threads": torch.get_num_threads(),
