@@ -174,3 +174,15 @@ def test_default_volume_is_like_the_clinical_phantom():
     origins = gpu.tile_origins(volume.shape, (104, 80, 80), (52, 40, 40))
     body = sum(gpu.has_body(gpu.extract_crop(volume, o, (104, 80, 80), -1.0), -1.0) for o in origins)
     assert (len(origins), body) == (175, 154)
+
+
+def test_cli_exits_non_zero_when_a_section_failed(monkeypatch, capsys, one_torch_thread):
+    from vertstudy.cli import main
+
+    def no_bf16(device):
+        raise RuntimeError("bf16 is not supported on this test's device")
+
+    monkeypatch.setattr(gpu, "_check_bf16", no_bf16)
+    assert main(["bench", "gpu", *TINY, "--precisions", "fp32", "bf16", "--infer-batches", "1", "--json"]) == 1
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "train_bf16" in figures["failed_sections"] and figures["train_fp32_crops_per_s"] > 0

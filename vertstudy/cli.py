@@ -539,11 +539,12 @@ def _format_table_of(module: str) -> Callable[[dict], str]:
 
 
 def cmd_bench(bench: _Bench, args: argparse.Namespace) -> int:
-    """Run one benchmark; print its figures as one JSON object (--json) or as its readable table."""
+    """Run one benchmark; print its figures as one JSON object (--json) or as its readable table.
+    Exit status 1 when a benchmark reports sections that failed (``failed_sections``)."""
     workdir = Path(args.workdir) if args.workdir else None
     figures = bench.run(args, workdir, not args.json)
     print(json.dumps(figures) if args.json else bench.format_table(figures))
-    return 0
+    return 1 if figures.get("failed_sections", "none") != "none" else 0
 
 
 def _prep_arguments(p: argparse.ArgumentParser) -> None:
