@@ -197,13 +197,18 @@ def test_conv_layout_changes_speed_not_results(loc_head: str, classifier: str, t
             torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-def test_lstm_follows_width_unless_set() -> None:
-    """The LSTM's hidden size is 128 x width (the paper's 128 at width 1) unless lstm_hidden is
-    set; a checkpoint's stored explicit size and the resolved default are the same network."""
-    assert ModelConfig().lstm_states == 128
-    assert ModelConfig(width=0.25).lstm_states == 32
-    assert ModelConfig(width=0.03).lstm_states == 8
-    assert ModelConfig(width=0.25, lstm_hidden=128).lstm_states == 128
-    assert build_model(ModelConfig(width=0.25)).classifier.lstm.hidden_size == 32
-    assert ModelConfig(width=0.25).same_network(ModelConfig(width=0.25, lstm_hidden=32, conv_layout="contiguous"))
-    assert not ModelConfig(width=0.25).same_network(ModelConfig(width=0.25, lstm_hidden=128))
+def test_lstm_is_the_papers_128_or_follows_the_width() -> None:
+    """The LSTM keeps the paper's 128 states at every width unless lstm_hidden is 'width'
+    (128 x width, at least 8) or a number; a checkpoint's stored number and the resolved
+    'width' are the same network."""
+    assert ModelConfig().lstm_states == 128 and ModelConfig(width=0.25).lstm_states == 128
+    assert ModelConfig(width=0.25, lstm_hidden="width").lstm_states == 32
+    assert ModelConfig(width=0.03, lstm_hidden="width").lstm_states == 8
+    assert ModelConfig(width=0.25, lstm_hidden=16).lstm_states == 16
+    assert build_model(ModelConfig(width=0.25, lstm_hidden="width")).classifier.lstm.hidden_size == 32
+    assert ModelConfig(width=0.25, lstm_hidden="width").same_network(
+        ModelConfig(width=0.25, lstm_hidden=32, conv_layout="contiguous"))
+    assert not ModelConfig(width=0.25, lstm_hidden="width").same_network(ModelConfig(width=0.25))
+    for bad in (0, "half"):
+        with pytest.raises(ValueError, match="lstm_hidden"):
+            ModelConfig(lstm_hidden=bad)

@@ -39,8 +39,8 @@ and rounded to a multiple of ``ModelConfig.groups`` by ``scaled_channels``):
   conv 32 kernels 5x3x3 + GN + ReLU, conv 32 kernels 1x1x1 + GN + ReLU, then the one
   max-pooling: a max over the whole (y, x) plane, which turns the features into a sequence
   along the body axis, ``(B, D/8, 32)``, one 32-vector per z-slab of 8 voxels (16 mm). Three
-  stacked bidirectional LSTMs (128 states per direction at width 1; ``ModelConfig.lstm_states``:
-  ``lstm_hidden``, or 128 x width when it is unset) run along z; the
+  stacked bidirectional LSTMs (``lstm_hidden`` = 128 states per direction, at every width unless
+  it is ``"width"``: ``ModelConfig.lstm_states``) run along z; the
   ``(B, D/8, 256)`` outputs are max-pooled over time (a vertebra is present if it is seen at
   any z, and this works for any crop depth) and a fully connected layer gives 26 logits.
   ``none-lstm``: the same convolutions and in-plane max, then the max over z, straight into
