@@ -100,7 +100,7 @@ def test_missing_tables_name_their_study_file_and_chosen_overrides(study_dirs, t
     tex = (out / "tables.tex").read_text(encoding="utf-8")
     assert "studies/table1.yaml" in md and "studies/table1.yaml" in tex
     assert "One trial: no spread over seeds" in md
-    assert tex.count("\\begin{table}") == 4 and tex.count("\\caption{") == 4
+    assert tex.count("\\begin{table}") == 5 and tex.count("\\caption{") == 5  # Tables I-V
 
 
 def test_unknown_chosen_trial_is_one_clear_error(study_dirs, tmp_path, capsys):

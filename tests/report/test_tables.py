@@ -192,6 +192,36 @@ def test_table4_chosen_configuration_overall_and_per_region(report_json, study_d
             assert mean in line and mean in tex_line
 
 
+def test_table5_decoders_of_the_chosen_configuration(report_json, study_dirs, report_dir):
+    """Table V: both decoders on the chosen configuration's checkpoints, mean and std over its trials of
+    each trial's test_dec_* figure, and the paired difference, from the trials table."""
+    trials = load(study_dirs, "trials")
+    keys = report_json["tables"]["table4"]["trials"]
+    table = report_json["tables"]["table5"]
+    assert table["missing"] is None and table["trials"] == keys and table["number"] == "V"
+    chosen = trials[trials["key"].isin(keys)]
+
+    def per_trial(column):
+        v = chosen[column].astype(float)
+        return v[np.isfinite(v)]
+
+    for dec in ("kmeans", "sequence"):
+        row = row_of(table, dec)
+        for metric in ("id_rate", "loc_error_mm", "false_per_case"):
+            v = per_trial(f"test_dec_{dec}_{metric}")
+            assert close(row["figures"][metric]["value"], v.mean() if len(v) else math.nan), (dec, metric)
+            assert close(row["figures"][metric]["seed_sd"], v.std(ddof=1) if len(v) >= 2 else math.nan)
+        assert row["figures"]["n_trials"] == len(chosen) and row["figures"]["n_cases"] == 2  # 2 held out
+    diff = per_trial("test_dec_sequence_id_rate") - per_trial("test_dec_kmeans_id_rate")
+    assert close(table["paired"]["id_rate"]["value"], diff.mean())
+    md = (report_dir / "report.md").read_text(encoding="utf-8")
+    tex = (report_dir / "tables.tex").read_text(encoding="utf-8")
+    assert "## Tables I-V" in md and "### Table V. K-means (paper) versus sequence decoding" in md
+    rate = f"{100 * row_of(table, 'kmeans')['figures']['id_rate']['value']:.1f}"
+    assert rate in next(ln for ln in md.splitlines() if ln.startswith("| K-means (paper) |"))
+    assert "tab:vertstudy-table5" in tex and tex.count("\\begin{table}") == 5
+
+
 def test_formatted_numbers_in_markdown_and_latex(report_json, report_dir):
     md = (report_dir / "report.md").read_text(encoding="utf-8")
     tex = (report_dir / "tables.tex").read_text(encoding="utf-8")
@@ -215,10 +245,10 @@ def test_formatted_numbers_in_markdown_and_latex(report_json, report_dir):
 def test_published_rows_stand_apart(report_dir):
     md = (report_dir / "report.md").read_text(encoding="utf-8")
     tex = (report_dir / "tables.tex").read_text(encoding="utf-8")
-    assert md.count("published (Qin et al., CSI 2014 data set)") == 4
+    assert md.count("published (Qin et al., CSI 2014 data set)") == 4  # Tables I-IV; Table V is ours alone
     assert tex.count("published (Qin et al., CSI 2014 data set)") == 4
     for text in (md, tex):
-        assert text.count("\\begin{table}") in (0, 4)
+        assert text.count("\\begin{table}") in (0, 5)
     assert tex.count("\\toprule") == tex.count("\\bottomrule") == tex.count("\\midrule") >= 8
     # the paper's Table III row is in a published table, never in ours
     ours = md.split("### Table III")[1].split("*published")[0]

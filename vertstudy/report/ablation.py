@@ -37,9 +37,11 @@ from vertstudy.errors import ConfigError
 from vertstudy.report.load import Tables
 from vertstudy.report.stats import REGIONS, Estimate, bootstrap, clean, estimates, estimates_json, pooled, seed_spread
 from vertstudy.study.objective import Objective, comparison_objective, default_objective
+from vertstudy.study.spec import RUN_ONLY_FIELDS
 
-#: config fields that say where and how fast a trial ran, not what it learned
-RUN_ONLY = ("cfg.seed", "cfg.train.device", "cfg.train.workers", "cfg.train.amp", "cfg.infer.batch_size")
+#: config fields that say where and how fast a trial ran, not what it learned (the study planner
+#: leaves the same ones out when it finds configurations that several study files train)
+RUN_ONLY = tuple(f"cfg.{name}" for name in RUN_ONLY_FIELDS)
 #: the fields that describe a configuration in captions (others are in report.json)
 SHOWN_FIELDS = ("model.loc_head", "model.classifier", "model.tasks", "loss.balance_b", "loss.reg_lambda",
                 "train.lr", "train.schedule.kind", "data.crop.crop_size", "model.width", "train.epochs")

@@ -1,7 +1,7 @@
 """``build_report``: study directories in, a report folder out, as a pure function of the tables.
 
 The folder holds ``report.md`` with its PNG figures under ``figures/``, a self-contained
-``report.html`` (images embedded), ``tables.tex`` (booktabs, one ``table`` per Table I-IV) and
+``report.html`` (images embedded), ``tables.tex`` (booktabs, one ``table`` per Table I-V) and
 ``report.json`` (every number of the tables, for machines and tests). The only input besides the
 Parquet tables is the date in the header, so the same tables and date give byte-identical files.
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from vertstudy.errors import ConfigError
 from vertstudy.report.ablation import all_tables, choose
-from vertstudy.report.diagnosis import decoder_section, loss_section
+from vertstudy.report.diagnosis import decoder_section, decoder_table, loss_section
 from vertstudy.report.document import (
     cost_section,
     definitions,
@@ -154,7 +154,7 @@ def build_report(locations: list[str], out: str | Path, date: str | None = None,
     tmp = _prepare_out(out)
     try:
         with _steps(progress, 6) as step:
-            step("tables I-IV")
+            step("tables I-V")
             drawn: list[str] = []
 
             def draw(name: str, fn, *args) -> str:
@@ -162,7 +162,7 @@ def build_report(locations: list[str], out: str | Path, date: str | None = None,
                 drawn.append(name)
                 return f"{FIGURES}/{name}"
 
-            results = all_tables(tables, choice)
+            results = [*all_tables(tables, choice), decoder_table(choice)]
             status_blocks, status = status_section(tables)
             step("search summaries")
             search_blocks, search = search_section(tables, draw)

@@ -10,7 +10,8 @@ Every trial's held-out evaluation (:func:`vertstudy.study.trial.evaluate_held_ou
 - ``test_dec_<decoder>_{id_rate, loc_error_mm, false_per_case, cases}[_fov_<value>]``: each
   decoder's held-out figures, overall and per field-of-view condition.
 
-Both sections read the chosen configuration's trials (Table IV's choice): a figure is the mean
+Both sections, and Table V (:func:`decoder_table`: the two decoders overall, with their paired
+difference), read the chosen configuration's trials (Table IV's choice): a figure is the mean
 over those trials (one per seed), ``± std`` over them when there are several. Studies written
 before these columns existed get a one-line note instead.
 """
@@ -22,8 +23,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from vertstudy.report.ablation import Choice
+from vertstudy.report.ablation import TABLE4_FILE, Choice, TableResult, config_of, describe
 from vertstudy.report.render import Block, Heading, Para, Table
+from vertstudy.report.stats import Estimate, seed_spread
 
 #: as in :mod:`vertstudy.infer.diagnose` (not imported: reports need no torch)
 VARIANTS = ("shipped", "near", "oracle", "both")
@@ -135,3 +137,56 @@ def decoder_section(choice: Choice) -> tuple[list[Block], dict]:
         "have few anchors. False / case counts predicted classes absent from the truth, which neither the id. "
         "rate nor the error counts against.")))
     return blocks, js
+
+
+def _per_trial(trials: pd.DataFrame, column: str) -> list[float]:
+    if column not in trials:
+        return []
+    return [float(v) for v in pd.to_numeric(trials[column], errors="coerce") if math.isfinite(v)]
+
+
+def _estimate(values: list[float]) -> Estimate:
+    return Estimate(float(np.mean(values)) if values else math.nan, seed_spread(values))
+
+
+def decoder_table(choice: Choice) -> TableResult:
+    """Table V: the chosen configuration's checkpoints decoded by the paper's K-means and by the
+    sequence decoder, on all held-out cases: each decoder's identification rate, localization
+    error and false predictions per case (mean ± std over the trials), and the per-trial paired
+    difference sequence - K-means (``extra["paired"]``)."""
+    result = TableResult("table5", "V", "K-means (paper) versus sequence decoding of the same checkpoints",
+                         extra={"study_file": TABLE4_FILE})
+    trials = choice.trials
+    chosen = choice.signature is not None and len(trials) > 0
+    decoders = [d for d in DECODERS if chosen and _per_trial(trials, f"test_dec_{d}_id_rate")]
+    if not decoders:
+        result.missing = ("No chosen configuration with per-decoder held-out figures (trials evaluated before "
+                          f"vertstudy wrote `test_dec_*`, or none completed). `vertstudy study run {TABLE4_FILE}` "
+                          "fills it.")
+        return result
+    for d in decoders:
+        figures = {k: _estimate(_per_trial(trials, f"test_dec_{d}_{k}"))
+                   for k in ("id_rate", "loc_error_mm", "false_per_case")}
+        cases = _per_trial(trials, f"test_dec_{d}_cases")
+        figures |= {"n_trials": len(_per_trial(trials, f"test_dec_{d}_id_rate")),
+                    "n_cases": int(round(float(np.mean(cases)))) if cases else 0}
+        result.rows.append({"value": d, "label": DECODER_NAMES[d], "figures": figures})
+    result.trials = sorted(trials["key"])
+    if set(decoders) == {"kmeans", "sequence"}:
+        paired, n = {}, 0
+        for k in ("id_rate", "loc_error_mm"):
+            seq, km = (pd.to_numeric(trials[f"test_dec_{d}_{k}"], errors="coerce") for d in ("sequence", "kmeans"))
+            diff = [float(v) for v in seq - km if math.isfinite(v)]
+            paired[k], n = _estimate(diff), max(n, len(diff))
+        result.extra["paired"] = paired
+        rate, err = paired["id_rate"], paired["loc_error_mm"]
+        if math.isfinite(rate.value) and math.isfinite(err.value):
+            sd_rate = f" ± {rate.seed_sd * 100:.1f}" if math.isfinite(rate.seed_sd) else ""
+            sd_err = f" ± {err.seed_sd:.1f}" if math.isfinite(err.seed_sd) else ""
+            result.notes.append(f"Paired over the same {n} checkpoint(s), sequence - K-means: id. rate "
+                                f"{rate.value * 100:+.1f}{sd_rate} points, mean error {err.value:+.1f}{sd_err} mm.")
+        else:
+            result.notes.append("No paired difference: a decoder left some checkpoint without a matched vertebra.")
+    result.notes.append(f"Configuration (Table IV's): {describe(config_of(choice.signature))}.")
+    return result
+

@@ -338,6 +338,12 @@ def load_study(path: str | Path) -> StudySpec:
 
 #: What ``--smoke`` sets: a CPU-scale study of the same shape (same space kinds, same search,
 #: same tables) that finishes in about a minute.
+#: Config fields that say where and how fast a trial runs, not what it learns: two trials that
+#: differ only in these (and the seed) train the same configuration (the report's signatures
+#: and the study planner's duplicates leave them out).
+RUN_ONLY_FIELDS = ("seed", "train.device", "train.workers", "train.amp", "infer.batch_size")
+
+
 SMOKE_CONFIG: dict[str, Any] = {
     "model.width": 0.125,
     "model.lstm_hidden": 8,
