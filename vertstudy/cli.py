@@ -259,11 +259,11 @@ def _exit_code(result) -> int:
     return 130 if result.interrupted else 0
 
 
-def cmd_study_run(args: argparse.Namespace) -> int:
-    from vertstudy.study.runner import run_study
-    from vertstudy.study.spec import load_study, smoke, validate_spec
+def _study_spec(path: str, args: argparse.Namespace):
+    """The study file at ``path`` with the command line's overrides and ``--scale``, validated."""
+    from vertstudy.study.spec import SCALES, load_study, validate_spec
 
-    spec = load_study(args.study)
+    spec = load_study(path)
     overrides = {}
     if args.storage:
         overrides["storage"] = args.storage
@@ -273,12 +273,51 @@ def cmd_study_run(args: argparse.Namespace) -> int:
     if optuna_url:
         overrides["search"] = {**spec.search.model_dump(), "optuna_storage": optuna_url}
     if overrides:
-        spec = validate_spec({**spec.model_dump(), **overrides}, f"{args.study} (with command-line options)")
+        spec = validate_spec({**spec.model_dump(), **overrides}, f"{path} (with command-line options)")
+    if args.scale:
+        spec = SCALES[args.scale](spec)
+        spec = validate_spec(spec.model_dump(mode="json"), f"{path} (--scale {args.scale})")
+    return spec
+
+
+def cmd_study_run(args: argparse.Namespace) -> int:
+    from vertstudy.study.runner import run_study
+
     if args.smoke:
-        spec = smoke(spec)
-    result = run_study(spec, address=_address(args), progress=not args.no_progress)
+        if args.scale not in (None, "smoke"):
+            raise ConfigError(f"--smoke is --scale smoke; give one of them, not --smoke with --scale {args.scale}")
+        args.scale = "smoke"
+    if len(args.study) > 1:
+        return _run_several(args)
+    result = run_study(_study_spec(args.study[0], args), address=_address(args), progress=not args.no_progress)
     _print_result(result)
     return _exit_code(result)
+
+
+def _run_several(args: argparse.Namespace) -> int:
+    """``study run A.yaml B.yaml ...``: each configuration trained once, each study run, resumed or skipped
+    (:mod:`vertstudy.study.plan`); then the report command of the studies that hold trials."""
+    import datetime as dt
+
+    from vertstudy.study.plan import plan_studies, run_planned
+
+    plans = plan_studies([_study_spec(path, args) for path in args.study])
+    print("plan (a configuration several files ask for is trained once; the report pools trials by configuration):")
+    for p in plans:
+        print(f"  {p.describe()}")
+    outcomes = run_planned(plans, address=_address(args), progress=not args.no_progress, say=print)
+    for o in outcomes:
+        if o.result is not None:
+            _print_result(o.result)
+    if any(o.result is not None and o.result.interrupted for o in outcomes):
+        print("continue with the same command: finished studies are skipped, the interrupted one is resumed")
+        return 130
+    dirs = [o.study_dir for o in outcomes if o.study_dir]
+    if dirs:
+        name = "phantoms-cpu" if args.scale == "cpu" else "-".join(o.name for o in outcomes if o.study_dir)
+        today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+        print(f"report: vertstudy report {' '.join(dirs)} --out reports/{name}-{today}")
+    return 0
 
 
 def _address(args: argparse.Namespace) -> str | None:
@@ -323,9 +362,14 @@ def _add_study_commands(top: argparse._SubParsersAction) -> None:
     study = top.add_parser("study", help="run, resume, inspect and export hyperparameter studies on Ray",
                            description="Hyperparameter and ablation studies: Ray Tune + Optuna + W&B + Parquet.")
     study_sub = study.add_subparsers(dest="study_command", required=True, metavar="COMMAND")
-    p = study_sub.add_parser("run", help="run a study file on a Ray cluster (or a local one)",
-                             description="Run STUDY.yaml: trials on Ray, Optuna search, W&B runs, Parquet tables.")
-    p.add_argument("study", help="the study file (studies/*.yaml)")
+    p = study_sub.add_parser("run", help="run study files on a Ray cluster (or a local one)",
+                             description="Run STUDY.yaml: trials on Ray, Optuna search, W&B runs, Parquet tables. "
+                                         "With several files, in order on one cluster: a configuration that an "
+                                         "earlier file's grid already trains (same data, config and seeds) is "
+                                         "not trained again (the report pools trials by configuration), a "
+                                         "study whose trials have all ended is skipped and an interrupted one "
+                                         "resumed, so the same command continues a cut-off run.")
+    p.add_argument("study", nargs="+", help="the study file(s) (studies/*.yaml)")
     p.add_argument("--address", help="Ray cluster address (default: start a local cluster, or RAY_ADDRESS)")
     p.add_argument("--storage", help="results directory or URI (overrides the study's storage)")
     p.add_argument("--wandb", choices=("offline", "online", "disabled"),
@@ -334,7 +378,11 @@ def _add_study_commands(top: argparse._SubParsersAction) -> None:
                    help="Optuna storage: a database URL without password (postgresql://user@host/db; the password "
                         "comes from PGPASSWORD) or journal:<shared path>; default VERTSTUDY_OPTUNA_STORAGE, else "
                         "SQLite in the study directory")
-    p.add_argument("--smoke", action="store_true", help="run the study at CPU scale (tiny data, network, epochs)")
+    p.add_argument("--scale", choices=("smoke", "cpu"),
+                   help="size the study for a CPU machine: smoke (tiny data, network and epochs: about a minute) or "
+                        "cpu (the ablation grids on 60 shared coarse phantoms, 20 held out, 3 seeds, a width-0.25 "
+                        "network for 45 epochs: studies/table*.yaml in about 2 hours on 2 cores)")
+    p.add_argument("--smoke", action="store_true", help="the same as --scale smoke")
     p.add_argument("--no-progress", action="store_true", help="no live trials table")
     p.set_defaults(func=cmd_study_run)
 
@@ -383,13 +431,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _add_report_command(top: argparse._SubParsersAction) -> None:
     """``vertstudy report``."""
-    p = top.add_parser("report", help="turn studies into a report: Tables I-IV, search, robustness, failures, cost",
+    p = top.add_parser("report", help="turn studies into a report: Tables I-V, search, robustness, failures, cost",
                        description="Build a report from the Parquet tables of one or more study directories "
                                    "(finished or still running): report.md with PNG figures, a self-contained "
                                    "report.html, tables.tex (booktabs) and report.json. The same tables and "
                                    "--date give the same files.")
     p.add_argument("dirs", nargs="+", metavar="STUDY_DIR",
-                   help="study directory <storage>/<name> (or a pyarrow URI); Tables I-IV pool every study given")
+                   help="study directory <storage>/<name> (or a pyarrow URI); Tables I-V pool every study given")
     p.add_argument("--out", required=True,
                    help="report folder, e.g. reports/NAME (an earlier report there is replaced once the new one is "
                         "complete)")

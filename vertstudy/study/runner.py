@@ -338,6 +338,8 @@ def _resume(study_dir: str, spec: StudySpec, data: StudyData, address: str | Non
     _quiet_ray()
     _ensure_ray(address)
     discard_unrecorded_trials(study_dir)
+    if not storage.exists(storage.uri_join(study_dir, "cases.parquet")):  # killed before run_study wrote them
+        write_baseline(spec, study_dir, data)
     sync_tables(spec, study_dir, meta)  # trials the stopped driver saw end but did not write; compacted
     turn = StagingTurn()
     exp_path, exp_fs = storage.ray_storage(exp)

@@ -218,6 +218,7 @@ class StudySpec(StrictModel):
     storage: str = Field("runs", description="local directory or pyarrow URI; the study writes <storage>/<name>/")
     wandb: WandbSpec = WandbSpec()
     smoke: dict[str, Any] = Field({}, description="extra config overrides for --smoke")
+    cpu: dict[str, Any] = Field({}, description="extra config overrides for --scale cpu")
     inject_failure_at_epoch: int | None = Field(
         None, ge=1, description="fault drill: each trial raises once after this epoch's checkpoint (tests resume)"
     )
@@ -309,6 +310,7 @@ def validate_spec(raw: Any, where: str) -> StudySpec:
     spec = validated(StudySpec, where, **raw)
     cfg = load_config(spec.config, where=f"{where}: config")
     load_config({**spec.config, **spec.smoke}, where=f"{where}: smoke")
+    load_config({**spec.config, **CPU_CONFIG, **spec.cpu}, where=f"{where}: cpu")
     for metric in {spec.search.metric, *spec.search.objectives}:
         if metric in WHOLE_CT_METRICS and cfg.train.whole_ct_every == 0:
             raise ConfigError(f"{where}: search metric {metric!r} needs config 'train.whole_ct_every' > 0 "
@@ -336,14 +338,14 @@ def load_study(path: str | Path) -> StudySpec:
     return validate_spec(raw, str(path))
 
 
-#: What ``--smoke`` sets: a CPU-scale study of the same shape (same space kinds, same search,
-#: same tables) that finishes in about a minute.
 #: Config fields that say where and how fast a trial runs, not what it learns: two trials that
 #: differ only in these (and the seed) train the same configuration (the report's signatures
 #: and the study planner's duplicates leave them out).
 RUN_ONLY_FIELDS = ("seed", "train.device", "train.workers", "train.amp", "infer.batch_size")
 
 
+#: What ``--smoke`` sets: a CPU-scale study of the same shape (same space kinds, same search,
+#: same tables) that finishes in about a minute.
 SMOKE_CONFIG: dict[str, Any] = {
     "model.width": 0.125,
     "model.lstm_hidden": 8,
@@ -360,19 +362,27 @@ SMOKE_CONFIG: dict[str, Any] = {
 }
 
 
+def _unfixed_space(spec: StudySpec, overrides: dict[str, Any], flag: str, section: str) -> dict[str, Param]:
+    """``spec.space`` without the parameters ``overrides`` (of ``flag``, and the file's ``section``)
+    fix (file order: a condition always precedes what it conditions, so a dropped condition drops
+    what it conditions)."""
+    space: dict[str, Param] = {}
+    for k, v in spec.space.items():
+        if k not in overrides and all(c in space for c in v.when or {}):
+            space[k] = v
+    if not space and spec.repeats == 1:
+        raise ConfigError(f"study {spec.name!r}: {flag} fixes every searched parameter ({', '.join(spec.space)}); "
+                          f"add a '{section}' override or a parameter {flag} does not fix")
+    return space
+
+
 def smoke(spec: StudySpec) -> StudySpec:
     """The CPU-scale version of ``spec``: 5 coarse phantoms at 8 mm, a width-0.125 network on
     16^3 crops for 2 epochs, at most 2 trials (grids keep every point, one seed), 1 CPU and no
     GPU per trial, plus the study's own ``smoke`` overrides. Parameters that the smoke settings
     fix are dropped from the space."""
     overrides = {**SMOKE_CONFIG, **spec.smoke}
-    space: dict[str, Param] = {}
-    for k, v in spec.space.items():  # file order: a condition always precedes what it conditions
-        if k not in overrides and all(c in space for c in v.when or {}):
-            space[k] = v
-    if not space and spec.repeats == 1:
-        raise ConfigError(f"study {spec.name!r}: --smoke fixes every searched parameter ({', '.join(spec.space)}); "
-                          "add a 'smoke' override or a parameter --smoke does not fix")
+    space = _unfixed_space(spec, overrides, "--smoke", "smoke")
     repeats = 1 if space else min(spec.repeats, 2)
     phantom_seed = spec.data.phantoms.seed if spec.data.phantoms else 0
     data = DataSpec(
@@ -393,6 +403,69 @@ def smoke(spec: StudySpec) -> StudySpec:
             "scheduler": spec.scheduler.model_copy(update={"grace_period": 1}),
         }
     )
+
+
+#: What ``--scale cpu`` sets: the quickstart's recipe that learns on 2 CPU cores (coarse
+#: phantoms at 4 mm, width 0.25 on 48x32x32 crops = 192x128x128 mm, lr 0.003 with the step
+#: schedule that won the quickstart's search, halving the lr every third of the run, whole-CT
+#: validation at epochs 1, 9, ..., 45, best.pt and so the held-out evaluation on the best one),
+#: for 45 epochs of 36 phantoms x 4 crops = 6,480 crops (the quickstart's best trial labelled at
+#: 60 % after 5,600), sized so the four table files fit 2.5 h on 2 cores. Everything else (loss, B,
+#: lambda, batch, weight decay) stays the study file's, the same on both sides of every
+#: ablation. Times, measured per epoch: README, "The tables at CPU scale".
+CPU_CONFIG: dict[str, Any] = {
+    "model.width": 0.25,
+    "data.prep.spacing_mm": 4.0,
+    "data.crop.crop_size": (48, 32, 32),
+    "train.lr": 0.003,
+    "train.schedule.kind": "step",
+    "train.schedule.step_size": 15,
+    "train.epochs": 45,
+    "train.whole_ct_every": 9,
+    "train.select_on": "val_ct",
+    "train.workers": 0,
+    "train.device": "cpu",
+}
+#: The phantoms of ``--scale cpu``: one set, and one split, for every study of the profile, so
+#: every table's rows are measured on the same 20 held-out phantoms (seeds: the study file's).
+CPU_PHANTOMS = 60
+CPU_SPLIT = {"val": 4, "test": 20}
+
+
+def cpu_scale(spec: StudySpec) -> StudySpec:
+    """The ``--scale cpu`` version of a grid (ablation) study: :data:`CPU_CONFIG` plus the study's
+    own ``cpu`` overrides over its ``config``; :data:`CPU_PHANTOMS` coarse phantoms split
+    :data:`CPU_SPLIT` (36 train, 4 validation, 20 held out); every grid point with all its seeds
+    (``repeats``), two trials at once on 1 CPU each, no GPU; named ``<name>-cpu``. Parameters the
+    overrides fix are dropped from the space. ``ConfigError`` for a search study (Optuna, random):
+    ``quickstart.yaml`` is the CPU-sized search."""
+    if not spec.search.is_grid:
+        raise ConfigError(f"study {spec.name!r}: --scale cpu runs the ablation grids (studies/table1-4.yaml); "
+                          f"this study searches with {spec.search.algorithm!r}: run studies/quickstart.yaml for a "
+                          "CPU-sized search, or --smoke")
+    overrides = {**CPU_CONFIG, **spec.cpu}
+    space = _unfixed_space(spec, overrides, "--scale cpu", "cpu")
+    phantom_seed = spec.data.phantoms.seed if spec.data.phantoms else 0
+    data = DataSpec(
+        phantoms=PhantomData(count=CPU_PHANTOMS, seed=phantom_seed, preset="coarse"), cache_dir=spec.data.cache_dir,
+        shared_cache=spec.data.shared_cache, node_cache=spec.data.node_cache,
+        split=SplitSpec(**CPU_SPLIT, seed=spec.data.split.seed),
+    )
+    return spec.model_copy(
+        update={
+            "name": spec.name if spec.name.endswith("-cpu") else f"{spec.name}-cpu",
+            "data": data,
+            "config": {**spec.config, **overrides},
+            "space": space,
+            "num_samples": 1,
+            "concurrency": 2,
+            "resources": Resources(cpus=1, gpus=0),
+        }
+    )
+
+
+#: ``--scale NAME``: the functions that size a study for a machine (``--smoke`` is ``--scale smoke``)
+SCALES = {"smoke": smoke, "cpu": cpu_scale}
 
 
 def total_trials(spec: StudySpec) -> int:
