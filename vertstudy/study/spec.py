@@ -384,23 +384,36 @@ def smoke(spec: StudySpec) -> StudySpec:
     overrides = {**SMOKE_CONFIG, **spec.smoke}
     space = _unfixed_space(spec, overrides, "--smoke", "smoke")
     repeats = 1 if space else min(spec.repeats, 2)
-    phantom_seed = spec.data.phantoms.seed if spec.data.phantoms else 0
+    return _scaled(
+        spec, "smoke", overrides, space, PhantomData(count=5, seed=_phantom_seed(spec)), {"val": 1, "test": 1},
+        num_samples=min(spec.num_samples, 2) if not spec.search.is_grid else 1,
+        concurrency=min(spec.concurrency, 2),
+        repeats=repeats,
+        scheduler=spec.scheduler.model_copy(update={"grace_period": 1}),
+    )
+
+
+def _phantom_seed(spec: StudySpec) -> int:
+    return spec.data.phantoms.seed if spec.data.phantoms else 0
+
+
+def _scaled(spec: StudySpec, suffix: str, overrides: dict[str, Any], space: dict[str, Param], phantoms: PhantomData,
+            split: dict[str, int], **update: Any) -> StudySpec:
+    """``spec`` named ``<name>-<suffix>`` on ``phantoms`` split ``split`` (the file's split seed and
+    cache settings kept), with ``overrides`` over its config, ``space``, 1 CPU and no GPU per trial,
+    and the further fields ``update``: what :func:`smoke` and :func:`cpu_scale` share."""
     data = DataSpec(
-        phantoms=PhantomData(count=5, seed=phantom_seed), cache_dir=spec.data.cache_dir,
-        shared_cache=spec.data.shared_cache, node_cache=spec.data.node_cache,
-        split=SplitSpec(val=1, test=1, seed=spec.data.split.seed),
+        phantoms=phantoms, cache_dir=spec.data.cache_dir, shared_cache=spec.data.shared_cache,
+        node_cache=spec.data.node_cache, split=SplitSpec(**split, seed=spec.data.split.seed),
     )
     return spec.model_copy(
         update={
-            "name": spec.name if spec.name.endswith("-smoke") else f"{spec.name}-smoke",
+            "name": spec.name if spec.name.endswith(f"-{suffix}") else f"{spec.name}-{suffix}",
             "data": data,
             "config": {**spec.config, **overrides},
             "space": space,
-            "num_samples": min(spec.num_samples, 2) if not spec.search.is_grid else 1,
-            "concurrency": min(spec.concurrency, 2),
             "resources": Resources(cpus=1, gpus=0),
-            "repeats": repeats,
-            "scheduler": spec.scheduler.model_copy(update={"grace_period": 1}),
+            **update,
         }
     )
 
@@ -445,23 +458,8 @@ def cpu_scale(spec: StudySpec) -> StudySpec:
                           "CPU-sized search, or --smoke")
     overrides = {**CPU_CONFIG, **spec.cpu}
     space = _unfixed_space(spec, overrides, "--scale cpu", "cpu")
-    phantom_seed = spec.data.phantoms.seed if spec.data.phantoms else 0
-    data = DataSpec(
-        phantoms=PhantomData(count=CPU_PHANTOMS, seed=phantom_seed, preset="coarse"), cache_dir=spec.data.cache_dir,
-        shared_cache=spec.data.shared_cache, node_cache=spec.data.node_cache,
-        split=SplitSpec(**CPU_SPLIT, seed=spec.data.split.seed),
-    )
-    return spec.model_copy(
-        update={
-            "name": spec.name if spec.name.endswith("-cpu") else f"{spec.name}-cpu",
-            "data": data,
-            "config": {**spec.config, **overrides},
-            "space": space,
-            "num_samples": 1,
-            "concurrency": 2,
-            "resources": Resources(cpus=1, gpus=0),
-        }
-    )
+    phantoms = PhantomData(count=CPU_PHANTOMS, seed=_phantom_seed(spec), preset="coarse")
+    return _scaled(spec, "cpu", overrides, space, phantoms, CPU_SPLIT, num_samples=1, concurrency=2)
 
 
 #: ``--scale NAME``: the functions that size a study for a machine (``--smoke`` is ``--scale smoke``)
