@@ -60,7 +60,7 @@ def driver_env(cluster, **extra: str) -> dict[str, str]:
 
 def study_file(root: Path, name: str, epochs: int, **fields) -> Path:
     """A 2-trial grid (B in {2, 3}), 2 at a time, 1 CPU each, data published as a file:// URI."""
-    study = tiny_study(name, root / "st", config={"train.epochs": epochs}, **fields)
+    study = tiny_study(name, root / "st", config={"train.epochs": epochs}, wandb={"mode": "offline"}, **fields)
     study.update({"space": {"loss.balance_b": {"type": "choice", "values": [2.0, 3.0]}},
                   "search": {"algorithm": "grid"}, "num_samples": 1, "max_retries": 2})
     study["data"].update({"shared_cache": f"file://{root}/shared", "node_cache": str(root / "node")})

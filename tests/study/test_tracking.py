@@ -278,7 +278,7 @@ def test_a_study_its_resume_and_its_report_each_log_their_run(ray_cluster, stora
     from vertstudy.cli import main
     from vertstudy.study.runner import resume_study, run_study
 
-    spec = tiny_spec("wbs", storage, num_samples=1, search={"algorithm": "grid"},
+    spec = tiny_spec("wbs", storage, num_samples=1, search={"algorithm": "grid"}, wandb={"mode": "offline"},
                      space={"train.lr": {"type": "choice", "values": [0.003, 1.0e30]}})
     assert spec.wandb.mode == "offline"
     result = run_study(spec, progress=False)
