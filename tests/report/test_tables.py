@@ -33,6 +33,7 @@ def figures(rows: pd.DataFrame) -> dict:
     matched = truth[truth["predicted"]]
     return {
         "id_rate": truth["identified"].sum() / len(truth) if len(truth) else math.nan,
+        "id_rate_verse": truth["identified_verse"].sum() / len(truth) if len(truth) else math.nan,
         "loc_error_mm_mean": matched["error_mm"].mean() if len(matched) else math.nan,
         "loc_error_mm_std": matched["error_mm"].std(ddof=0) if len(matched) else math.nan,
         "n_truth": len(truth),
@@ -71,7 +72,7 @@ def check_row(row: dict, rows: pd.DataFrame, keys: list[str]) -> None:
     want = figures(rows)
     assert f["n_vertebrae"] == want["n_truth"]
     per_case = {c: figures(g) for c, g in rows.groupby("case")}
-    for metric in ("id_rate", "loc_error_mm_mean", "loc_error_mm_std"):
+    for metric in ("id_rate", "loc_error_mm_mean", "loc_error_mm_std", "id_rate_verse"):
         got = f[metric]
         assert close(got["value"], want[metric]), (metric, got, want)
         assert close(got["seed_sd"], spread(rows, metric)), metric
@@ -226,13 +227,13 @@ def test_formatted_numbers_in_markdown_and_latex(report_json, report_dir):
     md = (report_dir / "report.md").read_text(encoding="utf-8")
     tex = (report_dir / "tables.tex").read_text(encoding="utf-8")
     for key, label_metrics in (("table1", ("loc_error_mm_mean", "loc_error_mm_std")),
-                               ("table3", ("id_rate", "loc_error_mm_mean", "loc_error_mm_std"))):
+                               ("table3", ("id_rate", "id_rate_verse", "loc_error_mm_mean", "loc_error_mm_std"))):
         for row in report_json["tables"][key]["rows"]:
             line = next(ln for ln in md.splitlines() if ln.startswith(f"| {row['label']} |"))
             tex_line = next(ln for ln in tex.splitlines() if ln.startswith(f"{row['label']} &"))
             for metric in label_metrics:
                 e = row["figures"][metric]
-                scale = 100 if metric == "id_rate" else 1
+                scale = 100 if metric.startswith("id_rate") else 1
                 text = f"{scale * e['value']:.1f}"
                 if e["seed_sd"] is not None:
                     text += f" ± {scale * e['seed_sd']:.1f}"

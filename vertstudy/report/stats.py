@@ -2,7 +2,9 @@
 
 For a set of vertebra rows (one per trial x held-out case x class; :mod:`vertstudy.study.schema`, "Metrics"):
 
-- ``id_rate``: identified / vertebrae in the truth, a fraction in [0, 1];
+- ``id_rate``: identified / vertebrae in the truth, a fraction in [0, 1] (the paper's rule);
+- ``id_rate_verse``: the same by the VerSe benchmark's rule (``identified_verse``); NaN for
+  tables written before that column existed;
 - ``loc_error_mm_mean`` / ``loc_error_mm_std``: mean and population std (ddof 0, as
   :func:`vertstudy.train.metrics.summarize`) in mm of ``error_mm`` over the rows in the truth
   and predicted.
@@ -25,7 +27,7 @@ import pandas as pd
 
 from vertstudy.anatomy import REGIONS as ANATOMY_REGIONS
 
-METRICS = ("id_rate", "loc_error_mm_mean", "loc_error_mm_std")
+METRICS = ("id_rate", "loc_error_mm_mean", "loc_error_mm_std", "id_rate_verse")
 RESAMPLES = 1000
 SEED = 0
 REGIONS = tuple(ANATOMY_REGIONS)  # cervical, thoracic, lumbar, sacral
@@ -55,33 +57,38 @@ def clean(value):
 
 
 def _sums(rows: pd.DataFrame) -> np.ndarray:
-    """``(5,)`` [n_truth, n_identified, n_matched, sum error, sum error^2] of ``rows``."""
+    """``(6,)`` [n_truth, n_identified, n_matched, sum error, sum error^2, n_identified_verse] of
+    ``rows`` (the last NaN when the rows have no ``identified_verse``)."""
     truth = rows["in_truth"].to_numpy(bool)
     matched = truth & rows["predicted"].to_numpy(bool)
     err = rows["error_mm"].to_numpy(float)[matched]
+    verse = ((rows["identified_verse"].to_numpy(bool) & truth).sum() if "identified_verse" in rows
+             else math.nan)
     return np.array([truth.sum(), (rows["identified"].to_numpy(bool) & truth).sum(), matched.sum(),
-                     err.sum(), (err ** 2).sum()], dtype=float)
+                     err.sum(), (err ** 2).sum(), verse], dtype=float)
 
 
 def _from_sums(s: np.ndarray) -> np.ndarray:
-    """``(..., 3)`` [id_rate, mean, std] from ``(..., 5)`` sums (NaN where undefined)."""
+    """``(..., 4)`` [id_rate, mean, std, id_rate_verse] (the order of :data:`METRICS`) from
+    ``(..., 6)`` sums (NaN where undefined)."""
     s = np.asarray(s, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
         rate = np.where(s[..., 0] > 0, s[..., 1] / s[..., 0], np.nan)
         mean = np.where(s[..., 2] > 0, s[..., 3] / s[..., 2], np.nan)
         var = np.where(s[..., 2] > 0, s[..., 4] / s[..., 2] - mean ** 2, np.nan)
-    return np.stack([rate, mean, np.sqrt(np.clip(var, 0, None))], axis=-1)
+        verse = np.where(s[..., 0] > 0, s[..., 5] / s[..., 0], np.nan)
+    return np.stack([rate, mean, np.sqrt(np.clip(var, 0, None)), verse], axis=-1)
 
 
 def pooled(rows: pd.DataFrame) -> dict[str, float]:
-    """``{id_rate, loc_error_mm_mean, loc_error_mm_std, n_truth, n_matched}`` of ``rows``."""
+    """``{id_rate, loc_error_mm_mean, loc_error_mm_std, id_rate_verse, n_truth, n_matched}`` of ``rows``."""
     s = _sums(rows)
-    rate, mean, std = _from_sums(s)
+    rate, mean, std, verse = _from_sums(s)
     if s[2] > 0:  # exact, not from sums: the same figure summarize() gives
         err = rows["error_mm"].to_numpy(float)[rows["in_truth"].to_numpy(bool) & rows["predicted"].to_numpy(bool)]
         mean, std = float(err.mean()), float(err.std())
     return {"id_rate": float(rate), "loc_error_mm_mean": float(mean), "loc_error_mm_std": float(std),
-            "n_truth": int(s[0]), "n_matched": int(s[2])}
+            "id_rate_verse": float(verse), "n_truth": int(s[0]), "n_matched": int(s[2])}
 
 
 def bootstrap(rows: pd.DataFrame, resamples: int = RESAMPLES, seed: int = SEED) -> dict[str, tuple[float, float]]:
@@ -92,7 +99,7 @@ def bootstrap(rows: pd.DataFrame, resamples: int = RESAMPLES, seed: int = SEED) 
     cases = range(len(per_case))
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(cases), size=(resamples, len(cases)))
-    figures = _from_sums(per_case[idx].sum(axis=1))  # (resamples, 3)
+    figures = _from_sums(per_case[idx].sum(axis=1))  # (resamples, len(METRICS))
     out = {}
     for j, metric in enumerate(METRICS):
         col = figures[:, j][np.isfinite(figures[:, j])]
