@@ -88,3 +88,38 @@ def test_the_staging_turn_is_a_tune_callback_importable_by_name():
 
     assert issubclass(compat.StagingTurn, Callback) and compat.StagingTurn is StagingTurn
     assert type(pickle.loads(pickle.dumps(StagingTurn()))) is StagingTurn
+
+
+LIGHT_DRIVER = """
+import json, os, sys
+from vertstudy.study.compat import driver_environment
+os.environ.update(driver_environment(os.environ))
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+from ray.tune.utils.callback import _create_default_callbacks
+import vertstudy.infer.evaluate, vertstudy.study.runner as runner
+from vertstudy.study.spec import validate_spec
+from tests.study.conftest import tiny_study
+spec = validate_spec(tiny_study("light", sys.argv[1]), "light")
+callbacks = _create_default_callbacks(runner._callbacks(spec, sys.argv[1] + "/light", {}, progress=False))
+print(json.dumps({kind.__name__: sum(isinstance(c, kind) for c in callbacks)
+                  for kind in (JsonLoggerCallback, CSVLoggerCallback, TBXLoggerCallback)}
+                 | {m: m in sys.modules for m in ("torch", "sklearn", "tensorboardX")}))
+"""
+
+
+def test_a_study_driver_writes_result_json_and_imports_neither_torch_nor_tensorboardx(tmp_path):
+    """Tune's CSV and TensorBoard loggers stay off (driver_environment), its JSON logger (the
+    tables' result.json) is on exactly once, and the driver's modules, the baseline's included,
+    import neither torch nor sklearn: a driver process does not pay seconds for them."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"}
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", LIGHT_DRIVER, str(tmp_path)], capture_output=True, text=True,
+                         cwd=root, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found == {"JsonLoggerCallback": 1, "CSVLoggerCallback": 0, "TBXLoggerCallback": 0,
+                     "torch": False, "sklearn": False, "tensorboardX": False}, found

@@ -109,8 +109,13 @@ def driver_environment(current: Mapping[str, str]) -> dict[str, str]:
     final result (``trial.FINAL``). Not 0: Ray rewrites its local state file while the previous
     copy to the storage may still be reading it, and back-to-back saves tear that copy. Tune's
     warning about slow state syncs, and its newer console output, are off (vertstudy prints its
-    own progress)."""
-    defaults = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0", "RAY_AIR_NEW_OUTPUT": "0"}
+    own progress). Tune's automatic CSV and TensorBoard loggers are off: the study's tables and
+    W&B hold what they would, the driver would import TensorBoardX (and with it torch, seconds)
+    for them, and every result would be written twice more. Tune's JSON logger, whose
+    ``result.json`` the tables are rebuilt from, is passed explicitly by the runner.
+    ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0`` in the environment brings the others back."""
+    defaults = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0", "RAY_AIR_NEW_OUTPUT": "0",
+                "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
     return {"TUNE_GLOBAL_CHECKPOINT_S": "1", **{k: v for k, v in defaults.items() if k not in current}}
 
 

@@ -154,10 +154,14 @@ def _trainable(spec: StudySpec, data: StudyData, study_dir: str):
 
 
 def _callbacks(spec: StudySpec, study_dir: str, meta: dict, progress: bool, extra: tuple = ()) -> list:
+    from ray.tune.logger import JsonLoggerCallback
+
     from vertstudy.study.live import LiveTable, TablesCallback
 
+    # the JSON logger writes each trial's result.json, which the tables are rebuilt from; Tune's
+    # other default loggers are off by default (vertstudy.study.compat.driver_environment)
     tables = TablesCallback(TableRefresh(spec, study_dir, meta))
-    return [tables, *([LiveTable(spec)] if progress else []), *extra]
+    return [tables, *([LiveTable(spec)] if progress else []), *extra, JsonLoggerCallback()]
 
 
 def _fit(tuner, turn: StagingTurn, spec: StudySpec, study_dir: str, meta: dict, t0: float, discard: bool = False

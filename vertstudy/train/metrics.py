@@ -37,7 +37,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.metrics import average_precision_score
 
 from vertstudy.anatomy import NUM_CLASSES, REGIONS, region_of
 
@@ -223,6 +222,8 @@ def per_class_average_precision(probs: np.ndarray, present: np.ndarray) -> np.nd
     present = np.asarray(present).astype(bool)
     if probs.shape != present.shape or probs.ndim != 2:
         raise ValueError(f"probs and present must both be (N, K), got {probs.shape} and {present.shape}")
+    from sklearn.metrics import average_precision_score  # here: importing sklearn costs a driver ~1 s
+
     ap = np.full(probs.shape[1], np.nan)
     for k in range(probs.shape[1]):
         if present[:, k].any():
