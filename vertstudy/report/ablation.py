@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from vertstudy.errors import ConfigError
+from vertstudy.report.direction import Direction, table_direction
 from vertstudy.report.load import Tables
 from vertstudy.report.stats import REGIONS, Estimate, bootstrap, clean, estimates, estimates_json, pooled, seed_spread
 from vertstudy.study.objective import Objective, comparison_objective, default_objective
@@ -132,12 +133,14 @@ class TableResult:
     missing: str | None = None  # what is missing and which study fills it
     trials: list[str] = field(default_factory=list)  # keys of the trials in the figures
     extra: dict = field(default_factory=dict)  # table-specific facts for report.json
+    direction: Direction | None = None  # does the paper's direction hold (Tables I-IV, when filled)
 
     def to_json(self) -> dict:
         rows = [{k: (estimates_json(v) if k == "figures" or k == "baseline" else v) for k, v in r.items()}
                 for r in self.rows]
         return {"number": self.number, "title": self.title, "rows": rows, "notes": self.notes,
-                "missing": self.missing, "trials": self.trials, **self.extra}
+                "missing": self.missing, "trials": self.trials, **self.extra,
+                "direction": self.direction.to_json() if self.direction else None}
 
 
 def _in_where(trials: pd.DataFrame, where) -> pd.Series:
@@ -216,6 +219,7 @@ def ablation_table(tables: Tables, ab: Ablation) -> TableResult:
     if note:
         result.notes.append(note)
     result.extra.update(left_out=left_out, same_settings=counts, config=config_of(best))
+    result.direction = table_direction(result, tables.vertebrae, tables.trials)
     return result
 
 
@@ -335,6 +339,7 @@ def table4(tables: Tables, choice: Choice) -> TableResult:
         result.notes.append("No baseline.parquet in the studies: the mean-position baseline is not shown.")
     result.extra.update(config=config, how=choice.how, validation=choice.score, candidates=choice.candidates,
                         same_settings=choice.same_settings)
+    result.direction = table_direction(result, tables.vertebrae, tables.trials, base)
     return result
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from vertstudy.report import figures, published
 from vertstudy.report.ablation import Choice, TableResult, baseline_rows, status_counts
 from vertstudy.report.cost import cost_json, study_cost
+from vertstudy.report.direction import direction_text, verdict_text
 from vertstudy.report.load import Tables
 from vertstudy.report.render import Block, Bullets, Heading, Image, Para, Table, latex_table
 from vertstudy.report.robustness import GALLERY, condition_table, worst_cases
@@ -171,6 +172,14 @@ def tables_section(results: list[TableResult]) -> list[Block]:
     blocks: list[Block] = [Heading(2, "Tables I-V"), Para(CONVENTION, "note"),
                            Para(f"{published.NOTE} They stand in separate, shaded tables and enter no "
                                 "computation. Table V (decoders) is ours alone.", "note")]
+    judged = [r for r in results if r.direction is not None]
+    if judged:
+        blocks.append(Para("**The paper's directions on these data** (each table's paragraph gives the differences, "
+                           "their 95% intervals over held-out cases and the seeds; *holds*: the interval excludes "
+                           "no difference; *not sure*: it leans the paper's way, but the interval reaches zero or "
+                           "beyond):"))
+        blocks.append(Bullets([f"Table {r.number}: {r.direction.claim}: **{verdict_text(r.direction)}**"
+                               for r in judged]))
     for r in results:
         blocks.append(Heading(3, f"Table {r.number}. {r.title}"))
         if r.missing:
@@ -180,6 +189,8 @@ def tables_section(results: list[TableResult]) -> list[Block]:
             blocks.append(ours)
         elif r.notes:
             blocks.append(Para(" ".join(r.notes), "note"))
+        if r.direction is not None:
+            blocks.append(Para(direction_text(r.direction), "note"))
         published_rows = _published_table(r.key)
         if published_rows is not None:
             blocks.append(published_rows)
