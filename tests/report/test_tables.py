@@ -181,6 +181,7 @@ def test_table4_chosen_configuration_overall_and_per_region(report_json, study_d
         b = theirs if region == "all" else theirs[theirs["region"] == region]
         want = figures(b)
         assert close(row["baseline"]["id_rate"]["value"], want["id_rate"])
+        assert close(row["baseline"]["id_rate_verse"]["value"], want["id_rate_verse"])
         assert close(row["baseline"]["loc_error_mm_mean"]["value"], want["loc_error_mm_mean"])
         # the same numbers, formatted, in the Markdown and LaTeX rows of that region
         f = row["figures"]
@@ -188,6 +189,11 @@ def test_table4_chosen_configuration_overall_and_per_region(report_json, study_d
         line = next(ln for ln in md.splitlines() if ln.startswith(f"| {region} |"))
         tex_line = next(ln for ln in tex.splitlines() if ln.startswith(f"{region} &"))
         assert rate in line and rate in tex_line
+        if len(b):  # the baseline's VerSe rate, in the column of that name
+            header = next(ln for ln in md.splitlines() if ln.startswith("| Region |"))
+            at = [c.strip() for c in header.strip("|").split("|")].index("Baseline VerSe id. rate (%)")
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            assert cells[at].startswith(f"{100 * want['id_rate_verse']:.1f}"), (cells, want)
         if f["loc_error_mm_mean"]["value"] is not None:
             mean = f"{f['loc_error_mm_mean']['value']:.1f}"
             assert mean in line and mean in tex_line

@@ -128,16 +128,17 @@ def _ours_table(r: TableResult) -> Table | None:
                 for x in r.rows]
     else:
         cols = ["Region", "Id. rate (%)", "VerSe id. rate (%)", "Mean (mm)", "Std (mm)", "Trials", "Cases",
-                "Vertebrae", "Baseline id. rate (%)", "Baseline mean (std) (mm)"]
+                "Vertebrae", "Baseline id. rate (%)", "Baseline VerSe id. rate (%)", "Baseline mean (std) (mm)"]
         rows = []
         for x in r.rows:
             f, b = x["figures"], x["baseline"]
             base_id = est(b["id_rate"], 100) if b else DASH
+            base_verse = est(b["id_rate_verse"], 100) if b else DASH
             base_err = (f"{num(b['loc_error_mm_mean'].value)} ({num(b['loc_error_mm_std'].value)})"
                         if b and math.isfinite(b["loc_error_mm_mean"].value) else DASH)
             rows.append([x["label"], est(f["id_rate"], 100), est(f["id_rate_verse"], 100), est(f["loc_error_mm_mean"]),
                          est(f["loc_error_mm_std"]), str(f["n_trials"]), str(f["n_cases"]), str(f["n_vertebrae"]),
-                         base_id, base_err])
+                         base_id, base_verse, base_err])
     return Table(cols, rows, caption=_caption(r))
 
 
