@@ -139,6 +139,11 @@ def test_a_trial_whose_latest_checkpoint_is_corrupt_resumes_from_an_older_one(ra
     assert reports == [1, 2, 2, 3]  # epoch 2 trained again from epoch 1's checkpoint
     epochs = table(result.study_dir, "epochs")
     assert sorted(e["epoch"] for e in epochs) == [1, 2, 3]  # the tables count it once
+    # Tune keeps the newest keep_checkpoints (the final report's and the one before), not the best-scoring
+    kept = sorted(int(p.name.split("_")[1]) for p in (Path(result.study_dir) / "ray" / trial["trial_id"]).glob(
+        "checkpoint_*"))
+    reported = len(results_of(result.study_dir, trial["trial_id"]))  # one checkpoint per report
+    assert spec.keep_checkpoints == 2 and kept == [reported - 2, reported - 1], (kept, reported)
 
 
 def test_diverging_trial_ends_diverged_and_the_study_goes_on(ray_cluster, storage):

@@ -223,10 +223,10 @@ def _tuner(spec: StudySpec, data: StudyData, study_dir: str, meta: dict, progres
             name=EXPERIMENT, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0,
             callbacks=_callbacks(spec, study_dir, meta, progress, extra),
             failure_config=tune.FailureConfig(max_failures=spec.max_retries),
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=spec.keep_checkpoints, checkpoint_score_attribute=spec.search.metric,
-                checkpoint_score_order=spec.search.mode,
-            ),
+            # the newest checkpoints, not the best-scoring: every checkpoint carries the trial's own
+            # best.pt, a resume needs the latest and a corrupt latest falls back to the one before
+            # (ranking by score kept the k best plus the latest: one more 13 MB last.pt per trial)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
         ),
     )
 

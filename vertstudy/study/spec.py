@@ -214,7 +214,9 @@ class StudySpec(StrictModel):
     resources: Resources = Resources()
     repeats: int = Field(1, ge=1, description="seeds per configuration (grid search only)")
     max_retries: int = Field(2, ge=0, description="restarts of a failed trial from its last checkpoint")
-    keep_checkpoints: int = Field(2, ge=1, description="best checkpoints kept per trial")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="newest checkpoints kept per trial (the latest to resume from, older ones to fall back "
+        "to when it does not load; each holds the trial's best.pt)")
     storage: str = Field("runs", description="local directory or pyarrow URI; the study writes <storage>/<name>/")
     wandb: WandbSpec = WandbSpec()
     smoke: dict[str, Any] = Field({}, description="extra config overrides for --smoke")
