@@ -42,10 +42,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from vertstudy.report.stats import RESAMPLES, SEED, _from_sums, _sums, pooled
+from vertstudy.report.stats import RESAMPLES, SEED, case_sums, clean, draws, figure_of, interval, pooled
 
-#: column of :func:`vertstudy.report.stats._from_sums`' output per figure
-_COLUMN = {"id_rate": 0, "loc_error_mm_mean": 1}
 HOLDS, NOT_SURE, DOES_NOT_HOLD = "holds", "not sure", "does not hold"
 _ORDER = {HOLDS: 0, NOT_SURE: 1, DOES_NOT_HOLD: 2}
 
@@ -66,8 +64,6 @@ class Comparison:
     opposite_sure: bool = False
 
     def to_json(self) -> dict:
-        from vertstudy.report.stats import clean
-
         return {"better": self.better, "worse": self.worse, "figure": self.figure,
                 "lower_is_better": self.lower_is_better, "difference": clean(self.difference),
                 "ci95": [clean(v) for v in self.ci95], "seed_wins": self.seed_wins, "seed_pairs": self.seed_pairs,
@@ -125,24 +121,31 @@ def paired_bootstrap(a: pd.DataFrame, b: pd.DataFrame, figure: str, resamples: i
     cases = sorted(set(a["case"]) & set(b["case"]))
     if not cases:
         return math.nan, math.nan
-
-    def per_case(rows):
-        groups = dict(tuple(rows[rows["case"].isin(cases)].groupby("case", sort=True)))
-        return np.stack([_sums(groups[c]) for c in cases])
-
-    sa, sb = per_case(a), per_case(b)
-    idx = np.random.default_rng(seed).integers(0, len(cases), size=(resamples, len(cases)))
-    j = _COLUMN[figure]
-    diff = _from_sums(sa[idx].sum(axis=1))[:, j] - _from_sums(sb[idx].sum(axis=1))[:, j]
-    diff = diff[np.isfinite(diff)]
-    if not diff.size:
-        return math.nan, math.nan
-    return float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))
+    idx = draws(len(cases), resamples, seed)
+    resampled = [case_sums(rows, cases)[idx].sum(axis=1) for rows in (a, b)]
+    return interval(figure_of(resampled[0], figure) - figure_of(resampled[1], figure))
 
 
 def _seed_of(trials: pd.DataFrame) -> dict[str, object]:
     col = "cfg.seed" if "cfg.seed" in trials else "seed"
     return dict(zip(trials["key"], trials[col])) if col in trials else {}
+
+
+def _pair_by_seed(c: Comparison, trials: pd.DataFrame, better: dict[str, float], worse: dict[str, float]
+                  ) -> Comparison:
+    """Count in ``c`` the seed pairs and those ``c.better`` wins; ``better`` / ``worse``: each
+    row's per-trial figure by trial key. Returns ``c`` judged."""
+    seeds = _seed_of(trials)
+    a = {seeds.get(k): v for k, v in better.items()}
+    b = {seeds.get(k): v for k, v in worse.items()}
+    for s in sorted(set(a) & set(b) - {None}, key=str):
+        c.seed_pairs += 1
+        c.seed_wins += _favours(c, a[s] - b[s]) > 0
+    return judge(c)
+
+
+def _per_trial(rows: pd.DataFrame, figure: str) -> dict[str, float]:
+    return {key: pooled(g)[figure] for key, g in rows.groupby("key", sort=True)}
 
 
 def compare_rows(vertebrae: pd.DataFrame, trials: pd.DataFrame, better: dict, worse: dict, figure: str,
@@ -152,43 +155,29 @@ def compare_rows(vertebrae: pd.DataFrame, trials: pd.DataFrame, better: dict, wo
     rb = vertebrae[vertebrae["key"].isin(worse["trials"])]
     c = Comparison(better["label"], worse["label"], figure, lower_is_better,
                    pooled(ra)[figure] - pooled(rb)[figure], paired_bootstrap(ra, rb, figure))
-    seeds = _seed_of(trials)
-    by_seed_a = {seeds.get(k): k for k in better["trials"]}
-    by_seed_b = {seeds.get(k): k for k in worse["trials"]}
-    for s in sorted(set(by_seed_a) & set(by_seed_b) - {None}, key=str):
-        fa = pooled(ra[ra["key"] == by_seed_a[s]])[figure]
-        fb = pooled(rb[rb["key"] == by_seed_b[s]])[figure]
-        c.seed_pairs += 1
-        c.seed_wins += _favours(c, fa - fb) > 0
-    return judge(c)
+    return _pair_by_seed(c, trials, _per_trial(ra, figure), _per_trial(rb, figure))
 
 
 def compare_map(trials: pd.DataFrame, better: dict, worse: dict) -> Comparison:
     """Table II: the trials' ``best_val_map`` (no per-case rows), paired by seed."""
     maps = dict(zip(trials["key"], trials["best_val_map"].astype(float)))
-    fa = [maps[k] for k in better["trials"] if k in maps]
-    fb = [maps[k] for k in worse["trials"] if k in maps]
+    fa = {k: maps[k] for k in better["trials"] if k in maps}
+    fb = {k: maps[k] for k in worse["trials"] if k in maps}
     c = Comparison(better["label"], worse["label"], "map", False,
-                   float(np.mean(fa)) - float(np.mean(fb)) if fa and fb else math.nan)
-    seeds = _seed_of(trials)
-    a = {seeds.get(k): maps[k] for k in better["trials"] if k in maps}
-    b = {seeds.get(k): maps[k] for k in worse["trials"] if k in maps}
-    for s in sorted(set(a) & set(b) - {None}, key=str):
-        c.seed_pairs += 1
-        c.seed_wins += _favours(c, a[s] - b[s]) > 0
-    return judge(c)
+                   float(np.mean(list(fa.values()))) - float(np.mean(list(fb.values()))) if fa and fb else math.nan)
+    return _pair_by_seed(c, trials, fa, fb)
 
 
 def compare_baseline(mine: pd.DataFrame, base: pd.DataFrame, label: str, figure: str, lower_is_better: bool
                      ) -> Comparison:
     """Table IV: the chosen configuration's rows ``mine`` against the baseline's ``base``; each
     of its trials is one "pair" against the (seedless) baseline."""
-    c = Comparison(f"chosen, {label}", "baseline", figure, lower_is_better,
-                   pooled(mine)[figure] - pooled(base)[figure], paired_bootstrap(mine, base, figure))
     fb = pooled(base)[figure]
-    for _, g in mine.groupby("key", sort=True):
+    c = Comparison(f"chosen, {label}", "baseline", figure, lower_is_better, pooled(mine)[figure] - fb,
+                   paired_bootstrap(mine, base, figure))
+    for fa in _per_trial(mine, figure).values():
         c.seed_pairs += 1
-        c.seed_wins += _favours(c, pooled(g)[figure] - fb) > 0
+        c.seed_wins += _favours(c, fa - fb) > 0
     return judge(c)
 
 
@@ -204,7 +193,8 @@ CLAIMS = {
 def table_direction(result, vertebrae: pd.DataFrame, trials: pd.DataFrame, baseline: pd.DataFrame | None = None
                     ) -> Direction | None:
     """The :class:`Direction` of a filled table (``result``: a ``TableResult`` of
-    :mod:`vertstudy.report.ablation`); None when the rows the claim compares are not all there."""
+    :mod:`vertstudy.report.ablation`); None when the rows the claim compares are not all there.
+    ``baseline``: Table IV's baseline rows on the table's held-out cases."""
     rows = {r["value"]: r for r in result.rows}
     comps: list[Comparison] = []
     if result.key == "table1":
@@ -224,12 +214,11 @@ def table_direction(result, vertebrae: pd.DataFrame, trials: pd.DataFrame, basel
         if not result.rows or baseline is None or not len(baseline):
             return None
         mine_all = vertebrae[vertebrae["key"].isin(result.trials)]
-        base_all = baseline[baseline["case"].isin(set(mine_all["case"]))]
         regions = {}
         for r in result.rows:
             region = r["value"]
             mine = mine_all if region == "all" else mine_all[mine_all["region"] == region]
-            base = base_all if region == "all" else base_all[base_all["region"] == region]
+            base = baseline if region == "all" else baseline[baseline["region"] == region]
             if not len(mine) or not len(base):
                 continue
             pair = [compare_baseline(mine, base, region, "id_rate", False),
@@ -274,10 +263,8 @@ def verdict_text(d: Direction) -> str:
 def direction_text(d: Direction) -> str:
     """The paragraph under a table: the claim, the verdict, each comparison."""
     answer = {HOLDS: "Yes", NOT_SURE: "Not sure", DOES_NOT_HOLD: "No"}[d.verdict]
-    head = f"**Does the paper's direction hold here?** {answer}: the paper finds that {d.claim}; on these data " \
-           f"it {d.verdict}" if d.verdict != NOT_SURE else \
-           f"**Does the paper's direction hold here?** {answer}: the paper finds that {d.claim}; these data lean " \
-           "its way, but not surely"
+    here = "these data lean its way, but not surely" if d.verdict == NOT_SURE else f"on these data it {d.verdict}"
+    head = f"**Does the paper's direction hold here?** {answer}: the paper finds that {d.claim}; {here}"
     regions = ""
     if d.region:
         regions = " By region: " + ", ".join(f"{k} {v}" for k, v in d.region.items()) + "."

@@ -91,21 +91,37 @@ def pooled(rows: pd.DataFrame) -> dict[str, float]:
             "id_rate_verse": float(verse), "n_truth": int(s[0]), "n_matched": int(s[2])}
 
 
+def case_sums(rows: pd.DataFrame, cases) -> np.ndarray:
+    """``(len(cases), 6)``: the :func:`_sums` of ``rows``' rows of each case in ``cases``, in that
+    order (every case must have rows)."""
+    groups = dict(tuple(rows.groupby("case", sort=True)))
+    return np.stack([_sums(groups[c]) for c in cases])
+
+
+def draws(n_cases: int, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """``(resamples, n_cases)`` case indices drawn with replacement, the same for the same arguments."""
+    return np.random.default_rng(seed).integers(0, n_cases, size=(resamples, n_cases))
+
+
+def figure_of(sums: np.ndarray, metric: str) -> np.ndarray:
+    """``metric`` (one of :data:`METRICS`) from ``(..., 6)`` sums."""
+    return _from_sums(sums)[..., METRICS.index(metric)]
+
+
+def interval(values: np.ndarray) -> tuple[float, float]:
+    """2.5th and 97.5th percentile of the finite ``values``; (NaN, NaN) when there are none."""
+    finite = values[np.isfinite(values)]
+    return (float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))) if finite.size else \
+        (math.nan, math.nan)
+
+
 def bootstrap(rows: pd.DataFrame, resamples: int = RESAMPLES, seed: int = SEED) -> dict[str, tuple[float, float]]:
     """Bootstrap 95% interval over cases of each of :data:`METRICS` (see the module docstring)."""
     if not len(rows):
         return {m: (math.nan, math.nan) for m in METRICS}
-    per_case = np.stack([_sums(g) for _, g in rows.groupby("case", sort=True)])
-    cases = range(len(per_case))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(cases), size=(resamples, len(cases)))
-    figures = _from_sums(per_case[idx].sum(axis=1))  # (resamples, len(METRICS))
-    out = {}
-    for j, metric in enumerate(METRICS):
-        col = figures[:, j][np.isfinite(figures[:, j])]
-        out[metric] = (float(np.percentile(col, 2.5)), float(np.percentile(col, 97.5))) if col.size else \
-            (math.nan, math.nan)
-    return out
+    cases = sorted(rows["case"].unique())
+    resampled = case_sums(rows, cases)[draws(len(cases), resamples, seed)].sum(axis=1)  # (resamples, 6)
+    return {metric: interval(figure_of(resampled, metric)) for metric in METRICS}
 
 
 def seed_spread(values) -> float:
