@@ -178,6 +178,11 @@ def test_several_files_run_once_then_skip_finished_and_resume_interrupted(ray_cl
     assert [(o.name, o.action) for o in first] == [("pa", "ran"), ("pb", "ran")]
     assert first[0].result.counts == {"completed": 1} and first[1].result.counts == {"error": 1}
     assert study_state(plans[0].spec)[0] == "finished" and study_state(plans[1].spec)[0] == "unfinished"
+    # a trial that ended for good keeps best.pt but not the resume state; the errored one keeps both
+    def kept(study_dir: str) -> list[str]:
+        return sorted(p.name for p in (Path(study_dir) / "ray").glob("*/checkpoint_*/*/*.pt"))
+    assert kept(first[0].study_dir) == ["best.pt"] * 2
+    assert kept(first[1].study_dir) == ["best.pt", "last.pt"]
     trials_a = Path(first[0].study_dir) / "trials.parquet"
     stamp = trials_a.stat().st_mtime_ns
     baseline_b = {n: (Path(first[1].study_dir) / f"{n}.parquet").read_bytes() for n in ("baseline", "cases")}

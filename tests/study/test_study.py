@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.study.conftest import tiny_spec
+from vertstudy.checkpoint import load_checkpoint
 from vertstudy.study.runner import export_tables, run_study, study_status
 from vertstudy.study.spec import load_study, smoke, total_trials
 from vertstudy.study.tracking import read_offline_runs
@@ -144,6 +145,11 @@ def test_a_trial_whose_latest_checkpoint_is_corrupt_resumes_from_an_older_one(ra
         "checkpoint_*"))
     reported = len(results_of(result.study_dir, trial["trial_id"]))  # one checkpoint per report
     assert spec.keep_checkpoints == 2 and kept == [reported - 2, reported - 1], (kept, reported)
+    # the trial ended for good, so its checkpoints keep best.pt (it loads) and not the resume state
+    tdir = Path(result.study_dir) / "ray" / trial["trial_id"]
+    assert sorted(p.name for p in tdir.glob("checkpoint_*/*/*.pt")) == ["best.pt", "best.pt"]
+    for best in tdir.glob("checkpoint_*/*/best.pt"):
+        assert "model" in load_checkpoint(best)
 
 
 def test_diverging_trial_ends_diverged_and_the_study_goes_on(ray_cluster, storage):

@@ -3,7 +3,8 @@
 ``run_study`` checks everything first (storage writable, study not already there), prepares the
 data once, then runs Ray Tune with the trial adapter (:mod:`vertstudy.study.trial`), Optuna
 (persistent storage in the study directory, so ``optuna-dashboard sqlite:///<dir>/optuna.db``
-opens it) or a grid, ASHA, a concurrency limit, checkpoints (best k kept) and trial retries.
+opens it) or a grid, ASHA, a concurrency limit, checkpoints (the newest k kept; a trial that ended
+for good keeps no ``last.pt``: :func:`drop_training_state`) and trial retries.
 After every trial ends, its rows are added to the Parquet tables (what it adds, written
 atomically: :mod:`vertstudy.study.refresh`); when the study ends they are checked against Ray's
 results and compacted. ``resume_study`` continues an interrupted study from its directory.
@@ -196,6 +197,7 @@ def _fit(tuner, turn: StagingTurn, spec: StudySpec, study_dir: str, meta: dict, 
     interrupted = interrupted or len(statuses) < total_trials(spec)
     if not interrupted:
         reconcile_optuna(spec, study_dir)
+        drop_training_state(study_dir, statuses)
     result = summarize_study(spec, study_dir, statuses.values(), time.perf_counter() - t0, interrupted)
     if not interrupted:
         track_study(spec, study_dir, result)
@@ -229,6 +231,42 @@ def _tuner(spec: StudySpec, data: StudyData, study_dir: str, meta: dict, progres
             checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
         ),
     )
+
+
+def drop_training_state(study_dir: str, statuses: dict[str, str]) -> int:
+    """Delete ``last.pt`` from every checkpoint Ray kept of the trials that ended for good
+    (``statuses``: ``{trial_id: status}``; every status but ``error``); returns the bytes freed.
+
+    ``last.pt`` is the state only a resume needs (weights, Adam's moments, scheduler and RNG
+    states): two thirds of a checkpoint, most of it the LSTMs' optimizer state. A completed,
+    diverged or pruned trial is never resumed (a study resume restarts only errored and
+    unfinished trials); its ``best.pt``, final report and held-out rows stay, in both kept
+    checkpoints. Called when every trial of the study has ended, so no trial is still writing
+    or restoring; an errored trial keeps its ``last.pt`` for ``study resume``. A file that cannot
+    be deleted is left (one warning line): the study's results do not depend on it."""
+    import pyarrow.fs as pafs
+
+    fs, base = storage.resolve(experiment_dir(study_dir))
+    freed = 0
+    for trial_id, status in sorted(statuses.items()):
+        if status == "error":
+            continue
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(storage.join(base, trial_id), recursive=True,
+                                                        allow_not_found=True))
+        except OSError:
+            continue
+        for info in infos:
+            if info.type != pafs.FileType.File or info.base_name != "last.pt" or "/checkpoint_" not in info.path:
+                continue
+            try:
+                fs.delete_file(info.path)
+            except OSError as exc:
+                logging.getLogger(__name__).warning("%s: could not delete (%s); it only costs space",
+                                                    info.path, exc.strerror or exc)
+                continue
+            freed += info.size or 0
+    return freed
 
 
 def storage_full_reason(exc: BaseException) -> str | None:
