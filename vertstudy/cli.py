@@ -247,6 +247,9 @@ def _print_result(result) -> None:
     if base:
         print(f"mean-position baseline on the held-out CTs: {_cell(base.get('loc_error_mm_mean'))} mm, "
               f"id rate {_cell(base.get('id_rate'))}")
+    if result.freed_bytes:
+        print(f"checkpoints: the resume state (last.pt) of the trials that ended for good deleted, "
+              f"{result.freed_bytes / 1e6:.1f} MB; their best.pt stays")
     if result.interrupted:
         print(f"continue with: vertstudy study resume {result.study_dir}")
     elif result.counts.get("error"):

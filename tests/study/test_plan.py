@@ -183,6 +183,7 @@ def test_several_files_run_once_then_skip_finished_and_resume_interrupted(ray_cl
         return sorted(p.name for p in (Path(study_dir) / "ray").glob("*/checkpoint_*/*/*.pt"))
     assert kept(first[0].study_dir) == ["best.pt"] * 2
     assert kept(first[1].study_dir) == ["best.pt", "last.pt"]
+    assert first[0].result.freed_bytes > 0 and first[1].result.freed_bytes == 0
     trials_a = Path(first[0].study_dir) / "trials.parquet"
     stamp = trials_a.stat().st_mtime_ns
     baseline_b = {n: (Path(first[1].study_dir) / f"{n}.parquet").read_bytes() for n in ("baseline", "cases")}

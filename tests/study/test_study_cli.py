@@ -245,6 +245,8 @@ def test_drivers_of_different_studies_started_together_on_one_storage(ray_cluste
     assert sorted(code for code, _, _ in results) == [0, 0, 2], results
     refused = next(err for code, _, err in results if code == 2).strip()
     assert refused.count("\n") == 0 and "its driver is running on" in refused and "Traceback" not in refused, refused
+    # each finished study says how much resume state its ended trials gave back
+    assert all("checkpoints: the resume state (last.pt)" in out for code, out, _ in results if code == 0), results
     for name in studies:
         trials = pq.read_table(storage / name / "trials.parquet").to_pylist()
         assert [t["status"] for t in trials] == ["completed"], (name, trials)

@@ -55,6 +55,7 @@ class StudyResult:
     baseline: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
     interrupted: bool = False
+    freed_bytes: int = 0  # the resume state (last.pt) of ended trials deleted at the end (drop_training_state)
 
 
 def study_dir_of(spec: StudySpec) -> str:
@@ -195,10 +196,12 @@ def _fit(tuner, turn: StagingTurn, spec: StudySpec, study_dir: str, meta: dict, 
     # Tune handles Ctrl-C itself (it saves its state and returns): fewer ended trials than the
     # study has means it was interrupted, and its running Optuna trials continue on resume
     interrupted = interrupted or len(statuses) < total_trials(spec)
+    freed = 0
     if not interrupted:
         reconcile_optuna(spec, study_dir)
-        drop_training_state(study_dir, statuses)
+        freed = drop_training_state(study_dir, statuses)
     result = summarize_study(spec, study_dir, statuses.values(), time.perf_counter() - t0, interrupted)
+    result.freed_bytes = freed
     if not interrupted:
         track_study(spec, study_dir, result)
     return result
