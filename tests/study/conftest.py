@@ -44,9 +44,10 @@ def storage(short_dir) -> Path:
 
 def tiny_study(name: str, store: Path, **fields: Any) -> dict[str, Any]:
     """A valid study dict: Optuna TPE over B, 2 trials 2 at a time, 2 epochs, no scheduler, W&B
-    disabled: a W&B offline run costs each trial worker its own W&B service start (seconds), so
-    the tests that check what W&B records ask for it with ``wandb={"mode": "offline"}``
-    (``test_tracking``, the multi-node drill; the quickstart smoke test keeps the file's offline)."""
+    disabled: W&B offline costs each study driver its W&B import and service start (about a
+    second), so the tests that check what W&B records ask for it with ``wandb={"mode": "offline"}``
+    (``test_tracking``, the fault drill, the multi-node drill; the quickstart smoke test keeps
+    the file's offline)."""
     config = {**SMOKE_CONFIG, **fields.pop("config", {})}
     study = {
         "name": name,

@@ -94,12 +94,15 @@ def test_quickstart_smoke_writes_tables_wandb_and_optuna(ray_cluster, storage):
     assert [r.run_id for r in every if r.job_type == "study"] == [f"{spec.name}-study"]
     runs = {r.run_id: r for r in every if r.job_type != "study"}
     assert {t["wandb_run"] for t in trials} == set(runs)
-    for t in trials:
+    for t in trials:  # the driver writes them, so a pruned trial's run is whole and finished too
         run = runs[t["wandb_run"]]
-        if t["status"] == "completed":  # a pruned trial's run can be cut off before wandb flushed it
-            assert run.group == spec.name
-            assert run.config["loss.balance_b"] == pytest.approx(t["cfg.loss.balance_b"])
-            assert sorted(h["epoch"] for h in run.history if "epoch" in h) == list(range(1, t["epochs"] + 1))
+        assert (run.group, run.job_type, run.exit_code) == (spec.name, "trial", 0)
+        assert run.config["loss.balance_b"] == pytest.approx(t["cfg.loss.balance_b"])
+        assert sorted(h["epoch"] for h in run.history if "epoch" in h) == list(range(1, t["epochs"] + 1))
+        if t["status"] == "pruned":  # stopped by ASHA: no final result, so no summary of one
+            assert "status" not in run.summary
+        else:
+            assert run.summary["status"] == t["status"] and run.summary["epoch"] == t["epochs"]
     # the baseline sits beside the tables, and status lists every trial
     assert len(table(result.study_dir, "baseline")) == 26
     _, rows, baseline = study_status(result.study_dir)
@@ -116,7 +119,7 @@ def test_quickstart_smoke_writes_tables_wandb_and_optuna(ray_cluster, storage):
 
 
 def test_trial_failing_once_resumes_from_its_checkpoint(ray_cluster, storage):
-    spec = tiny_spec("fault-once", storage, num_samples=1, inject_failure_at_epoch=1)
+    spec = tiny_spec("fault-once", storage, num_samples=1, inject_failure_at_epoch=1, wandb={"mode": "offline"})
     result = run_study(spec, progress=False)
     (trial,) = check_consistent(result.study_dir, spec, expected_trials=1)
     assert trial["status"] == "completed" and trial["epochs"] == 2
@@ -124,6 +127,18 @@ def test_trial_failing_once_resumes_from_its_checkpoint(ray_cluster, storage):
     # epoch 1 was reported once: the retry continued from its checkpoint instead of starting over
     assert [r["epoch"] for r in reports if r.get("phase") == "epoch"] == [1, 2]
     assert "fault drill" in (Path(result.study_dir) / "ray" / trial["trial_id"] / "error.txt").read_text()
+    # the driver's W&B run of the trial: the failed attempt finished with exit code 1 after epoch 1,
+    # the retry resumed the same run id, logged epoch 2 and the final summary, and finished with 0
+    attempts = [r for r in read_offline_runs(Path(result.study_dir) / "wandb", settle_s=30) if r.job_type == "trial"]
+    assert [r.run_id for r in attempts] == [trial["wandb_run"]] * 2
+    assert sorted(r.exit_code for r in attempts) == [0, 1]
+    failed = next(r for r in attempts if r.exit_code == 1)
+    finished = next(r for r in attempts if r.exit_code == 0)
+    assert [h["epoch"] for h in failed.history] == [1]
+    assert [h["epoch"] for h in finished.history] == [2]
+    assert finished.summary["status"] == "completed" and finished.summary["test_id_rate"] == trial["test_id_rate"]
+    assert failed.config == finished.config and finished.config["train.epochs"] == 2
+    assert not any(k in h for h in failed.history + finished.history for k in ("training_iteration", "pid", "done"))
 
 
 def test_a_trial_whose_latest_checkpoint_is_corrupt_resumes_from_an_older_one(ray_cluster, storage):

@@ -1,6 +1,8 @@
-"""Driver-side Tune callbacks: rebuild the tables when a trial ends, and a live trials table.
+"""Driver-side Tune callbacks: rebuild the tables when a trial ends, the trials' W&B runs, and a
+live trials table.
 
-Both are pickled into Ray's ``tuner.pkl``; the rich display is created lazily and never pickled.
+All are pickled into Ray's ``tuner.pkl``; the rich display and the open W&B runs are created
+lazily and never pickled.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ray import tune
+from ray.tune.result import AUTO_RESULT_KEYS
 
 from vertstudy.study.spec import StudySpec
 
@@ -47,6 +50,95 @@ class TablesCallback(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._ended[trial.trial_id] = "error"
         self._safe_refresh()
+
+
+class TrackingCallback(tune.Callback):
+    """One W&B run per trial (:class:`vertstudy.study.tracking.TrialRun`: id ``<study>-<trial_id>``,
+    grouped by study, the trial's flat config), written here in the driver from the results Tune
+    receives, so trial workers never import wandb and need no W&B key or network:
+
+    - started when the trial starts, and resumed under the same id when a retried or resumed
+      trial starts again;
+    - the numeric entries of each epoch record logged at ``step=epoch`` (Tune's own bookkeeping
+      keys left out), the final result as the run's summary;
+    - finished when the trial ends: exit code 0 when it ended or the scheduler stopped it, 1 when
+      it failed (also before a retry); still open when the study stops (Ctrl-C): 0, a resume
+      continues the run.
+
+    A W&B error is one warning line per trial and never stops the study."""
+
+    def __init__(self, spec: StudySpec, settings: Any):
+        """``settings``: the study's :class:`vertstudy.study.tracking.WandbSettings`."""
+        self._spec, self._settings = spec, settings
+        self._runs: dict[str, Any] = {}  # trial id -> open TrialRun
+        self._broken: set[str] = set()  # trials whose run could not be logged (warned once)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_runs"] = {}
+        return state
+
+    def _try(self, trial_id: str, action: Callable[[], Any]) -> None:
+        if trial_id in self._broken:
+            return
+        try:
+            action()
+        except Exception as exc:  # W&B must never fail the study
+            from vertstudy.study.tracking import _warn
+
+            self._broken.add(trial_id)
+            self._runs.pop(trial_id, None)
+            _warn(f"the run of trial {trial_id}", exc)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        from vertstudy.config import flat_config
+        from vertstudy.study.space import trial_config
+        from vertstudy.study.tracking import TrialRun
+
+        tid = trial.trial_id
+        if self._settings.mode == "disabled" or tid in self._runs:
+            return
+        self._broken.discard(tid)  # a restarted trial tries again
+        run = TrialRun(self._settings, self._spec.name, tid, flat_config(trial_config(self._spec, trial.config or {})),
+                       resume=True)  # "allow": a new run, or the one an earlier attempt or driver began
+
+        def start() -> None:
+            run.start()
+            self._runs[tid] = run
+
+        self._try(tid, start)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run = self._runs.get(trial.trial_id)
+        if run is None:
+            return
+        record = {k: v for k, v in result.items() if k not in _TUNE_KEYS}
+        if record.get("phase") == "final":
+            self._try(trial.trial_id, lambda: run.summary(record))
+        elif "epoch" in record:
+            self._try(trial.trial_id, lambda: run.log_epoch(record))
+
+    def _finish(self, trial_id: str, exit_code: int) -> None:
+        run = self._runs.pop(trial_id, None)
+        if run is not None:
+            self._try(trial_id, lambda: run.finish(exit_code))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial.trial_id, 0)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._finish(trial.trial_id, 1)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial.trial_id, 1)
+
+    def on_experiment_end(self, trials, **info):
+        for trial_id in list(self._runs):
+            self._finish(trial_id, 0)
+
+
+# what Tune adds to every result, not the trainer's record (the trainer's record has its own hostname)
+_TUNE_KEYS = (frozenset(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint"}) - {"hostname"}
 
 
 def _fmt(v: Any) -> str:

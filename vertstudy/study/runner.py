@@ -149,7 +149,7 @@ def _trainable(spec: StudySpec, data: StudyData, study_dir: str):
 
     from vertstudy.study.trial import TrialSetup, run_trial
 
-    setup = TrialSetup(spec=spec, data=data, wandb=wandb_settings(spec, study_dir))
+    setup = TrialSetup(spec=spec, data=data)
     return tune.with_resources(
         tune.with_parameters(run_trial, setup=setup), {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
     )
@@ -158,12 +158,13 @@ def _trainable(spec: StudySpec, data: StudyData, study_dir: str):
 def _callbacks(spec: StudySpec, study_dir: str, meta: dict, progress: bool, extra: tuple = ()) -> list:
     from ray.tune.logger import JsonLoggerCallback
 
-    from vertstudy.study.live import LiveTable, TablesCallback
+    from vertstudy.study.live import LiveTable, TablesCallback, TrackingCallback
 
     # the JSON logger writes each trial's result.json, which the tables are rebuilt from; Tune's
     # other default loggers are off by default (vertstudy.study.compat.driver_environment)
     tables = TablesCallback(TableRefresh(spec, study_dir, meta))
-    return [tables, *([LiveTable(spec)] if progress else []), *extra, JsonLoggerCallback()]
+    tracking = TrackingCallback(spec, wandb_settings(spec, study_dir))  # the trials' W&B runs
+    return [tracking, tables, *([LiveTable(spec)] if progress else []), *extra, JsonLoggerCallback()]
 
 
 def _fit(tuner, turn: StagingTurn, spec: StudySpec, study_dir: str, meta: dict, t0: float, discard: bool = False

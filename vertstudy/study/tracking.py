@@ -1,8 +1,9 @@
 """Weights & Biases tracking: one W&B run per study trial, one per study, one per report.
 
-A :class:`TrialRun` (id derived from study and trial id, grouped by study) starts with the trial's flat dotted
-hyperparameters as config, logs the numeric entries of every epoch record at ``step=epoch``, puts the final metrics in
-the summary and is finished on exit (exit code 1 if the trial raised). Mode defaults to ``offline``: files go to
+A :class:`TrialRun` (id derived from study and trial id, grouped by study; the study's driver keeps one per running
+trial, :class:`vertstudy.study.live.TrackingCallback`) starts with the trial's flat dotted hyperparameters as config,
+logs the numeric entries of every epoch record at ``step=epoch``, puts the final metrics in the summary and is
+finished with exit code 0 (ended, or stopped by the scheduler) or 1 (failed). Mode defaults to ``offline``: files go to
 ``<dir>/wandb/offline-run-*`` without any network access (``wandb sync`` uploads them later); ``disabled`` never calls
 wandb. The API key is never read here: online mode lets wandb take ``WANDB_API_KEY`` from the environment itself.
 
@@ -86,13 +87,17 @@ class TrialRun:
         return self._id
 
     def __enter__(self) -> TrialRun:
+        self.start()
+        return self
+
+    def start(self) -> None:
+        """Start (or, with ``resume``, resume) the run; nothing when disabled. W&B's errors are raised."""
         if self.settings.mode == "disabled":
-            return self
+            return
         self._run = _init(self.settings, id=run_id(self.study, self.trial_id), name=self.trial_id, group=self.study,
                           job_type="trial", config=self.config, tags=list(self.tags) or None,
                           resume="allow" if self.resume else None)
         self._id = str(self._run.id)
-        return self
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         """Log the numeric entries of a per-epoch record at ``step=int(record['epoch'])``; NaN/inf are kept."""
@@ -107,16 +112,20 @@ class TrialRun:
             self._run.summary.update({key: value for key, value in kept.items() if value is not None})
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, *_: object) -> Literal[False]:
-        run, self._run = self._run, None
         # Ray Tune stops a trial (e.g. ASHA pruning it) with SystemExit(0) inside its report call
         stopped = exc_type is SystemExit and getattr(exc, "code", None) in (0, None)
-        if run is not None:
-            try:
-                run.finish(exit_code=0 if exc_type is None or stopped else 1)
-            except Exception:
-                if exc_type is None:  # never let a finish failure mask the trial's own exception
-                    raise
+        try:
+            self.finish(0 if exc_type is None or stopped else 1)
+        except Exception:
+            if exc_type is None:  # never let a finish failure mask the block's own exception
+                raise
         return False
+
+    def finish(self, exit_code: int) -> None:
+        """Finish the run with ``exit_code`` (0: it ended or was stopped; 1: it failed); nothing when not started."""
+        run, self._run = self._run, None
+        if run is not None:
+            run.finish(exit_code=exit_code)
 
 
 @contextmanager

@@ -2,7 +2,8 @@
 
 ``run_trial(params, setup=...)`` builds the trial's :class:`Config` (study defaults + sampled
 values), trains with :func:`vertstudy.train.trainer.train`, and after every epoch reports the
-trainer's record to Tune with a checkpoint (``last.pt`` + ``best.pt``) and logs it to W&B. A
+trainer's record to Tune with a checkpoint (``last.pt`` + ``best.pt``); the driver logs it to W&B
+(:class:`vertstudy.study.live.TrackingCallback`), so a trial never imports wandb. A
 retried or resumed trial continues from Tune's latest checkpoint. At the end the best checkpoint
 labels the held-out cases on the whole CT, and one ``phase: "final"`` result carries the status,
 best metrics, held-out metrics and vertebra rows (see :mod:`vertstudy.study.tables`).
@@ -25,12 +26,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vertstudy.config import flat_config
 from vertstudy.study.dataset import StudyData
 from vertstudy.study.schema import ATTEMPT_PREFIX, HELD_OUT, held_out_rows, to_table
 from vertstudy.study.space import trial_config
 from vertstudy.study.spec import StudySpec
-from vertstudy.study.tracking import TrialRun, WandbSettings
+from vertstudy.study.tracking import run_id
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,6 @@ class TrialSetup:
 
     spec: StudySpec
     data: StudyData
-    wandb: WandbSettings
 
 
 FINAL = "final.json"  # in a trial's last checkpoint: its final report, so a rerun only repeats it
@@ -231,46 +230,42 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
             tune.report(json.loads((work / FINAL).read_text(encoding="utf-8")),
                         checkpoint=tune.Checkpoint.from_directory(str(staging)))
             return
-        with TrialRun(setup.wandb, spec.name, trial_id, flat_config(cfg), resume=restored) as run:
 
-            def on_epoch(record: dict) -> None:
-                run.log_epoch(record)
-                corrupt = spec.inject_corrupt_checkpoint_at_epoch == record["epoch"] and not (restored or restore_note)
-                if corrupt:  # as if the node died while writing last.pt
-                    data = (work / "last.pt").read_bytes()
-                    (work / "last.pt").write_bytes(data[: len(data) // 2])
-                tune.report({**record, **where, "phase": "epoch"},
-                            checkpoint=tune.Checkpoint.from_directory(str(staging)))
-                if (spec.inject_failure_at_epoch == record["epoch"] and not restored) or corrupt:
-                    raise InjectedFailure(f"fault drill: trial {trial_id} fails once after epoch {record['epoch']}")
+        def on_epoch(record: dict) -> None:
+            corrupt = spec.inject_corrupt_checkpoint_at_epoch == record["epoch"] and not (restored or restore_note)
+            if corrupt:  # as if the node died while writing last.pt
+                data = (work / "last.pt").read_bytes()
+                (work / "last.pt").write_bytes(data[: len(data) // 2])
+            tune.report({**record, **where, "phase": "epoch"}, checkpoint=tune.Checkpoint.from_directory(str(staging)))
+            if (spec.inject_failure_at_epoch == record["epoch"] and not restored) or corrupt:
+                raise InjectedFailure(f"fault drill: trial {trial_id} fails once after epoch {record['epoch']}")
 
-            result = train(cfg, data.cases("train"), data.cases("val"), work, on_epoch=on_epoch, resume=resume,
-                           whole_ct=whole_ct_figures)
-            t_eval = time.perf_counter()
-            test_figures, rows = evaluate_held_out(result.best_checkpoint, data, result.device)
-            eval_s = time.perf_counter() - t_eval
-            metrics = {k: v for k, v in result.best_metrics.items() if isinstance(v, (int, float))}
-            final = {
-                **(result.history[-1] if result.history else {}),
-                "phase": "final",
-                "status": result.status,
-                "message": "; ".join(m for m in (result.message, restore_note) if m),
-                "epoch": result.epochs,
-                "best_epoch": result.best_epoch if result.best_epoch is not None else -1,
-                **{f"best_{k}": v for k, v in metrics.items() if k.startswith("val_")},
-                **test_figures,
-                "wall_s": sum(h.get("wall_s", 0.0) for h in result.history) + eval_s,
-                "trial_s": time.perf_counter() - t0,
-                **where,
-                "device": result.device,
-                "seed": cfg.seed,
-                "wandb_run": run.id or "",
-                "held_out_rows": len(rows),  # the rows themselves: HELD_OUT beside this report
-            }
-            # the searched metric of a trial is its value at the best epoch (NaN if it diverged)
-            for key in (spec.search.metric, *spec.search.metrics):
-                final[key] = float(metrics.get(key, math.nan)) if result.status == "completed" else math.nan
-            run.summary(final)
+        result = train(cfg, data.cases("train"), data.cases("val"), work, on_epoch=on_epoch, resume=resume,
+                       whole_ct=whole_ct_figures)
+        t_eval = time.perf_counter()
+        test_figures, rows = evaluate_held_out(result.best_checkpoint, data, result.device)
+        eval_s = time.perf_counter() - t_eval
+        metrics = {k: v for k, v in result.best_metrics.items() if isinstance(v, (int, float))}
+        final = {
+            **(result.history[-1] if result.history else {}),
+            "phase": "final",
+            "status": result.status,
+            "message": "; ".join(m for m in (result.message, restore_note) if m),
+            "epoch": result.epochs,
+            "best_epoch": result.best_epoch if result.best_epoch is not None else -1,
+            **{f"best_{k}": v for k, v in metrics.items() if k.startswith("val_")},
+            **test_figures,
+            "wall_s": sum(h.get("wall_s", 0.0) for h in result.history) + eval_s,
+            "trial_s": time.perf_counter() - t0,
+            **where,
+            "device": result.device,
+            "seed": cfg.seed,
+            "wandb_run": run_id(spec.name, trial_id) if spec.wandb.mode != "disabled" else "",  # the driver's
+            "held_out_rows": len(rows),  # the rows themselves: HELD_OUT beside this report
+        }
+        # the searched metric of a trial is its value at the best epoch (NaN if it diverged)
+        for key in (spec.search.metric, *spec.search.metrics):
+            final[key] = float(metrics.get(key, math.nan)) if result.status == "completed" else math.nan
         pq.write_table(to_table(rows, "vertebrae"), work / HELD_OUT)
         (work / FINAL).write_text(json.dumps(final), encoding="utf-8")
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(staging)))
