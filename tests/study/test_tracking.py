@@ -350,6 +350,34 @@ def test_a_study_its_resume_and_its_report_each_log_their_run(ray_cluster, stora
     assert len(read_offline_runs(study_dir / "wandb")) == 5  # 2 trials, the study twice, 1 report
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_wandb_error_in_a_study_is_one_warning_line_per_trial_and_the_study_completes(ray_cluster, storage,
+                                                                                          caplog):
+    """The trials' runs are the driver's (study.live.TrackingCallback): when W&B cannot write (its folder in the study
+    directory is a file), each trial gives one warning line, trains to the end, and its row names no run."""
+    import pyarrow.parquet as pq
+
+    from vertstudy.study.runner import run_study
+
+    spec = tiny_spec("wberr", storage, num_samples=1, search={"algorithm": "grid"}, wandb={"mode": "offline"},
+                     space={"train.lr": {"type": "choice", "values": [0.003, 0.002]}})
+    study_dir = Path(spec.storage) / spec.name
+    study_dir.mkdir(parents=True)
+    (study_dir / "wandb").write_text("not a folder", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="vertstudy.study.tracking"):
+        result = run_study(spec, progress=False)
+    trials = pq.read_table(study_dir / "trials.parquet").to_pylist()
+    assert [t["status"] for t in trials] == ["completed", "completed"] and not result.interrupted
+    lines = [r.getMessage() for r in caplog.records if r.name == "vertstudy.study.tracking"]
+    for t in trials:  # one line per trial, and its row names no run
+        mine = [line for line in lines if line.startswith(f"W&B: the run of trial {t['trial_id']} not logged ")]
+        assert len(mine) == 1 and re.search(r" not logged \((NotADirectory|FileExists)Error: .+\)$", mine[0]), lines
+        assert t["wandb_run"] == ""
+    assert all("\n" not in line for line in lines)
+    assert any(line.startswith("W&B: the study run of wberr not logged") for line in lines), lines
+
+
 def test_report_help_mentions_wandb(capsys):
     from vertstudy.cli import main
 

@@ -16,7 +16,10 @@ from typing import Any
 from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 
+from vertstudy.config import flat_config
+from vertstudy.study.space import trial_config
 from vertstudy.study.spec import StudySpec
+from vertstudy.study.tracking import TrialRun, WandbSettings, warn_not_logged
 
 
 class TablesCallback(tune.Callback):
@@ -65,12 +68,13 @@ class TrackingCallback(tune.Callback):
       it failed (also before a retry); still open when the study stops (Ctrl-C): 0, a resume
       continues the run.
 
-    A W&B error is one warning line per trial and never stops the study."""
+    A W&B error is one warning line per trial and never stops the study; the trial's final result
+    then names no run (``wandb_run`` empty). Listed before the tables' callbacks, which see the
+    same result."""
 
-    def __init__(self, spec: StudySpec, settings: Any):
-        """``settings``: the study's :class:`vertstudy.study.tracking.WandbSettings`."""
+    def __init__(self, spec: StudySpec, settings: WandbSettings):
         self._spec, self._settings = spec, settings
-        self._runs: dict[str, Any] = {}  # trial id -> open TrialRun
+        self._runs: dict[str, TrialRun] = {}  # trial id -> its open run
         self._broken: set[str] = set()  # trials whose run could not be logged (warned once)
 
     def __getstate__(self):
@@ -84,17 +88,11 @@ class TrackingCallback(tune.Callback):
         try:
             action()
         except Exception as exc:  # W&B must never fail the study
-            from vertstudy.study.tracking import _warn
-
             self._broken.add(trial_id)
             self._runs.pop(trial_id, None)
-            _warn(f"the run of trial {trial_id}", exc)
+            warn_not_logged(f"the run of trial {trial_id}", exc)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        from vertstudy.config import flat_config
-        from vertstudy.study.space import trial_config
-        from vertstudy.study.tracking import TrialRun
-
         tid = trial.trial_id
         if self._settings.mode == "disabled" or tid in self._runs:
             return
@@ -109,14 +107,17 @@ class TrackingCallback(tune.Callback):
         self._try(tid, start)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run = self._runs.get(trial.trial_id)
-        if run is None:
-            return
+        tid = trial.trial_id
+        run = self._runs.get(tid)
         record = {k: v for k, v in result.items() if k not in _TUNE_KEYS}
-        if record.get("phase") == "final":
-            self._try(trial.trial_id, lambda: run.summary(record))
-        elif "epoch" in record:
-            self._try(trial.trial_id, lambda: run.log_epoch(record))
+        if run is not None and record.get("phase") == "final":
+            self._try(tid, lambda: run.summary(record))
+        elif run is not None and "epoch" in record:
+            self._try(tid, lambda: run.log_epoch(record))
+        if record.get("phase") == "final" and self._settings.mode != "disabled" and tid not in self._runs:
+            # the callbacks after this one (the tables, result.json) see the same result: the
+            # trial's row names no run that W&B did not get
+            result["wandb_run"] = ""
 
     def _finish(self, trial_id: str, exit_code: int) -> None:
         run = self._runs.pop(trial_id, None)

@@ -163,7 +163,7 @@ def _callbacks(spec: StudySpec, study_dir: str, meta: dict, progress: bool, extr
     # the JSON logger writes each trial's result.json, which the tables are rebuilt from; Tune's
     # other default loggers are off by default (vertstudy.study.compat.driver_environment)
     tables = TablesCallback(TableRefresh(spec, study_dir, meta))
-    tracking = TrackingCallback(spec, wandb_settings(spec, study_dir))  # the trials' W&B runs
+    tracking = TrackingCallback(spec, wandb_settings(spec, study_dir))  # the trials' W&B runs; before the tables
     return [tracking, tables, *([LiveTable(spec)] if progress else []), *extra, JsonLoggerCallback()]
 
 

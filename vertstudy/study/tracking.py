@@ -173,7 +173,7 @@ def _driver_run(settings: WandbSettings, what: str, **init: Any) -> Iterator[Any
         try:
             run = _init(settings, **init)
         except Exception as exc:
-            _warn(what, exc)
+            warn_not_logged(what, exc)
             yield None
             return
         try:
@@ -185,15 +185,15 @@ def _driver_run(settings: WandbSettings, what: str, **init: Any) -> Iterator[Any
                 pass  # the block's own error is the one to tell
             if not isinstance(exc, Exception):
                 raise
-            _warn(what, exc)
+            warn_not_logged(what, exc)
             return
         try:
             run.finish(exit_code=0)
         except Exception as exc:
-            _warn(what, exc)
+            warn_not_logged(what, exc)
 
 
-def _warn(what: str, exc: Exception) -> None:
+def warn_not_logged(what: str, exc: Exception) -> None:
     """W&B must never fail the study or the report: one line, not a traceback."""
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     _log.warning("W&B: %s not logged (%s: %s)", what, type(exc).__name__, first)
