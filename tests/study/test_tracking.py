@@ -42,12 +42,15 @@ def _epoch(epoch: int, **extra: object) -> dict:
 
 def test_offline_run_records_config_epochs_and_summary(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    with TrialRun(_offline(tmp_path), "ablation/b", "trial_0001", CONFIG, tags=("smoke",)) as run:
-        assert run.id == run_id("ablation/b", "trial_0001") == "ablation-b-trial_0001"
-        run.log_epoch(_epoch(1, phase="epoch"))  # the str entry is not logged
-        run.log_epoch(_epoch(2))
-        run.log_epoch(_epoch(3, grad_norm=math.nan))  # non-finite floats are logged as is
-        run.summary({"best_val_loc_error_mm": 9.5, "best_epoch": 3, "status": "completed", "rows": [1, 2]})
+    run = TrialRun(_offline(tmp_path), "ablation/b", "trial_0001", CONFIG, tags=("smoke",))
+    assert run.id is None  # not started yet
+    run.start()
+    assert run.id == run_id("ablation/b", "trial_0001") == "ablation-b-trial_0001"
+    run.log_epoch(_epoch(1, phase="epoch"))  # the str entry is not logged
+    run.log_epoch(_epoch(2))
+    run.log_epoch(_epoch(3, grad_norm=math.nan))  # non-finite floats are logged as is
+    run.summary({"best_val_loc_error_mm": 9.5, "best_epoch": 3, "status": "completed", "rows": [1, 2]})
+    run.finish(0)
     assert "WANDB_MODE" not in os.environ  # only set for the duration of wandb.init
     assert run.id == "ablation-b-trial_0001"  # still known after the run finished
 
@@ -72,13 +75,17 @@ def test_offline_run_records_config_epochs_and_summary(tmp_path, monkeypatch):
 
 def test_two_trials_in_one_process_give_two_runs_of_one_study(tmp_path):
     settings = _offline(tmp_path)
-    with TrialRun(settings, "s1", "trial_a", CONFIG) as first:
-        first.log_epoch(_epoch(1))
+    first = TrialRun(settings, "s1", "trial_a", CONFIG)
+    first.start()
+    first.log_epoch(_epoch(1))
+    first.finish(0)
     # a config value longer than two 32 KiB datastore blocks: its record is split in first/middle/last chunks
     big = {**CONFIG, "train.lr": 0.1, "data.note": "x" * 70_000}
-    with TrialRun(settings, "s1", "trial_b", big) as second:
-        for epoch in range(1, 6):
-            second.log_epoch(_epoch(epoch))
+    second = TrialRun(settings, "s1", "trial_b", big)
+    second.start()
+    for epoch in range(1, 6):
+        second.log_epoch(_epoch(epoch))
+    second.finish(0)
 
     runs = read_offline_runs(tmp_path, settle_s=30)
     assert [r.run_id for r in runs] == ["s1-trial_a", "s1-trial_b"] == [first.id, second.id]
@@ -90,11 +97,12 @@ def test_two_trials_in_one_process_give_two_runs_of_one_study(tmp_path):
     assert all(r.exit_code == 0 for r in runs)
 
 
-def test_exception_propagates_and_the_run_is_still_finished(tmp_path):
-    with pytest.raises(RuntimeError, match="diverged"):
-        with TrialRun(_offline(tmp_path), "s2", "trial_x", CONFIG) as run:
-            run.log_epoch(_epoch(1))
-            raise RuntimeError("diverged")
+def test_a_failed_trial_run_finishes_with_exit_code_1_once(tmp_path):
+    run = TrialRun(_offline(tmp_path), "s2", "trial_x", CONFIG)
+    run.start()
+    run.log_epoch(_epoch(1))
+    run.finish(1)
+    run.finish(0)  # a second finish (the trial's end seen twice) changes nothing
 
     (decoded,) = read_offline_runs(tmp_path, settle_s=30)
     assert decoded.run_id == "s2-trial_x"
@@ -104,10 +112,12 @@ def test_exception_propagates_and_the_run_is_still_finished(tmp_path):
 
 def test_disabled_mode_writes_nothing(tmp_path):
     settings = WandbSettings(mode="disabled", dir=tmp_path / "wb")
-    with TrialRun(settings, "s3", "trial_0", CONFIG) as run:
-        assert run.id is None
-        run.log_epoch(_epoch(1))
-        run.summary({"best_epoch": 1})
+    run = TrialRun(settings, "s3", "trial_0", CONFIG)
+    run.start()
+    assert run.id is None
+    run.log_epoch(_epoch(1))
+    run.summary({"best_epoch": 1})
+    run.finish(0)
     assert run.id is None
     assert list(tmp_path.rglob("*")) == []
     assert read_offline_runs(tmp_path) == []
@@ -132,9 +142,11 @@ def test_run_id_is_sanitized_and_capped_deterministically():
 def test_api_key_from_the_environment_is_never_written(tmp_path, monkeypatch):
     secret = secrets.token_hex(20)  # 40 chars, like a W&B key
     monkeypatch.setenv("WANDB_API_KEY", secret)
-    with TrialRun(_offline(tmp_path), "s4", "trial_k", CONFIG) as run:
-        run.log_epoch(_epoch(1))
-        run.summary({"best_epoch": 1})
+    run = TrialRun(_offline(tmp_path), "s4", "trial_k", CONFIG)
+    run.start()
+    run.log_epoch(_epoch(1))
+    run.summary({"best_epoch": 1})
+    run.finish(0)
 
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files) and any(p.suffix == ".log" for p in files)

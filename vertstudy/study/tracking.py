@@ -71,7 +71,8 @@ def _scalar(value: Any) -> bool | int | float | None:
 
 
 class TrialRun:
-    """Context manager around the W&B run of one trial (see module docstring); a no-op when mode is ``disabled``."""
+    """The W&B run of one trial (see module docstring): :meth:`start`, then :meth:`log_epoch` and :meth:`summary`,
+    then :meth:`finish`; every call is a no-op when mode is ``disabled``."""
 
     def __init__(self, settings: WandbSettings, study: str, trial_id: str, config: dict[str, Any],
                  resume: bool = False, tags: Sequence[str] = ()) -> None:
@@ -83,12 +84,8 @@ class TrialRun:
 
     @property
     def id(self) -> str | None:
-        """The W&B run id once entered (kept after exit); None when disabled or not entered yet."""
+        """The W&B run id once started (kept after it finished); None when disabled or not started yet."""
         return self._id
-
-    def __enter__(self) -> TrialRun:
-        self.start()
-        return self
 
     def start(self) -> None:
         """Start (or, with ``resume``, resume) the run; nothing when disabled. W&B's errors are raised."""
@@ -110,16 +107,6 @@ class TrialRun:
         if self._run is not None:
             kept = {key: value if isinstance(value, str) else _scalar(value) for key, value in values.items()}
             self._run.summary.update({key: value for key, value in kept.items() if value is not None})
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, *_: object) -> Literal[False]:
-        # Ray Tune stops a trial (e.g. ASHA pruning it) with SystemExit(0) inside its report call
-        stopped = exc_type is SystemExit and getattr(exc, "code", None) in (0, None)
-        try:
-            self.finish(0 if exc_type is None or stopped else 1)
-        except Exception:
-            if exc_type is None:  # never let a finish failure mask the block's own exception
-                raise
-        return False
 
     def finish(self, exit_code: int) -> None:
         """Finish the run with ``exit_code`` (0: it ended or was stopped; 1: it failed); nothing when not started."""
