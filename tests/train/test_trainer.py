@@ -433,3 +433,50 @@ def test_best_checkpoint_holds_weights_without_optimizer_state(prepared, tmp_pat
     assert all(torch.equal(model.state_dict()[k], v) for k, v in best["model"].items())
     with pytest.raises(ConfigError, match=r"best\.pt.*weights only.*resume from last\.pt"):
         train(tiny(train={"epochs": 3}), cases[:1], cases[1:2], tmp_path / "again", resume=result.best_checkpoint)
+
+
+# -- train.compile -----------------------------------------------------------------------------
+def test_compiled_training_computes_what_eager_does_and_writes_the_same_checkpoints(prepared, tmp_path):
+    """``train.compile``: torch.compile'd steps give eager's outputs and gradients within float
+    rounding on the same weights and crops, and a compiled run's epoch and checkpoints are the
+    eager run's (the same state-dict keys: the checkpoint is the plain model's)."""
+    from vertstudy.data.crops import CropDataset
+    from vertstudy.losses import total_loss
+    from vertstudy.model.network import build_model, training_module
+
+    cases, _ = prepared
+    cfg = tiny(train={"epochs": 1})
+    dataset = CropDataset(cases[:2], cfg.data.crop, cfg.data.augment, seed=0, train=True)
+    batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    compiled = training_module(model, True)
+    assert training_module(model, False) is model
+    assert list(compiled.parameters()) == list(model.parameters())  # the optimizer's and the checkpoint's
+    results = []
+    for forward in (model, compiled):
+        model.zero_grad(set_to_none=True)
+        out = forward(batch["image"])
+        total_loss(out, batch, cfg.loss, cfg.model)["total"].backward()
+        results.append(({k: v.detach().clone() for k, v in out.items() if v is not None},
+                        {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (eager_out, eager_grads), (comp_out, comp_grads) = results
+    assert eager_out.keys() == comp_out.keys() == {"coords", "logits", "heatmaps"}
+    for key in eager_out:
+        torch.testing.assert_close(comp_out[key], eager_out[key], rtol=1e-4, atol=1e-4)
+    assert compiled.shape == tuple(batch["image"].shape)
+    with torch.no_grad():  # another batch size runs eagerly (no second compile): eager's own output
+        single = compiled(batch["image"][:1])["coords"]
+    torch.testing.assert_close(single, model(batch["image"][:1])["coords"], rtol=0, atol=0)
+    assert eager_grads.keys() == comp_grads.keys()
+    for name in eager_grads:
+        torch.testing.assert_close(comp_grads[name], eager_grads[name], rtol=1e-3, atol=1e-4, msg=name)
+
+    eager = train(cfg, cases[:2], cases[2:], tmp_path / "eager")
+    on = train(tiny(train={"epochs": 1, "compile": True}), cases[:2], cases[2:], tmp_path / "compiled")
+    assert on.status == eager.status == "completed"
+    for key in ("loss", "val_loss"):
+        assert on.history[0][key] == pytest.approx(eager.history[0][key], rel=1e-3)
+    a, b = _weights(eager.last_checkpoint), _weights(on.last_checkpoint)
+    assert a.keys() == b.keys() and not any(k.startswith("_orig_mod") for k in b)
+    assert load_model(on.best_checkpoint, "cpu")[0].training is False  # loads as any best.pt

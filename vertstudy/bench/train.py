@@ -249,7 +249,7 @@ def _bench_train(
     overrides,
 ) -> dict:
     from vertstudy.data.crops import CropDataset, make_loader
-    from vertstudy.model.network import build_model
+    from vertstudy.model.network import build_model, training_module
 
     with work_folder(workdir, "vertstudy-bench-train-") as work:
         cfg = bench_config(width, crop_size, spacing_mm, batch_size, workers, seed, overrides)
@@ -260,10 +260,13 @@ def _bench_train(
 
         torch.manual_seed(seed)
         model = build_model(cfg.model)
-        step = make_step(model, cfg)
+        step = make_step(training_module(model, cfg.train.compile), cfg)  # --set train.compile=true
         per_round = max(1, steps // rounds)
         memory_batches = [next(batches) for _ in range(per_round)]
-        for batch in memory_batches[:warmup]:
+        t0 = time.perf_counter()
+        step(memory_batches[0])  # with train.compile, this one compiles
+        first_step_s = time.perf_counter() - t0
+        for batch in memory_batches[1:warmup]:
             step(batch)
         for _ in range(warmup):
             step(next(batches))
@@ -288,6 +291,7 @@ def _bench_train(
             "workers": workers,
             "torch_threads": torch.get_num_threads(),
             "timed_steps_per_path": per_round * rounds,
+            "first_step_s": first_step_s,
             "loader_crops_per_s": crops / t_loader,
             "model_crops_per_s": crops / t_model,
             "loader_to_model_ratio": t_model / t_loader,
