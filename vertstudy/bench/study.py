@@ -9,14 +9,25 @@ side by side in one invocation:
   reported, no tables);
 - **platform**: ``run_study`` on a local Ray cluster started beforehand (its start-up time is
   reported apart): the trial adapter, Tune checkpoints, W&B offline runs, Optuna storage and
-  the Parquet tables after every trial.
+  the Parquet tables after every trial. Its time includes the driver's ``import ray.tune``
+  (timed apart too, ``driver_ray_tune_import_s``), as a fresh ``study run`` pays it;
+- **bare Tune**: then, on the same cluster, the same trials as a bare Tune search: a function
+  trainable that trains, evaluates and reports each epoch's record, ``tune.uniform`` over B,
+  one CPU per trial, actors reused; no checkpoints, callbacks, Optuna, W&B or tables. Its
+  time adds the driver's measured ``import ray.tune`` (already paid by the platform side in
+  this process). This is the floor of any Tune-based platform: Ray starts a new worker
+  process for each trial actor (it never gives an actor a process that ran tasks or was
+  pre-started), which imports ray.tune and torch before the trial starts.
 
 ``overhead_per_trial_s`` = (platform - plain) wall time x concurrency / trials: the extra
-seconds each trial costs a worker slot.
+seconds each trial costs a worker slot; ``bare_tune_overhead_per_trial_s`` is the same for
+bare Tune, and ``vertstudy_overhead_per_trial_s`` (platform - bare Tune) what vertstudy adds
+to Tune.
 """
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +62,42 @@ def _plain_optuna(spec, data, concurrency: int, work: Path) -> float:
     return time.perf_counter() - t0
 
 
+def _bare_tune_trial(config: dict, spec=None, data=None, work: str = "") -> None:
+    """One bare-Tune trial (module docstring): the plain side's work, each epoch reported."""
+    import torch
+    from ray import tune
+
+    from vertstudy.infer.evaluate import whole_ct_figures
+    from vertstudy.study.space import trial_config
+    from vertstudy.study.trial import evaluate_held_out
+    from vertstudy.train.trainer import train
+
+    torch.set_num_threads(1)
+    cfg = trial_config(spec, {"loss.balance_b": config["loss.balance_b"]})
+    out = Path(tempfile.mkdtemp(dir=work))
+    result = train(cfg, data.cases("train"), data.cases("val"), out, whole_ct=whole_ct_figures,
+                   on_epoch=lambda record: tune.report(record))
+    evaluate_held_out(result.best_checkpoint, data, "cpu")
+
+
+def _bare_tune(spec, data, concurrency: int, work: Path) -> tuple[float, int]:
+    """Wall seconds of the same trials as a bare Tune search (module docstring), and how many completed."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(_bare_tune_trial, spec=spec, data=data, work=str(work)),
+                                    {"cpu": 1})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"loss.balance_b": tune.uniform(2.0, 4.0)},
+        tune_config=tune.TuneConfig(num_samples=spec.num_samples, max_concurrent_trials=concurrency, reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(work / "bare-tune"), name="bare", verbose=0),
+    )
+    t0 = time.perf_counter()
+    results = tuner.fit()
+    seconds = time.perf_counter() - t0
+    return seconds, sum(r.error is None for r in results)
+
+
 def bench_study(
     trials: int = 8, concurrency: int = 2, epochs: int = 4, wandb: str = "offline", workdir: Path | None = None,
     progress: bool = True,
@@ -68,17 +115,29 @@ def bench_study(
 
         with local_ray(work, concurrency) as ray_init_s:
             t0 = time.perf_counter()
+            import ray.tune  # noqa: F401 - timed: a fresh study driver pays it (run_study would import it)
+
+            import_s = time.perf_counter() - t0
             result = run_study(spec, progress=progress)
             platform_s = time.perf_counter() - t0
+            if progress:
+                print("[bench study] the same trials as a bare Tune search ...", file=sys.stderr, flush=True)
+            bare_fit_s, bare_completed = _bare_tune(spec, data, concurrency, work)
+        bare_s = bare_fit_s + import_s
         return {
             "trials": trials,
             "concurrency": concurrency,
             "epochs_per_trial": epochs,
             "trials_completed": result.counts.get("completed", 0),
+            "bare_tune_trials_completed": bare_completed,
             "plain_optuna_s": plain_s,
             "platform_s": platform_s,
+            "bare_tune_s": bare_s,
             "platform_to_plain_ratio": platform_s / plain_s,
             "overhead_per_trial_s": (platform_s - plain_s) * concurrency / trials,
+            "bare_tune_overhead_per_trial_s": (bare_s - plain_s) * concurrency / trials,
+            "vertstudy_overhead_per_trial_s": (platform_s - bare_s) * concurrency / trials,
+            "driver_ray_tune_import_s": import_s,
             "ray_local_start_s": ray_init_s,
         }
 
