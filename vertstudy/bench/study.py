@@ -36,9 +36,9 @@ from pathlib import Path
 from vertstudy.bench import format_figures, local_ray, smoke_study, work_folder
 
 
-def _plain_optuna(spec, data, concurrency: int, work: Path) -> float:
-    """Wall seconds of the same trials through Optuna alone, ``concurrency`` threads."""
-    import optuna
+def _one_trial(spec, data, balance_b: float, work: Path, on_epoch=None) -> float:
+    """What every side's trial does: train the smoke network with ``loss.balance_b``, label the
+    held-out CTs; returns the best epoch's ``val_loc_error_mm``. ``on_epoch``: the trainer's."""
     import torch
 
     from vertstudy.infer.evaluate import whole_ct_figures
@@ -47,15 +47,23 @@ def _plain_optuna(spec, data, concurrency: int, work: Path) -> float:
     from vertstudy.train.trainer import train
 
     torch.set_num_threads(1)
-    train_cases, val_cases = data.cases("train"), data.cases("val")
+    cfg = trial_config(spec, {"loss.balance_b": balance_b})
+    out = Path(tempfile.mkdtemp(dir=work))
+    result = train(cfg, data.cases("train"), data.cases("val"), out, whole_ct=whole_ct_figures, on_epoch=on_epoch)
+    evaluate_held_out(result.best_checkpoint, data, "cpu")
+    return float(result.best_metrics.get("val_loc_error_mm", float("nan")))
+
+
+def _plain_optuna(spec, data, concurrency: int, work: Path) -> float:
+    """Wall seconds of the same trials through Optuna alone, ``concurrency`` threads."""
+    import optuna
+    import torch
+
+    torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     def objective(trial) -> float:
-        cfg = trial_config(spec, {"loss.balance_b": trial.suggest_float("loss.balance_b", 2.0, 4.0)})
-        out = Path(tempfile.mkdtemp(dir=work))
-        result = train(cfg, train_cases, val_cases, out, whole_ct=whole_ct_figures)
-        evaluate_held_out(result.best_checkpoint, data, "cpu")
-        return float(result.best_metrics.get("val_loc_error_mm", float("nan")))
+        return _one_trial(spec, data, trial.suggest_float("loss.balance_b", 2.0, 4.0), work)
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     t0 = time.perf_counter()
@@ -65,20 +73,9 @@ def _plain_optuna(spec, data, concurrency: int, work: Path) -> float:
 
 def _bare_tune_trial(config: dict, spec=None, data=None, work: str = "") -> None:
     """One bare-Tune trial (module docstring): the plain side's work, each epoch reported."""
-    import torch
     from ray import tune
 
-    from vertstudy.infer.evaluate import whole_ct_figures
-    from vertstudy.study.space import trial_config
-    from vertstudy.study.trial import evaluate_held_out
-    from vertstudy.train.trainer import train
-
-    torch.set_num_threads(1)
-    cfg = trial_config(spec, {"loss.balance_b": config["loss.balance_b"]})
-    out = Path(tempfile.mkdtemp(dir=work))
-    result = train(cfg, data.cases("train"), data.cases("val"), out, whole_ct=whole_ct_figures,
-                   on_epoch=lambda record: tune.report(record))
-    evaluate_held_out(result.best_checkpoint, data, "cpu")
+    _one_trial(spec, data, config["loss.balance_b"], Path(work), on_epoch=lambda record: tune.report(record))
 
 
 def _bare_tune(spec, data, concurrency: int, work: Path) -> tuple[float, int]:
