@@ -150,13 +150,6 @@ class TrainConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     grad_clip: float | None = Field(None, gt=0, description="max gradient norm, or None")
-    compile: bool = Field(
-        False,
-        description="torch.compile (TorchInductor) the network for the training steps; validation and inference "
-        "stay eager and checkpoints are the same. The first step compiles (90 s on this project's 2-CPU machine, "
-        "12 s with Inductor's cache warm). Measured 0.83x the eager crops/s on the CPU at the quickstart's scale, "
-        "so off; for GPU studies to measure (bench gpu --compile) and ablate",
-    )
     whole_ct_every: int = Field(
         0, ge=0,
         description="every k epochs, label the validation cases' whole CTs (val_ct_id_rate, val_ct_loc_error_mm); "

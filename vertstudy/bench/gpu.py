@@ -11,7 +11,7 @@ others still run:
   :func:`vertstudy.losses.total_loss` on float32 outputs, backward, Adam: the trainer's step)
   at ``--crop`` and ``--batch``, in float32 and under bf16 autocast of the forward pass (as the
   trainer runs it). A fresh model and optimizer each, ``--warmup`` untimed steps, then
-  ``--steps`` timed: the first step's seconds, crops/s, ms per step, achieved TFLOP/s, and peak memory beside the
+  ``--steps`` timed: crops/s, ms per step, achieved TFLOP/s, and peak memory beside the
   estimate ``vertstudy bench train`` prints (parameters, gradients and two Adam moments,
   16 bytes per parameter, plus :func:`~vertstudy.model.network.estimate_activation_bytes` of
   this configuration, computed on the device being measured). On CUDA the peak is
@@ -19,8 +19,6 @@ others still run:
   the steady state including model, gradients and Adam state, not cuDNN's algorithm search);
   on the CPU it is the increase of the process's peak RSS (a process-wide high-water mark: a
   later section only shows growth beyond earlier ones);
-- ``train_<precision>_compiled`` (with ``--compile``): the same under ``torch.compile``
-  (``train.compile``: :func:`~vertstudy.model.network.training_module`); its first step compiles;
 - ``infer_<precision>_b<N>``: ``model.eval()`` under ``torch.inference_mode`` (and bf16
   autocast for ``bf16``) at each ``--infer-batches`` batch size: crops/s and TFLOP/s;
 - ``label_<precision>``: the time to label one whole volume at 2 mm, ``--volume`` (z, y, x)
@@ -144,8 +142,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tile stride, voxels (default: half the crop, 52 40 40 at the default crop)")
     p.add_argument("--label-batch", type=_pos_int, default=4, help="tiles per batch when labelling (default 4)")
     p.add_argument("--threads", type=_pos_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--compile", action="store_true",
-                   help="also time the training steps under torch.compile (train.compile): train_<precision>_compiled")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,8 +163,7 @@ def run_from_args(args: argparse.Namespace, progress: bool) -> dict:
         device=args.device, width=args.width, crop=tuple(args.crop), batch=args.batch, steps=args.steps,
         warmup=args.warmup, infer_batches=tuple(args.infer_batches), precisions=tuple(args.precisions),
         volume=tuple(args.volume), stride=None if args.stride is None else tuple(args.stride),
-        label_batch=args.label_batch, threads=args.threads, compile=args.compile, seed=getattr(args, "seed", 0),
-        progress=progress,
+        label_batch=args.label_batch, threads=args.threads, seed=getattr(args, "seed", 0), progress=progress,
     )
 
 
@@ -391,17 +386,15 @@ class _Bench:
         model.zero_grad(set_to_none=True)
         return (16.0 * sum(p.numel() for p in model.parameters()) + acts) / _GIB
 
-    def train(self, precision: str, compiled: bool = False) -> dict:
+    def train(self, precision: str) -> dict:
         import torch
 
         from vertstudy.losses import total_loss
-        from vertstudy.model.network import training_module
 
         if precision == "bf16":
             _check_bf16(self.device)
-        cfg, name = self.cfg, f"train_{precision}" + ("_compiled" if compiled else "")
+        cfg, name = self.cfg, f"train_{precision}"
         model = self.model()
-        forward = training_module(model, compiled)  # the trainer's train.compile
         estimate = self.estimate(model, precision)
         self.probe.clear()
         # the trainer's make_optimizer (vertstudy.train imports SimpleITK): PyTorch's fused Adam
@@ -413,19 +406,17 @@ class _Bench:
 
         def step() -> None:
             with _autocast(self.device, precision):
-                out = forward(batch["image"])
+                out = model(batch["image"])
             loss = total_loss(_float32(out), batch, cfg.loss, cfg.model)["total"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             last["loss"] = loss.detach()
 
-        first_s = self.probe.timed(step, 1)  # compiles when compiled
-        self.probe.timed(step, max(0, self.warmup - 1))
+        self.probe.timed(step, self.warmup)
         self.probe.reset_peak()
         seconds = self.probe.timed(step, self.steps)
         figures = self.probe.peak(name)
-        figures[f"{name}_first_step_s"] = first_s
         loss = float(last["loss"])
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss}")
@@ -533,7 +524,6 @@ def bench_gpu(
     stride: tuple[int, int, int] | None = None,
     label_batch: int = 4,
     threads: int | None = None,
-    compile: bool = False,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
@@ -576,8 +566,6 @@ def bench_gpu(
     bench.section("flops", bench.flops)
     for precision in precisions:
         bench.section(f"train_{precision}", lambda p=precision: bench.train(p))
-        if compile:
-            bench.section(f"train_{precision}_compiled", lambda p=precision: bench.train(p, compiled=True))
     for precision in precisions:
         bench.section(f"infer_{precision}", lambda p=precision: bench.infer(p, infer_batches))
 

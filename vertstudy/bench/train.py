@@ -249,7 +249,7 @@ def _bench_train(
     overrides,
 ) -> dict:
     from vertstudy.data.crops import CropDataset, make_loader
-    from vertstudy.model.network import build_model, training_module
+    from vertstudy.model.network import build_model
 
     with work_folder(workdir, "vertstudy-bench-train-") as work:
         cfg = bench_config(width, crop_size, spacing_mm, batch_size, workers, seed, overrides)
@@ -260,13 +260,10 @@ def _bench_train(
 
         torch.manual_seed(seed)
         model = build_model(cfg.model)
-        step = make_step(training_module(model, cfg.train.compile), cfg)  # --set train.compile=true
+        step = make_step(model, cfg)
         per_round = max(1, steps // rounds)
         memory_batches = [next(batches) for _ in range(per_round)]
-        t0 = time.perf_counter()
-        step(memory_batches[0])  # with train.compile, this one compiles
-        first_step_s = time.perf_counter() - t0
-        for batch in memory_batches[1:warmup]:
+        for batch in memory_batches[:warmup]:
             step(batch)
         for _ in range(warmup):
             step(next(batches))
@@ -291,7 +288,6 @@ def _bench_train(
             "workers": workers,
             "torch_threads": torch.get_num_threads(),
             "timed_steps_per_path": per_round * rounds,
-            "first_step_s": first_step_s,
             "loader_crops_per_s": crops / t_loader,
             "model_crops_per_s": crops / t_model,
             "loader_to_model_ratio": t_model / t_loader,

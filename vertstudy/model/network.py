@@ -335,36 +335,3 @@ def estimate_activation_bytes(
 def build_model(cfg: ModelConfig) -> VertebraNet:
     """The network for ``cfg`` (all ablation variants share the encoder)."""
     return VertebraNet(cfg)
-
-
-def training_module(model: nn.Module, compile: bool) -> nn.Module:
-    """What the training steps call: ``model`` itself, or with ``compile`` (``train.compile``) a
-    :class:`CompiledSteps` around it, which shares ``model``'s parameters (the optimizer, state
-    dict and checkpoints stay ``model``'s) and computes the same outputs within float rounding."""
-    return CompiledSteps(model) if compile else model
-
-
-class CompiledSteps(nn.Module):
-    """``model`` under ``torch.compile(dynamic=False)`` for the training batches of one shape.
-
-    The first input's shape (``(B, 1, D, H, W)``: the batch size and crop) is compiled on the
-    first call; an input of another shape (an epoch's last, smaller batch) or a call in eval
-    mode runs ``model`` eagerly, since every new shape would compile again (tens of seconds on
-    a CPU). Dynamo stops at the LSTM (a graph break) and runs it eagerly; the encoder, top-down
-    path and integral regression are compiled. Only ``model`` is a submodule: ``parameters()``,
-    ``train()`` and ``eval()`` are its own; the state dict has a ``model.`` prefix, so save
-    ``model``'s.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.shape: tuple[int, ...] | None = None
-        object.__setattr__(self, "_compiled", torch.compile(model, dynamic=False))  # not a second submodule
-
-    def forward(self, x: Tensor) -> dict[str, Tensor | None]:
-        if self.shape is None:
-            self.shape = tuple(x.shape)
-        if self.training and tuple(x.shape) == self.shape:
-            return self._compiled(x)
-        return self.model(x)

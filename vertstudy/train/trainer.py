@@ -355,15 +355,13 @@ def run_epoch(
     device: torch.device,
     spacing_mm: float,
     progress: bool = False,
-    step_model: torch.nn.Module | None = None,
 ) -> dict[str, float]:
     """Train one epoch and validate; returns the epoch's record (module docstring). Raises
-    :class:`Diverged` on a non-finite loss. ``step_model``: what the training steps call
-    (default ``model``; :func:`vertstudy.model.network.training_module`); validation calls ``model``."""
+    :class:`Diverged` on a non-finite loss."""
     t0 = time.perf_counter()
     lr = current_lr(optimizer)
     with _epoch_bar(progress, len(train_loader), epoch, cfg.train.epochs) as advance:
-        fit = train_epoch(model if step_model is None else step_model, train_loader, optimizer, cfg, device, advance)
+        fit = train_epoch(model, train_loader, optimizer, cfg, device, advance)
     t_train = time.perf_counter() - t0
     val = evaluate_crops(model, val_loader, cfg, device, spacing_mm)
     record = {
@@ -446,11 +444,10 @@ def train(
     device = select_device(cfg.train.device)
     reuse_freed_memory()  # large activations: no mmap / page faults / munmap per step
 
-    from vertstudy.model.network import build_model, training_module
+    from vertstudy.model.network import build_model
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
-    step_model = training_module(model, cfg.train.compile)
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train)
     st = _restore(Path(resume), cfg, model, optimizer, scheduler) if resume is not None else _State()
@@ -463,8 +460,7 @@ def train(
         epoch = st.epoch + 1
         train_set.set_epoch(epoch)
         try:
-            record = run_epoch(epoch, model, train_loader, val_loader, optimizer, cfg, device, spacing_mm, progress,
-                               step_model)
+            record = run_epoch(epoch, model, train_loader, val_loader, optimizer, cfg, device, spacing_mm, progress)
         except Diverged as exc:
             status, message = "diverged", f"epoch {epoch}: {exc}"
             break
