@@ -33,7 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from vertstudy.bench import format_figures, local_ray, smoke_study, work_folder
+from vertstudy.bench import B_ONLY, format_figures, local_ray, smoke_study, work_folder
+
+#: the range every side draws B from: the platform's search space (B does not change a trial's compute)
+_B_RANGE = (B_ONLY["loss.balance_b"]["low"], B_ONLY["loss.balance_b"]["high"])
 
 
 def _one_trial(spec, data, balance_b: float, work: Path, on_epoch=None) -> float:
@@ -57,13 +60,11 @@ def _one_trial(spec, data, balance_b: float, work: Path, on_epoch=None) -> float
 def _plain_optuna(spec, data, concurrency: int, work: Path) -> float:
     """Wall seconds of the same trials through Optuna alone, ``concurrency`` threads."""
     import optuna
-    import torch
 
-    torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     def objective(trial) -> float:
-        return _one_trial(spec, data, trial.suggest_float("loss.balance_b", 2.0, 4.0), work)
+        return _one_trial(spec, data, trial.suggest_float("loss.balance_b", *_B_RANGE), work)
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     t0 = time.perf_counter()
@@ -87,7 +88,7 @@ def _bare_tune(spec, data, concurrency: int, work: Path) -> tuple[float, int]:
                                     {"cpu": 1})
     tuner = tune.Tuner(
         trainable,
-        param_space={"loss.balance_b": tune.uniform(2.0, 4.0)},
+        param_space={"loss.balance_b": tune.uniform(*_B_RANGE)},
         tune_config=tune.TuneConfig(num_samples=spec.num_samples, max_concurrent_trials=concurrency, reuse_actors=True),
         run_config=tune.RunConfig(storage_path=str(work / "bare-tune"), name="bare", verbose=0),
     )
