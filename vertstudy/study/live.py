@@ -110,11 +110,12 @@ class TrackingCallback(tune.Callback):
         tid = trial.trial_id
         run = self._runs.get(tid)
         record = {k: v for k, v in result.items() if k not in _TUNE_KEYS}
-        if run is not None and record.get("phase") == "final":
+        final = record.get("phase") == "final"
+        if run is not None and final:
             self._try(tid, lambda: run.summary(record))
         elif run is not None and "epoch" in record:
             self._try(tid, lambda: run.log_epoch(record))
-        if record.get("phase") == "final" and self._settings.mode != "disabled" and tid not in self._runs:
+        if final and self._settings.mode != "disabled" and tid not in self._runs:
             # the callbacks after this one (the tables, result.json) see the same result: the
             # trial's row names no run that W&B did not get
             result["wandb_run"] = ""
