@@ -651,7 +651,9 @@ def _run_train(args: argparse.Namespace, workdir: Path | None, progress: bool) -
 def _learn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-cases", type=_positive_int, default=24, help="training phantoms (default 24)")
     p.add_argument("--val-cases", type=_positive_int, default=4, help="validation phantoms (default 4)")
-    p.add_argument("--test-cases", type=_positive_int, default=6, help="held-out phantoms (default 6)")
+    p.add_argument("--test-cases", type=_positive_int, default=12, help="held-out phantoms (default 12)")
+    p.add_argument("--phantom-seed", type=_nonneg_int, default=0,
+                   help="seed of the phantoms (default 0); --seed is the training seed")
     p.add_argument("--minutes", type=_positive_float, default=8.0, help="training budget in minutes (default 8)")
     p.add_argument("--width", type=_positive_float, default=0.25, help="network width (default 0.25)")
     p.add_argument("--crop", type=_positive_int, nargs=3, default=(48, 32, 32), metavar=("Z", "Y", "X"),
@@ -660,6 +662,9 @@ def _learn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=_positive_float, default=0.003, help="initial learning rate (default 0.003)")
     p.add_argument("--crops", type=_positive_int, default=None,
                    help="train on this many crops (whole epochs) instead of --minutes, for ablations")
+    p.add_argument("--whole-ct-every", type=_nonneg_int, default=5, metavar="K",
+                   help="label the validation CTs whole after epoch 1, every K-th and the last, for minutes_to_85 "
+                        "(default 5; 0: never)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="a config field for this run, e.g. --set loss.map_reg=none (repeatable)")
 
@@ -669,8 +674,9 @@ def _run_learn(args: argparse.Namespace, workdir: Path | None, progress: bool) -
 
     return bench_learn(
         train_cases=args.train_cases, val_cases=args.val_cases, test_cases=args.test_cases, minutes=args.minutes,
-        width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm, lr=args.lr, seed=args.seed,
-        workdir=workdir, progress=progress, crops=args.crops, overrides=_overrides(args.set),
+        width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm, lr=args.lr,
+        phantom_seed=args.phantom_seed, seed=args.seed, workdir=workdir, progress=progress, crops=args.crops,
+        overrides=_overrides(args.set), whole_ct_every=args.whole_ct_every,
     )
 
 
@@ -783,11 +789,12 @@ BENCHMARKS: tuple[_Bench, ...] = (
            workdir_help="folder for phantoms and cache (default: a temporary folder, removed)",
            seed_help="seed (default 0)"),
     _Bench("learn", "train a CPU-sized network, score whole CTs against the mean baseline",
-           "Write and prepare coarse phantoms, train for a fixed time budget, and report held-out whole-CT "
-           "localization error and identification rate against predicting each class's mean position.",
+           "Write and prepare coarse phantoms, train for a fixed time budget while labelling the validation CTs "
+           "whole (minutes_to_85: training minutes until they reach 0.85 identification), and report held-out "
+           "whole-CT localization error and identification rate against predicting each class's mean position.",
            _learn_arguments, _run_learn, _format_table_of("learn"),
            workdir_help="folder for phantoms, cache and checkpoints (default: temporary, removed)",
-           seed_help="seed (default 0)"),
+           seed_help="training seed: initial weights and crop order (default 0); --phantom-seed draws the data"),
     _Bench("study", "wall time of identical trials through the platform versus plain Optuna",
            "Identical short trials through Ray Tune + W&B + tables versus Optuna alone in one process, same "
            "concurrency; the platform's overhead per trial.",

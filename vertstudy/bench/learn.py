@@ -1,11 +1,23 @@
 """``vertstudy bench learn``: does a CPU-sized network learn to label whole CTs within minutes?
 
 Writes ``train_cases + test_cases`` coarse phantoms (default preset: mixed field of view,
-metal, curvature, noise) and prepares them at ``spacing_mm``. The first ``train_cases`` are the
-training pool, of which the last ``val_cases`` are the validation cases of the trainer (its
-plateau schedule and ``best.pt``); the last ``test_cases`` are held out. A network of width
-``width`` (paper's LSTM) trains with the real trainer for a time budget: one epoch is timed,
-then the run resumes from its checkpoint up to the number of epochs that fits ``minutes``.
+metal, curvature, noise) drawn from ``phantom_seed`` and prepares them at ``spacing_mm``. Case
+``i`` depends on ``(phantom_seed, i)`` only, so changing ``test_cases`` adds or removes held-out
+cases without touching the others. The first ``train_cases`` are the training pool, of which
+the last ``val_cases`` are the validation cases of the trainer (its plateau schedule and
+``best.pt``); the last ``test_cases`` (default 12, so one case is a few points of the rate)
+are held out. ``seed`` is the training seed (config ``seed``: initial weights, crop order), so
+the data and the training can be varied apart. A network of width ``width`` (paper's LSTM)
+trains with the real trainer for a time budget: one epoch is timed, then the run resumes from
+its checkpoint up to the number of epochs that fits ``minutes`` (epochs' training time only).
+
+During training the validation cases are labelled on the whole CT (``train.whole_ct_every``:
+after the first epoch, every ``whole_ct_every``-th and the last; 0 turns it off). The trainer
+times an epoch (``wall_s``) before it validates on whole CTs, so the training minutes leave the
+whole-CT validations out; their cost is timed apart, around the validator. ``minutes_to_85``
+is the training time (the epochs' ``wall_s`` summed up to that epoch) at which the validation
+CTs' ``val_ct_id_rate`` first reaches 0.85, counting only epochs that were evaluated, or None.
+``best.pt`` is still chosen by ``train.select_on`` (default: the validation crop loss).
 
 The held-out cases are then labelled on the *whole* CT by :mod:`vertstudy.infer`
 (tiles at half a crop's stride, votes, K-means) with ``best.pt``, and scored with
@@ -28,15 +40,17 @@ import torch
 from vertstudy.bench import format_figures, prepared_phantoms, work_folder
 from vertstudy.config import Config
 from vertstudy.data.cache import CachedCase
+from vertstudy.errors import VertstudyError
 from vertstudy.infer.evaluate import baseline_case_rows, checkpoint_case_rows
 
 
 def learn_config(
     width: float, crop_size: tuple[int, int, int], spacing_mm: float, lr: float, workers: int, seed: int,
-    overrides: dict | None = None,
+    overrides: dict | None = None, whole_ct_every: int = 0,
 ) -> Config:
-    """The defaults but for width, crop (inference stride: half the crop), spacing, lr and workers,
-    then ``overrides`` (dotted field names, e.g. ``{"loss.map_reg": "none"}``), validated."""
+    """The defaults but for width, crop (inference stride: half the crop), spacing, lr, workers,
+    the training ``seed`` and ``train.whole_ct_every``, then ``overrides`` (dotted field names,
+    e.g. ``{"loss.map_reg": "none"}``), validated."""
     from vertstudy.config import load_config
 
     return load_config(
@@ -47,6 +61,7 @@ def learn_config(
             "train.lr": lr,
             "train.workers": workers,
             "train.epochs": 1,
+            "train.whole_ct_every": whole_ct_every,
             "infer.stride": tuple(max(1, c // 2) for c in crop_size),
             "seed": seed,
             **(overrides or {}),
@@ -66,33 +81,93 @@ def whole_ct_rows(checkpoint: Path, test: list[CachedCase]) -> tuple[list, float
     return [r for _, rows in per_case for r in rows], seconds
 
 
+class TimedWholeCT:
+    """The whole-CT validator handed to the trainer, timed: ``seconds[epoch]`` for each epoch after
+    which it ran. The trainer calls it after timing the epoch and before ``on_epoch`` with that
+    epoch's record, so :meth:`on_epoch` files the pending time under the epoch that was evaluated
+    (recorded as it happens, not recomputed from ``train.whole_ct_every``, which a resumed run
+    applies to its own ``train.epochs``)."""
+
+    def __init__(self, validate=None):
+        if validate is None:
+            from vertstudy.infer.evaluate import whole_ct_figures as validate
+        self.validate = validate
+        self.seconds: dict[int, float] = {}
+        self._pending: float | None = None
+
+    def __call__(self, model, cfg: Config, val_cases: list, prior) -> dict[str, float]:
+        t0 = time.perf_counter()
+        try:
+            return self.validate(model, cfg, val_cases, prior)
+        finally:
+            self._pending = time.perf_counter() - t0
+
+    def on_epoch(self, record: dict) -> None:
+        if self._pending is not None:
+            self.seconds[int(record["epoch"])] = self._pending
+            self._pending = None
+
+
 def _train_for(cfg: Config, train: list, val: list, out: Path, minutes: float | None, max_epochs: int,
-               progress: bool, crops: int | None = None):
-    """Train one epoch, then resume up to the epochs that fit ``minutes`` in total; or, with
-    ``crops``, exactly the epochs that show at least that many training crops."""
-    from vertstudy.infer.evaluate import whole_ct_figures
+               progress: bool, crops: int | None = None, whole_ct: TimedWholeCT | None = None):
+    """Train one epoch, then resume up to the epochs that fit ``minutes`` of training (the
+    epochs' ``wall_s``: whole-CT validations left out); or, with ``crops``, exactly the epochs
+    that show at least that many training crops. Returns the result and the seconds in all."""
     from vertstudy.train.trainer import train as run
 
+    whole_ct = whole_ct if whole_ct is not None else TimedWholeCT()
+    kw = {"progress": progress, "whole_ct": whole_ct, "on_epoch": whole_ct.on_epoch}
     t0 = time.perf_counter()
     if crops is not None:
         per_epoch = len(train) * cfg.data.crop.crops_per_case
         epochs = max(1, math.ceil(crops / per_epoch))
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
-        return run(cfg, train, val, out, progress=progress, whole_ct=whole_ct_figures), time.perf_counter() - t0
-    first = run(cfg, train, val, out, progress=progress, whole_ct=whole_ct_figures)
+        return run(cfg, train, val, out, **kw), time.perf_counter() - t0
+    first = run(cfg, train, val, out, **kw)
     if first.status != "completed":
         return first, time.perf_counter() - t0
-    per_epoch = first.history[0]["wall_s"]  # training + validation, without set-up and checkpoints
+    per_epoch = first.history[0]["wall_s"]  # training + crop validation, without whole CTs, set-up, checkpoints
     epochs = int(min(max_epochs, max(2, math.floor(minutes * 60.0 / per_epoch))))
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
-    result = run(cfg, train, val, out, resume=first.last_checkpoint, progress=progress, whole_ct=whole_ct_figures)
+    result = run(cfg, train, val, out, resume=first.last_checkpoint, **kw)
     return result, time.perf_counter() - t0
+
+
+#: the validation CTs' identification rate whose training time ``minutes_to_85`` reports
+TARGET_ID_RATE = 0.85
+
+
+def whole_ct_curve(history: list[dict], evaluated: set[int] | dict[int, float]) -> list[dict]:
+    """One point per *evaluated* epoch of ``history`` (the trainer's records, in order): ``epoch``,
+    ``train_min`` (the ``wall_s`` of every epoch up to and including it, in minutes: training time
+    without the whole-CT validations) and ``val_ct_id_rate``. Epochs not in ``evaluated`` only
+    repeat the last value and are left out, though their time counts."""
+    points, seconds = [], 0.0
+    for record in history:
+        seconds += float(record["wall_s"])
+        if int(record["epoch"]) in evaluated:
+            points.append({"epoch": int(record["epoch"]), "train_min": seconds / 60.0,
+                           "val_ct_id_rate": float(record.get("val_ct_id_rate", math.nan))})
+    return points
+
+
+def minutes_to_rate(curve: list[dict], target: float = TARGET_ID_RATE) -> float | None:
+    """Training minutes of the first point of ``curve`` (:func:`whole_ct_curve`) whose
+    ``val_ct_id_rate`` is at least ``target``; None when none is (NaN never is)."""
+    return next((p["train_min"] for p in curve if p["val_ct_id_rate"] >= target), None)
+
+
+#: default ``whole_ct_every`` of bench learn. Measured on 2 cores (1 thread, defaults, 20 epochs):
+#: an epoch's ``wall_s`` 5.0-6.9 s, one whole-CT validation of the 4 validation CTs 3.1-3.5 s, so
+#: every 5th epoch (and the first and last) costs ~13 % of the training time of an 8-minute run
+#: (15 % of that 20-epoch run); every 4th would be ~15 %, every epoch ~60 %.
+WHOLE_CT_EVERY = 5
 
 
 def bench_learn(
     train_cases: int = 24,
     val_cases: int = 4,
-    test_cases: int = 6,
+    test_cases: int = 12,
     minutes: float = 8.0,
     max_epochs: int = 200,
     width: float = 0.25,
@@ -101,38 +176,64 @@ def bench_learn(
     lr: float = 0.003,
     workers: int = 1,
     threads: int | None = 1,
+    phantom_seed: int = 0,
     seed: int = 0,
     workdir: Path | None = None,
     progress: bool = True,
     crops: int | None = None,
     overrides: dict | None = None,
+    whole_ct_every: int = WHOLE_CT_EVERY,
 ) -> dict:
     """Train for about ``minutes`` and score whole-CT labelling of held-out phantoms against the
     mean-position baseline; returns the figures (names carry units).
 
-    Defaults: 48 x 32 x 32 crops at 4 mm (192 x 128 x 128 mm, close to the paper's 208 x 160 x
-    160 mm field of view), width 0.25, lr 0.003. ``threads``: torch intra-op threads during the
-    run (see ``bench train``). ``crops``: train on a fixed number of crops instead of a time
-    budget (runs then do not depend on the machine's speed). ``overrides``: further config
-    fields (dotted names), for ablations.
+    Defaults: 24 phantoms to train on (4 of them validate), 12 held out; 48 x 32 x 32 crops at
+    4 mm (192 x 128 x 128 mm, close to the paper's 208 x 160 x 160 mm field of view), width 0.25,
+    lr 0.003. ``phantom_seed`` draws the phantoms, ``seed`` is the training seed (config
+    ``seed``: initial weights, crop order); the figures report both (``phantom_seed``,
+    ``train_seed``). ``threads``: torch intra-op threads during the run (see ``bench train``).
+    ``crops``: train on a fixed number of crops instead of a time budget (runs then do not
+    depend on the machine's speed). ``overrides``: further config fields (dotted names), for
+    ablations; they apply last, so ``train.whole_ct_every`` there wins over ``whole_ct_every``.
+
+    ``whole_ct_every``: label the validation CTs whole after the first epoch, every k-th and the
+    last (0: never). Figures: ``minutes_to_85`` (training minutes, whole-CT validations left out,
+    at which ``val_ct_id_rate`` first reaches 0.85 on an evaluated epoch; None if never or off),
+    ``val_ct_curve`` (``[epoch, training minutes, val_ct_id_rate]`` per evaluation),
+    ``whole_ct_validations``, ``whole_ct_s`` (their seconds in all), ``whole_ct_s_per_validation``
+    and ``whole_ct_share_of_training`` (``whole_ct_s`` over the epochs' summed ``wall_s``).
 
     The held-out figures come from :func:`vertstudy.infer.diagnose.diagnose` on ``best.pt``:
     ``test_id_rate`` / ``test_loc_error_mm`` / ``test_false_per_case`` for the configured decoder,
     the same with a ``_kmeans`` and ``_sequence`` suffix for each decoder, and the whole
     decomposition under ``diag_``.
     """
+    if val_cases >= train_cases:
+        raise VertstudyError(f"bench learn: --val-cases {val_cases} leaves no case to train on: it must be less "
+                             f"than --train-cases ({train_cases})")
+    over = overrides or {}
+    if over.get("train.select_on") == "val_ct" and over.get("train.whole_ct_every", whole_ct_every) == 0:
+        raise VertstudyError("bench learn: --set train.select_on=val_ct chooses best.pt among whole-CT validations, "
+                             "but --whole-ct-every 0 turns them off; give --whole-ct-every K with K >= 1")
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        # validated before any phantom is written
+        cfg = learn_config(width, crop_size, spacing_mm, lr, workers, seed, overrides, whole_ct_every)
         with work_folder(workdir, "vertstudy-bench-learn-") as work:
-            cases = prepared_phantoms(work, train_cases + test_cases, seed, spacing_mm, progress)
+            n = train_cases + test_cases
+            # one data folder per (cases, phantom seed): a kept --workdir never serves other phantoms
+            cases = prepared_phantoms(work / f"data-{n}-seed{phantom_seed}", n, phantom_seed, spacing_mm, progress)
+            if len(cases) != n:
+                raise VertstudyError(f"bench learn: {len(cases)} of {n} phantoms could be prepared under {work} "
+                                     "(--workdir); remove that folder or pass another --workdir, then run again")
             pool, test = cases[:train_cases], cases[train_cases:]
             train, val = pool[: train_cases - val_cases], pool[train_cases - val_cases :]
-            cfg = learn_config(width, crop_size, spacing_mm, lr, workers, seed, overrides)
             shutil.rmtree(work / "run", ignore_errors=True)
-            result, train_s = _train_for(cfg, train, val, work / "run", minutes, max_epochs, progress, crops)
-            figures = _figures(cfg, result, train_s, len(train), len(val), len(test))
+            timed = TimedWholeCT()
+            result, train_s = _train_for(cfg, train, val, work / "run", minutes, max_epochs, progress, crops, timed)
+            figures = _figures(cfg, result, train_s, len(train), len(val), len(test), phantom_seed, timed.seconds)
             if result.best_checkpoint is not None:
                 figures.update(held_out_figures(result.best_checkpoint, pool, test))
             return figures
@@ -176,17 +277,25 @@ def held_out_figures(checkpoint: Path, pool: list[CachedCase], test: list[Cached
     return out
 
 
-def _figures(cfg: Config, result, train_s: float, n_train: int, n_val: int, n_test: int) -> dict:
+def _figures(cfg: Config, result, train_s: float, n_train: int, n_val: int, n_test: int, phantom_seed: int,
+             whole_ct_s: dict[int, float]) -> dict:
     best = result.best_metrics
     crops = result.epochs * n_train * cfg.data.crop.crops_per_case
+    epochs_s = sum(float(h["wall_s"]) for h in result.history)
+    curve = whole_ct_curve(result.history, whole_ct_s)
+    ct_total = sum(whole_ct_s.values())
+    rates = [p["val_ct_id_rate"] for p in curve if math.isfinite(p["val_ct_id_rate"])]
     return {
         "config": f"width {cfg.model.width:g}, crop {'x'.join(map(str, cfg.data.crop.crop_size))} at "
         f"{cfg.data.prep.spacing_mm:g} mm, lr {cfg.train.lr:g}, batch {cfg.train.batch_size}",
         "cases_train_val_test": f"{n_train}/{n_val}/{n_test}",
+        "phantom_seed": phantom_seed,
+        "train_seed": cfg.seed,
         "status": result.status,
         "epochs": result.epochs,
         "train_crops": crops,
         "train_s": train_s,
+        "epochs_s": epochs_s,
         "best_epoch": result.best_epoch if result.best_epoch is not None else -1,
         "first_epoch_loss": result.history[0]["loss"] if result.history else math.nan,
         "last_epoch_loss": result.history[-1]["loss"] if result.history else math.nan,
@@ -194,8 +303,27 @@ def _figures(cfg: Config, result, train_s: float, n_train: int, n_val: int, n_te
         "best_val_crop_loc_error_mm": best.get("val_loc_error_mm", math.nan),
         "best_val_crop_id_rate": best.get("val_id_rate", math.nan),
         "best_val_crop_map": best.get("val_map", math.nan),
+        "whole_ct_every": cfg.train.whole_ct_every,
+        "whole_ct_validations": len(whole_ct_s),
+        "whole_ct_s": ct_total,
+        "whole_ct_s_per_validation": ct_total / len(whole_ct_s) if whole_ct_s else math.nan,
+        "whole_ct_share_of_training": ct_total / epochs_s if epochs_s > 0 else math.nan,
+        "val_ct_id_rate_max": max(rates) if rates else math.nan,
+        "val_ct_id_rate_last": curve[-1]["val_ct_id_rate"] if curve else math.nan,
+        "minutes_to_85": minutes_to_rate(curve),
+        "val_ct_curve": [[p["epoch"], round(p["train_min"], 3), round(p["val_ct_id_rate"], 4)] for p in curve],
     }
 
 
 def format_table(figures: dict) -> str:
-    return format_figures("vertstudy bench learn", figures)
+    """The figures as a table, the whole-CT validation curve as a table of its own below them."""
+    curve = figures.get("val_ct_curve") or []
+    plain = {k: v for k, v in figures.items() if k != "val_ct_curve"}
+    if plain.get("minutes_to_85", 0) is None:
+        plain["minutes_to_85"] = "never reached" if curve else "off (whole_ct_every 0)"
+    text = format_figures("vertstudy bench learn", plain)
+    if curve:
+        rows = [f"{'epoch':>5}  {'train min':>9}  val_ct_id_rate"]
+        rows += [f"{e:>5}  {m:>9.2f}  {r:.3f}" for e, m, r in curve]
+        text += "\n\nwhole-CT validation curve (training minutes without the validations)\n" + "\n".join(rows)
+    return text
