@@ -49,3 +49,23 @@ def test_validated_wraps_any_model():
     assert validated(PrepConfig, "--spacing-mm", spacing_mm=1.5).spacing_mm == 1.5
     with pytest.raises(ConfigError, match="--spacing-mm: field 'spacing_mm' = 0"):
         validated(PrepConfig, "--spacing-mm", spacing_mm=0)
+
+
+def test_train_amp_accepts_old_booleans_and_resolves_per_device() -> None:
+    """``true``/``false`` of older study files and checkpoints keep their meaning (bf16 on CUDA
+    only / float32); ``auto`` trains bf16 on CUDA and on CPUs with native bf16."""
+    import torch
+
+    from vertstudy.train.trainer import cpu_has_native_bf16, training_precision
+
+    assert load_config({"train.amp": True}).train.amp == "cuda"
+    assert load_config({"train.amp": False}).train.amp == "off"
+    assert Config().train.amp == "auto"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert training_precision(cpu, "cuda") == training_precision(cpu, "off") == "fp32"
+    assert training_precision(cuda, "cuda") == training_precision(cuda, "auto") == "bf16"
+    assert training_precision(cuda, "off") == "fp32"
+    assert training_precision(cpu, "on") == "bf16"
+    assert training_precision(cpu, "auto") == ("bf16" if cpu_has_native_bf16() else "fp32")
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config({"train.amp": "sometimes"})

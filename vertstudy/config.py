@@ -91,11 +91,19 @@ class ModelConfig(StrictModel):
     )
     lstm_layers: int = Field(3, ge=1, description="stacked bidirectional LSTMs (paper: 3)")
     heatmap_sigma_vox: float = Field(2.0, gt=0, description="Gaussian target sigma of the heatmap head, voxels")
-    conv_layout: Literal["auto", "channels_last", "contiguous"] = Field(
+    softmax_beta: float = Field(
+        1.0, gt=0, le=1000,
+        description="integral head: inverse temperature of the soft-max over each map (eq. 5 with logits x beta, in "
+        "training and inference alike; mmpose's debiased integral head uses 10, NVlabs DREAM learns one from 25); "
+        "1 is the paper",
+    )
+    conv_layout: Literal["auto", "channels_last", "channels_last_all", "contiguous"] = Field(
         "auto",
-        description="memory layout the k > 1 convolutions run in: auto = channels_last while training (measured "
-        "faster forward + backward on the CPU), contiguous for inference (measured faster forward alone); the same "
-        "outputs within float rounding, so a checkpoint resumes under any",
+        description="memory layout the convolutions run in: channels_last = k > 1 convolutions channels-last, "
+        "activations contiguous between them; channels_last_all = every activation channels-last (bf16's native "
+        "layout on the CPU); auto = channels_last_all while training under bf16 on the CPU, channels_last while "
+        "training otherwise (both measured faster forward + backward on the CPU), contiguous for inference "
+        "(measured faster forward alone); the same outputs within float rounding, so a checkpoint resumes under any",
     )
 
     @property
@@ -148,7 +156,13 @@ class TrainConfig(StrictModel):
     val_crops_per_case: int = Field(2, ge=1, description="fixed validation crops per held-out case")
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    amp: Literal["auto", "on", "cuda", "off"] = Field(
+        "auto",
+        description="bf16 autocast while training: auto = on CUDA and on CPUs with native bf16 (AVX-512 BF16 or "
+        "AMX), on = on any device (emulated, slow, on a CPU without native bf16), cuda = on CUDA only (what "
+        "`true` meant before), off = float32 everywhere (`false`). The soft-max, integral regression, losses and "
+        "LSTMs run in float32 either way. A run-only field: a trial's resolved precision is its `precision` column",
+    )
     grad_clip: float | None = Field(None, gt=0, description="max gradient norm, or None")
     whole_ct_every: int = Field(
         0, ge=0,
@@ -161,6 +175,15 @@ class TrainConfig(StrictModel):
         "(highest id rate, then lowest error; needs whole_ct_every)",
     )
 
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_from_bool(cls, v: Any) -> Any:
+        """``true`` / ``false`` of study files and checkpoints written before ``auto`` existed keep
+        their meaning: bf16 on CUDA only / float32 everywhere."""
+        if isinstance(v, bool):
+            return "cuda" if v else "off"
+        return v
 
     @model_validator(mode="after")
     def _selection_needs_whole_ct(self) -> TrainConfig:

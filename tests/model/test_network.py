@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vertstudy.config import ModelConfig
+from vertstudy.config import LossConfig, ModelConfig
 from vertstudy.model import network
 from vertstudy.model.network import VertebraNet, build_model, estimate_activation_bytes
 
@@ -119,11 +119,32 @@ def test_bad_input_shape_raises(shape: tuple[int, ...]) -> None:
 
 
 def test_bf16_autocast_outputs_float32() -> None:
+    """Coordinates and logits come out float32 under bf16 autocast; the heatmaps stay in the
+    dtype they were computed in (the losses that read them compute in float32 themselves)."""
     model = _model("integral", "bilstm", "loc+cls")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(1, 1, 16, 16, 16))
-    assert out["coords"].dtype == out["logits"].dtype == out["heatmaps"].dtype == torch.float32
+    assert out["coords"].dtype == out["logits"].dtype == torch.float32
+    assert out["heatmaps"].dtype == torch.bfloat16
     out["coords"].sum().backward()
+
+
+@pytest.mark.parametrize("loc_head", ["heatmap", "integral"])
+def test_losses_of_bf16_heatmaps_are_float32_and_close(loc_head: str) -> None:
+    from vertstudy.losses import total_loss
+
+    model = _model(loc_head, "bilstm", "loc+cls")
+    cfg = model.cfg
+    x = torch.randn(2, 1, 16, 16, 16)
+    batch = {"present": torch.ones(2, 26), "coords": torch.rand(2, 26, 3) * 15}
+    loss_cfg = LossConfig(map_reg="js")
+    with torch.no_grad():
+        ref = total_loss(model(x), batch, loss_cfg, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        low = total_loss(out, batch, loss_cfg, cfg)
+    assert low["reg"].dtype == torch.float32
+    torch.testing.assert_close(low["reg"], ref["reg"], rtol=0.02, atol=0.02)
 
 
 def test_default_parameter_count_is_documented() -> None:
@@ -166,16 +187,17 @@ LAYOUT_VARIANTS = [("integral", "bilstm", "loc+cls"), ("fc", "none-lstm", "loc")
 
 @pytest.mark.parametrize(("loc_head", "classifier", "tasks"), LAYOUT_VARIANTS)
 def test_conv_layout_changes_speed_not_results(loc_head: str, classifier: str, tasks: str) -> None:
-    """``model.conv_layout`` auto, channels_last and contiguous: same parameters, same outputs
-    and gradients within float rounding (it only changes how the k > 1 convolutions run), and
-    the same outputs without gradients (auto's inference path)."""
+    """``model.conv_layout`` auto, channels_last, channels_last_all and contiguous: same
+    parameters, same outputs and gradients within float rounding (it only changes how the
+    convolutions and, channels-last throughout, the GroupNorms run), and the same outputs
+    without gradients (auto's inference path). 24 x 16 x 16 maps: the full-resolution
+    GroupNorms of channels_last_all take the channels-last rows path."""
     results = {}
-    for layout in ("auto", "channels_last", "contiguous"):
+    for layout in ("auto", "channels_last", "channels_last_all", "contiguous"):
         torch.manual_seed(0)
         model = build_model(tiny(loc_head=loc_head, classifier=classifier, tasks=tasks, conv_layout=layout))
         convs = [m for m in model.modules() if isinstance(m, network.Conv3d)]
-        assert {m.layout for m in convs if m.kernel_size != (1, 1, 1)} == {layout}
-        assert {m.layout for m in convs if m.kernel_size == (1, 1, 1)} <= {"contiguous"}
+        assert {m.layout for m in convs} == {layout}
         x = torch.randn(2, 1, 24, 16, 16, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             inference = model(x)
@@ -184,17 +206,65 @@ def test_conv_layout_changes_speed_not_results(loc_head: str, classifier: str, t
         results[layout] = (out, inference, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     _, _, grads_ref = results["contiguous"]
     assert grads_ref
-    for layout in ("auto", "channels_last"):
+    for layout in ("auto", "channels_last", "channels_last_all"):
         for key in ("coords", "logits", "heatmaps"):
             for i in (0, 1):  # with and without gradients
                 a, b = results[layout][i][key], results["contiguous"][i][key]
                 if a is not None:
-                    assert a.is_contiguous()
+                    assert a.is_contiguous() or (layout == "channels_last_all" and key == "heatmaps")
                     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         grads = results[layout][2]
         assert grads.keys() == grads_ref.keys()
         for name in grads:
-            torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-5, msg=name)
+            if layout == "channels_last_all":
+                # every kernel sums in another order: some of this tiny network's gradients are
+                # ill-conditioned (measured against float64: contiguous, channels_last and
+                # channels_last_all all 1-3 % off in the worst parameter), so compare by norm
+                err = float((grads[name] - grads_ref[name]).norm() / grads_ref[name].norm().clamp_min(1e-6))
+                assert err < 0.05, f"{name}: relative gradient difference {err:.3f}"
+            else:
+                torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_bf16_training_keeps_activations_channels_last_and_learns() -> None:
+    """Under bf16 CPU autocast, ``auto`` trains channels-last throughout: every GroupNorm sees a
+    channels-last map (none does with ``contiguous``); the outputs agree with the contiguous
+    layout in the same precision within bf16 rounding; and the integral head overfits one crop
+    as in float32 (``test_integral_head_overfits_one_crop``). Gradients are not compared one by
+    one: at initialisation this tiny network's are ill-conditioned (measured against float64:
+    1-3 % off in float32 and far more in bf16, in every layout alike)."""
+    from vertstudy.model.blocks import GroupNorm, is_channels_last
+
+    outs, seen = {}, {}
+    x = torch.randn(2, 1, 24, 16, 16, generator=torch.Generator().manual_seed(1))
+    for layout in ("auto", "contiguous"):
+        torch.manual_seed(0)
+        model = build_model(tiny(conv_layout=layout))
+        seen[layout] = []
+        for m in model.modules():
+            if isinstance(m, GroupNorm):
+                m.register_forward_hook(lambda mod, inp, out, s=seen[layout]: s.append(is_channels_last(inp[0])))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[layout] = model(x)
+    assert seen["auto"] and all(seen["auto"]) and not any(seen["contiguous"])
+    for key in ("coords", "logits"):
+        torch.testing.assert_close(outs["auto"][key], outs["contiguous"][key], rtol=0.05, atol=0.05)
+
+    torch.manual_seed(0)
+    model = build_model(tiny(tasks="loc"))
+    target = torch.rand(1, 26, 3, generator=torch.Generator().manual_seed(0)) * 11 + 2
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    x = torch.randn(1, 1, 16, 16, 16)
+    losses = []
+    for _ in range(100):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            coords = model(x)["coords"]
+        loss = F.smooth_l1_loss(coords, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
 def test_lstm_is_the_papers_128_or_follows_the_width() -> None:

@@ -85,7 +85,8 @@ def integral_regression(heatmaps: Tensor) -> Tensor:
     _check_heatmaps(heatmaps)
     dtype = torch.promote_types(heatmaps.dtype, torch.float32)
     with torch.autocast(device_type=heatmaps.device.type, enabled=False):
-        return _IntegralRegression.apply(heatmaps.to(dtype).contiguous())
+        # one pass from a bf16 and/or channels-last map to contiguous float32
+        return _IntegralRegression.apply(heatmaps.to(dtype=dtype, memory_format=torch.contiguous_format))
 
 
 def argmax_coordinates(heatmaps: Tensor) -> Tensor:

@@ -31,7 +31,9 @@ and rounded to a multiple of ``ModelConfig.groups`` by ``scaled_channels``):
       heatmaps = conv1x1x1(32 -> 26)(conv3x3x3(32 -> 32) + GN + ReLU)
 
   ``up`` is nearest-neighbour x2. Then, by ``loc_head``:
-  ``integral`` -> integral regression (``vertstudy.model.integral``, paper eq. 5-6);
+  ``integral`` -> integral regression (``vertstudy.model.integral``, paper eq. 5-6) of the
+  logits times ``softmax_beta`` (an inverse temperature, 1 in the paper; the ``heatmaps``
+  output is then the scaled logits, the maps the soft-max and the losses see);
   ``heatmap`` -> raw heatmaps for a Gaussian-target L2 loss, coordinates by arg-max (Fig. 5b);
   ``fc`` -> no heatmaps: direct regression from the bottleneck (Fig. 5a), see below.
 
@@ -160,7 +162,9 @@ class VertebraNet(nn.Module):
 
     - ``"coords"``: ``(B, 26, 3)`` float32, crop voxel units ``(z, y, x)``;
     - ``"logits"``: ``(B, 26)`` float32 pre-sigmoid logits, or None when ``tasks == "loc"``;
-    - ``"heatmaps"``: ``(B, 26, D, H, W)`` raw heatmap logits, or None for the fc head.
+    - ``"heatmaps"``: ``(B, 26, D, H, W)`` raw heatmap logits in the dtype they were computed in
+      (bf16 under bf16 autocast; the losses compute in float32 themselves), or None for the fc
+      head.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -191,7 +195,7 @@ class VertebraNet(nn.Module):
             self.dec1 = ResidualModule(c2, c1, g)
             self.dec0 = ResidualModule(c1, c0, g)
             self.heatmap_conv = ConvNormAct(c0, c0, 3, g)
-            self.heatmap_out = nn.Conv3d(c0, NUM_CLASSES, 1)
+            self.heatmap_out = Conv3d(c0, NUM_CLASSES, 1)
 
         # classification branch
         self.classifier: SequenceClassifier | None = None
@@ -208,12 +212,13 @@ class VertebraNet(nn.Module):
         self.set_conv_layout(cfg.conv_layout)
 
     def set_conv_layout(self, layout: str) -> None:
-        """Run every convolution with a kernel larger than 1x1x1 in ``layout`` (``auto``,
-        ``channels_last`` or ``contiguous``; see :class:`vertstudy.model.blocks.Conv3d`). 1x1x1
-        convolutions are memory-bound and measured slower channels-last: they stay contiguous."""
+        """Run every convolution in ``layout`` (``auto``, ``channels_last``, ``channels_last_all``
+        or ``contiguous``; see :class:`vertstudy.model.blocks.Conv3d`, which keeps 1x1x1
+        convolutions contiguous under ``channels_last``: memory-bound, measured slower
+        channels-last in float32)."""
         for m in self.modules():
             if isinstance(m, Conv3d):
-                m.layout = layout if m.kernel_size != (1, 1, 1) else "contiguous"
+                m.layout = layout
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Encoder: ``x (B, 1, D, H, W)`` -> ``[f0, f1, f2, f3, b]``, scales 1, 1/2, 1/4, 1/8, 1/8.
@@ -244,10 +249,11 @@ class VertebraNet(nn.Module):
         else:
             heatmaps = self.forward_heatmaps(feats)
             if self.cfg.loc_head == "integral":
+                if self.cfg.softmax_beta != 1.0:
+                    heatmaps = heatmaps * self.cfg.softmax_beta  # the maps the soft-max sees (and the losses)
                 coords = integral_regression(heatmaps)
             else:
                 coords = argmax_coordinates(heatmaps)
-            heatmaps = heatmaps.float()
         logits = self.classifier(bottleneck) if self.classifier is not None else None
         return {"coords": coords.float(), "logits": logits, "heatmaps": heatmaps}
 

@@ -8,7 +8,8 @@ the records they are built from and their row builders. Every writer (the study'
   column per configuration value (flattened; sequences as JSON), the last epoch's validation
   metrics (``val_*``, ``loss``, ``loss_cls``, ``loss_reg``, ``lr``) and those of the best epoch
   (``best_val_*``), the held-out whole-CT figures (``test_*``), ``best_epoch``, ``epochs``,
-  ``wall_s``, where it ran (``node``, ``hostname``, ``device``), ``seed``, ``started_at`` /
+  ``wall_s``, where and how it ran (``node``, ``hostname``, ``device``, ``precision``: bf16 or fp32, the
+  resolved ``train.amp``; empty in tables written before it), ``seed``, ``started_at`` /
   ``ended_at`` (unix s), ``resources_cpu`` / ``resources_gpu`` (what it held), ``checkpoint``,
   ``wandb_run``, ``message``, what the study ranked by (``search_metric``, ``search_mode``),
   ``vertstudy_version``, ``git_sha``. Types of the fixed columns: :data:`TRIAL_TYPES`.
@@ -64,7 +65,8 @@ STATUSES = ("completed", "pruned", "error", "diverged")
 TRIAL_TYPES: dict[str, pa.DataType] = {
     "study": pa.string(), "trial_id": pa.string(), "status": pa.string(), "params": pa.string(),
     "best_epoch": pa.int64(), "epochs": pa.int64(), "wall_s": pa.float64(), "node": pa.string(),
-    "hostname": pa.string(), "device": pa.string(), "seed": pa.int64(), "started_at": pa.float64(),
+    "hostname": pa.string(), "device": pa.string(), "precision": pa.string(), "seed": pa.int64(),
+    "started_at": pa.float64(),
     "ended_at": pa.float64(), "resources_cpu": pa.float64(), "resources_gpu": pa.float64(),
     "checkpoint": pa.string(), "wandb_run": pa.string(), "message": pa.string(), "search_metric": pa.string(),
     "search_mode": pa.string(), "vertstudy_version": pa.string(), "git_sha": pa.string(),
@@ -85,8 +87,8 @@ TRIAL_NUMBERS = (
     "test_loc_error_mm_mean", "test_n_truth", "wall_s", "started_at", "ended_at", "resources_cpu", "resources_gpu",
     "epochs", "best_epoch",
 )
-TRIAL_TEXTS = ("status", "params", "message", "device", "hostname", "vertstudy_version", "git_sha", "search_metric",
-               "search_mode")
+TRIAL_TEXTS = ("status", "params", "message", "device", "precision", "hostname", "vertstudy_version", "git_sha",
+               "search_metric", "search_mode")
 #: ``study status``: trials column -> heading
 STATUS_HEADINGS = {
     "trial_id": "trial", "status": "status", "epochs": "epochs", "best_epoch": "best", "best_val_loc_error_mm":
@@ -166,7 +168,7 @@ def trial_row(study: str, o: TrialOutcome, meta: dict[str, Any]) -> dict[str, An
     row["best_epoch"] = int(best_epoch) if best_epoch is not None else -1
     row["epochs"] = int(last.get("epoch", 0))
     row["wall_s"] = float(o.final.get("wall_s", sum(float(e.get("wall_s", 0.0)) for e in o.epochs)))
-    for key in ("node", "hostname", "device"):  # where it ran: every report says
+    for key in ("node", "hostname", "device", "precision"):  # where and how it ran: every report says
         row[key] = str(o.final.get(key, o.where.get(key, "")))
     row["seed"] = int(o.config.get("seed", 0))
     row["started_at"], row["ended_at"] = float(o.started_at), float(o.ended_at)

@@ -209,14 +209,15 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
     from vertstudy.infer.evaluate import whole_ct_figures
     from vertstudy.model.load import select_device
-    from vertstudy.train.trainer import train
+    from vertstudy.train.trainer import train, training_precision
 
     spec, data = setup.spec, setup.data
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(spec, params)
     torch.set_num_threads(max(1, int(spec.resources.cpus)))
+    device = select_device(cfg.train.device)
     where = {"node": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
-             "device": select_device(cfg.train.device).type}
+             "device": device.type, "precision": training_precision(device, cfg.train.amp)}
     staging = Path(tempfile.mkdtemp(prefix="vertstudy-trial-"))  # reported to Tune as each checkpoint
     work = staging / attempt_name()  # this attempt's files (see attempt_name)
     work.mkdir()
