@@ -636,6 +636,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
     p.add_argument("--steps", type=_positive_int, default=16, help="timed steps per path (default 16)")
     p.add_argument("--no-memory", action="store_true", help="skip the (slow) default-network memory measurement")
+    p.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=(),
+                   help="also time the in-memory steps in each of these precisions, rounds alternating "
+                   "(e.g. --precisions fp32 bf16: model_crops_per_s_fp32, _bf16 and bf16_to_fp32_speed)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="a config field of the measured network, e.g. --set model.lstm_hidden=128 (repeatable)")
 
@@ -645,7 +648,8 @@ def _run_train(args: argparse.Namespace, workdir: Path | None, progress: bool) -
 
     return bench_train(width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm,
                        workers=args.workers, threads=args.threads, steps=args.steps, memory=not args.no_memory,
-                       seed=args.seed, workdir=workdir, progress=progress, overrides=_overrides(args.set))
+                       seed=args.seed, workdir=workdir, progress=progress, overrides=_overrides(args.set),
+                       precisions=tuple(dict.fromkeys(args.precisions)))
 
 
 def _learn_arguments(p: argparse.ArgumentParser) -> None:

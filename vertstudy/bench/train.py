@@ -58,16 +58,20 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
 
 
 def make_step(model: torch.nn.Module, cfg: Config) -> Callable[[dict], float]:
-    """A full training step on one batch (forward, loss, backward, Adam); returns the loss."""
+    """A full training step on one batch (forward, loss, backward, Adam) as the trainer runs it,
+    in the precision ``train.amp`` resolves to on the CPU; returns the loss."""
     from vertstudy.losses import total_loss
-    from vertstudy.train.trainer import make_optimizer
+    from vertstudy.train.trainer import _float32, autocast, make_optimizer, training_precision
 
     optimizer = make_optimizer(model, cfg.train)
     model.train()
+    cpu = torch.device("cpu")
+    precision = training_precision(cpu, cfg.train.amp)
 
     def step(batch: dict) -> float:
-        out = model(batch["image"])
-        loss = total_loss(out, batch, cfg.loss, cfg.model)["total"]
+        with autocast(cpu, precision):
+            out = model(batch["image"])
+        loss = total_loss(_float32(out), batch, cfg.loss, cfg.model)["total"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -207,6 +211,7 @@ def bench_train(
     workdir: Path | None = None,
     progress: bool = True,
     overrides: dict | None = None,
+    precisions: tuple[str, ...] = (),
 ) -> dict:
     """Measure training throughput, FLOPs and memory; returns the figures (names carry units).
 
@@ -216,6 +221,11 @@ def bench_train(
     default); the default 1 leaves the second of two cores to the one loader worker, and
     avoids the collapse of OpenMP's spinning threads when other processes share the cores.
     ``overrides``: further config fields of the measured network (``{"model.lstm_hidden": 128}``).
+    ``precisions`` (``("fp32", "bf16")``): also time the in-memory steps of the same network
+    (same initial weights, same batches) in each precision, their rounds alternating with the
+    loader and in-memory rounds above: ``model_crops_per_s_<precision>`` and
+    ``bf16_to_fp32_speed``. The other figures are for ``train.amp`` as configured (default
+    ``auto``: bf16 where the CPU has it natively); ``precision`` says which that was.
     """
     from vertstudy.memory import reuse_freed_memory
 
@@ -239,6 +249,7 @@ def bench_train(
             workdir,
             progress,
             overrides,
+            precisions,
         )
     finally:
         torch.set_num_threads(previous_threads)
@@ -246,10 +257,11 @@ def bench_train(
 
 def _bench_train(
     width, crop_size, spacing_mm, batch_size, workers, steps, warmup, rounds, cases, memory, seed, workdir, progress,
-    overrides,
+    overrides, precisions,
 ) -> dict:
     from vertstudy.data.crops import CropDataset, make_loader
     from vertstudy.model.network import build_model
+    from vertstudy.train.trainer import cpu_has_native_bf16, training_precision
 
     with work_folder(workdir, "vertstudy-bench-train-") as work:
         cfg = bench_config(width, crop_size, spacing_mm, batch_size, workers, seed, overrides)
@@ -267,11 +279,22 @@ def _bench_train(
             step(batch)
         for _ in range(warmup):
             step(next(batches))
+        side = {}  # the same network in each of ``precisions``, same initial weights
+        for name in precisions:
+            amp = {"fp32": "off", "bf16": "on"}[name]
+            side_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": amp})})
+            torch.manual_seed(seed)
+            side[name] = make_step(build_model(side_cfg.model), side_cfg)
+            for batch in memory_batches[:warmup]:
+                side[name](batch)
 
         t_loader = t_model = 0.0
+        t_side = dict.fromkeys(side, 0.0)
         for _ in range(rounds):
             t_loader += _timed_loader_steps(batches, step, per_round)
             t_model += _timed_memory_steps(memory_batches, step)
+            for name, side_step in side.items():
+                t_side[name] += _timed_memory_steps(memory_batches, side_step)
         t0 = time.perf_counter()
         for _ in range(per_round * rounds):
             next(batches)
@@ -285,6 +308,8 @@ def _bench_train(
             "throughput_config": f"width {width:g}, crop {'x'.join(map(str, crop_size))} at {spacing_mm:g} mm, "
             f"batch {batch_size}, augmentation on" + "".join(f", {k}={v}" for k, v in (overrides or {}).items()),
             "params": sum(p.numel() for p in model.parameters()),
+            "precision": training_precision(torch.device("cpu"), cfg.train.amp),
+            "cpu_native_bf16": cpu_has_native_bf16(),
             "workers": workers,
             "torch_threads": torch.get_num_threads(),
             "timed_steps_per_path": per_round * rounds,
@@ -298,6 +323,10 @@ def _bench_train(
             "achieved_to_matmul_fraction": achieved / matmul,
             "load_avg_1min": os.getloadavg()[0],
         }
+        for name, t in t_side.items():
+            figures[f"model_crops_per_s_{name}"] = crops / t
+        if {"fp32", "bf16"} <= set(t_side):
+            figures["bf16_to_fp32_speed"] = t_side["fp32"] / t_side["bf16"]
         del batches, loader  # stop the workers before the memory subprocess
         if memory:
             figures.update(default_step_memory())

@@ -1,7 +1,13 @@
-"""Whole-CT inference (paper section III-B, test phase): tiles -> network -> votes -> K-means.
+"""Whole-CT inference (paper section III-B, test phase): tiles -> network -> votes -> decoder.
 
 The paper crops the test CT into blocks, runs the network on each, and clusters with K-means
-"the coordinates of the same type of vertebrae" to one centroid per type. Here:
+"the coordinates of the same type of vertebrae" to one centroid per type. The modules, in the
+order data flows: :mod:`~vertstudy.infer.tiling` (steps 1-2), :mod:`~vertstudy.infer.votes`
+(step 3 and the paper's K-means, step 4), :mod:`~vertstudy.infer.decoders` (step 4's
+alternative, the default), :mod:`~vertstudy.infer.whole` (a whole case end to end, centroids
+mapped back to the image), and on top of them :mod:`~vertstudy.infer.predict` (``vertstudy
+predict``), :mod:`~vertstudy.infer.evaluate` (held-out scoring, the mean-position baseline) and
+:mod:`~vertstudy.infer.diagnose` (where identification is lost). Here:
 
 1. **Tiling** (:func:`vertstudy.infer.tiling.tile_origins`). The canonical volume (``(Z, Y, X)``, z-scored, isotropic,
    see :mod:`vertstudy.data.preprocess`) is covered by overlapping crops of the checkpoint's
@@ -12,7 +18,9 @@ The paper crops the test CT into blocks, runs the network on each, and clusters 
    (z-scored air), as in training crops that leave the volume. A stride larger than the crop
    would leave voxels unseen and is refused (``ConfigError``).
 
-2. **Network** (:func:`vertstudy.infer.tiling.run_network`). Tiles go through the model in batches of ``batch_size``
+2. **Network** (:func:`vertstudy.infer.tiling.run_network`). Tiles that hold (almost) no body are skipped
+   (``infer.skip_empty_tiles``: less than ``infer.body_fraction`` of their voxels above air).
+   The others go through the model in batches of ``batch_size``
    under ``torch.inference_mode``; ``coords`` ``(B, 26, 3)`` are crop voxels ``(z, y, x)``,
    ``logits`` ``(B, 26)`` pre-sigmoid (or ``None`` for a localization-only model).
 
@@ -26,7 +34,8 @@ The paper crops the test CT into blocks, runs the network on each, and clusters 
    Those false votes are why a loc-only model has a poor identification rate (paper table
    III: the classification branch "eliminates the false positives of localization").
 
-4. **Clustering** (:func:`vertstudy.infer.votes.cluster_votes`), per class, on its votes ``(N, 3)`` with weights:
+4. **Decoding** (``infer.decoder``). ``kmeans``, the paper's: **clustering**
+   (:func:`vertstudy.infer.votes.cluster_votes`), per class, on its votes ``(N, 3)`` with weights:
 
    - no vote: the class is not predicted;
    - one distinct point, or a cloud whose bounding-box diagonal is below ``merge_mm`` (no two
@@ -43,7 +52,10 @@ The paper crops the test CT into blocks, runs the network on each, and clusters 
    - the centroid is the probability-weighted mean of the kept votes (the K-means centre).
 
    Each class is clustered independently, as in the paper: two classes may end up on the same
-   vertebra (a shift like paper Fig. 9B); nothing here enforces the order of the spine.
+   vertebra (a shift like paper Fig. 9B); nothing in K-means enforces the order of the spine.
+   ``sequence`` (the default, beyond the paper; :mod:`vertstudy.infer.decoders`) does: all
+   votes become candidates and a dynamic programme picks at most one per class in anatomical
+   order, with a spacing prior fitted on the training cases.
 
 Everything but :func:`vertstudy.infer.tiling.run_network` (and the functions that call it) is a pure
 numpy function.
