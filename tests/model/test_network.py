@@ -282,3 +282,23 @@ def test_lstm_is_the_papers_128_or_follows_the_width() -> None:
     for bad in (0, "half"):
         with pytest.raises(ValueError, match="lstm_hidden"):
             ModelConfig(lstm_hidden=bad)
+
+
+def test_softmax_beta_sharpens_the_integral_heads_softmax() -> None:
+    """``model.softmax_beta`` multiplies the integral head's logits before the soft-max (the
+    ``heatmaps`` output is the scaled logits), same parameters, and 1 is the paper's head."""
+    from vertstudy.model.integral import integral_regression
+
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    outs = {}
+    for beta in (1.0, 25.0):
+        torch.manual_seed(0)
+        model = build_model(tiny(tasks="loc", softmax_beta=beta)).eval()
+        with torch.no_grad():
+            outs[beta] = model(x)
+        torch.testing.assert_close(outs[beta]["coords"], integral_regression(outs[beta]["heatmaps"]))
+    torch.testing.assert_close(outs[25.0]["heatmaps"], 25.0 * outs[1.0]["heatmaps"], rtol=1e-5, atol=1e-6)
+    assert ModelConfig().softmax_beta == 1.0
+    assert not ModelConfig(softmax_beta=25).same_network(ModelConfig())
+    with pytest.raises(ValueError, match="softmax_beta"):
+        ModelConfig(softmax_beta=0)
