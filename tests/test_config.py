@@ -65,7 +65,12 @@ def test_train_amp_accepts_old_booleans_and_resolves_per_device() -> None:
     assert training_precision(cpu, "cuda") == training_precision(cpu, "off") == "fp32"
     assert training_precision(cuda, "cuda") == training_precision(cuda, "auto") == "bf16"
     assert training_precision(cuda, "off") == "fp32"
-    assert training_precision(cpu, "on") == "bf16"
+    assert training_precision(cpu, "always") == "bf16"
+    # YAML reads on / off as booleans: on would mean the old true (CUDA only), hence "always"
+    from vertstudy.cli import _overrides
+
+    assert load_config(_overrides(["train.amp=on"])).train.amp == "cuda"
+    assert load_config(_overrides(["train.amp=always"])).train.amp == "always"
     assert training_precision(cpu, "auto") == ("bf16" if cpu_has_native_bf16() else "fp32")
     with pytest.raises(ConfigError, match="train.amp"):
         load_config({"train.amp": "sometimes"})

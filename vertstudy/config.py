@@ -156,10 +156,10 @@ class TrainConfig(StrictModel):
     val_crops_per_case: int = Field(2, ge=1, description="fixed validation crops per held-out case")
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "on", "cuda", "off"] = Field(
+    amp: Literal["auto", "always", "cuda", "off"] = Field(
         "auto",
         description="bf16 autocast while training: auto = on CUDA and on CPUs with native bf16 (AVX-512 BF16 or "
-        "AMX), on = on any device (emulated, slow, on a CPU without native bf16), cuda = on CUDA only (what "
+        "AMX), always = on any device (emulated, slow, on a CPU without native bf16), cuda = on CUDA only (what "
         "`true` meant before), off = float32 everywhere (`false`). The soft-max, integral regression, losses and "
         "LSTMs run in float32 either way. A run-only field: a trial's resolved precision is its `precision` column",
     )
@@ -180,7 +180,8 @@ class TrainConfig(StrictModel):
     @classmethod
     def _amp_from_bool(cls, v: Any) -> Any:
         """``true`` / ``false`` of study files and checkpoints written before ``auto`` existed keep
-        their meaning: bf16 on CUDA only / float32 everywhere."""
+        their meaning: bf16 on CUDA only / float32 everywhere. (YAML also reads ``on`` / ``off``
+        as these booleans, which is why the value for "everywhere" is ``always``, not ``on``.)"""
         if isinstance(v, bool):
             return "cuda" if v else "off"
         return v

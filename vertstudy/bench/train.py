@@ -281,7 +281,7 @@ def _bench_train(
             step(next(batches))
         side = {}  # the same network in each of ``precisions``, same initial weights
         for name in precisions:
-            amp = {"fp32": "off", "bf16": "on"}[name]
+            amp = {"fp32": "off", "bf16": "always"}[name]
             side_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": amp})})
             torch.manual_seed(seed)
             side[name] = make_step(build_model(side_cfg.model), side_cfg)

@@ -127,10 +127,10 @@ def cpu_has_native_bf16() -> bool:
 
 
 def training_precision(device: torch.device, amp: str) -> str:
-    """``"bf16"`` or ``"fp32"``: what ``train.amp`` (auto | on | cuda | off) trains in on ``device``."""
+    """``"bf16"`` or ``"fp32"``: what ``train.amp`` (auto | always | cuda | off) trains in on ``device``."""
     if amp == "off":
         return "fp32"
-    if device.type == "cuda" or amp == "on":
+    if device.type == "cuda" or amp == "always":
         return "bf16"
     if amp == "auto" and device.type == "cpu" and cpu_has_native_bf16():
         return "bf16"
