@@ -57,6 +57,20 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+#: fields added to the config after checkpoints were first written, with the value the code
+#: computed with before each existed: a checkpoint that lacks one was trained that way, whatever
+#: the default is now
+ADDED_FIELDS: dict[str, Any] = {"model.softmax_beta": 1.0}
+
+
 def checkpoint_config(state: dict[str, Any], path: Path) -> Config:
-    """The validated :class:`Config` stored in a checkpoint ``state`` read from ``path``."""
-    return load_config(state["config"], where=f"{path} (stored config)")
+    """The validated :class:`Config` stored in a checkpoint ``state`` read from ``path`` (a field
+    it predates gets its value of that time, :data:`ADDED_FIELDS`)."""
+    stored = state["config"]
+    if isinstance(stored, dict):
+        stored = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}  # not the caller's
+        for name, old in ADDED_FIELDS.items():
+            section, field = name.split(".")
+            if isinstance(stored.get(section), dict):
+                stored[section].setdefault(field, old)
+    return load_config(stored, where=f"{path} (stored config)")

@@ -433,3 +433,20 @@ def test_best_checkpoint_holds_weights_without_optimizer_state(prepared, tmp_pat
     assert all(torch.equal(model.state_dict()[k], v) for k, v in best["model"].items())
     with pytest.raises(ConfigError, match=r"best\.pt.*weights only.*resume from last\.pt"):
         train(tiny(train={"epochs": 3}), cases[:1], cases[1:2], tmp_path / "again", resume=result.best_checkpoint)
+
+
+def test_a_checkpoint_older_than_a_config_field_keeps_the_value_it_was_trained_with(tmp_path) -> None:
+    """A checkpoint written before ``model.softmax_beta`` existed was trained with a plain
+    soft-max (1): loading it gives 1 whatever the default, and it is still that network."""
+    from vertstudy.checkpoint import ADDED_FIELDS, checkpoint_config
+    from vertstudy.config import Config
+
+    stored = Config().model_dump()
+    del stored["model"]["softmax_beta"]
+    state = {"config": stored}
+    cfg = checkpoint_config(state, tmp_path / "old.pt")
+    assert cfg.model.softmax_beta == ADDED_FIELDS["model.softmax_beta"] == 1.0
+    assert "softmax_beta" not in state["config"]["model"]  # the caller's dict is left as it was
+    newer = Config().model_dump()
+    newer["model"]["softmax_beta"] = 25.0
+    assert checkpoint_config({"config": newer}, tmp_path / "new.pt").model.softmax_beta == 25.0

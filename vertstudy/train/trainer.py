@@ -61,8 +61,8 @@ import numpy as np
 import torch
 
 from vertstudy.anatomy import REGIONS
-from vertstudy.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from vertstudy.config import Config, ModelConfig, TrainConfig
+from vertstudy.checkpoint import CHECKPOINT_FORMAT, checkpoint_config, load_checkpoint, save_checkpoint
+from vertstudy.config import Config, TrainConfig
 from vertstudy.data.cache import CachedCase
 from vertstudy.data.crops import CropDataset, make_loader
 from vertstudy.errors import ConfigError
@@ -367,7 +367,7 @@ def _restore(path: Path, cfg: Config, model, optimizer, scheduler) -> _State:
     state = load_checkpoint(path)
     if any(key not in state for key in RESUME_ONLY):
         raise ConfigError(f"{path}: holds the weights only (a best.pt has no optimizer state); resume from last.pt")
-    saved_model = ModelConfig.model_validate(state["config"]["model"])
+    saved_model = checkpoint_config(state, path).model
     if not saved_model.same_network(cfg.model):
         raise ConfigError(f"{path}: resume with model config {cfg.model!r}, but the checkpoint has {saved_model!r}")
     model.load_state_dict(state["model"])
