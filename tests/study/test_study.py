@@ -10,12 +10,14 @@ from pathlib import Path
 import optuna
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from tests.study.conftest import tiny_spec
 from vertstudy.checkpoint import load_checkpoint
 from vertstudy.study.runner import export_tables, run_study, study_status
 from vertstudy.study.spec import load_study, smoke, total_trials
 from vertstudy.study.tracking import read_offline_runs
+from vertstudy.train.trainer import training_precision
 
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
 STATUSES = {"completed", "pruned", "error", "diverged"}
@@ -59,7 +61,7 @@ def check_consistent(study_dir, spec, expected_trials: int) -> list[dict]:
             assert [(r["case"], r["label"]) for r in held_out] == [(r["case"], r["label"]) for r in rows]
             final = [r for r in results_of(study_dir, t["trial_id"]) if r.get("phase") == "final"][-1]
             assert all(not isinstance(v, (str, list, dict)) or k in ("phase", "status", "message", "node", "hostname",
-                       "device", "wandb_run", "checkpoint_dir_name", "date", "trial_id", "pid", "node_ip",
+                       "device", "precision", "wandb_run", "checkpoint_dir_name", "date", "trial_id", "pid", "node_ip",
                        "experiment_tag", "config") for k, v in final.items()), final
     if spec.search.algorithm != "grid":
         from vertstudy.study.search import open_optuna_storage
@@ -82,6 +84,7 @@ def test_quickstart_smoke_writes_tables_wandb_and_optuna(ray_cluster, storage):
         assert 2.0 <= t["cfg.loss.balance_b"] <= 4.0
         assert t["cfg.train.schedule.kind"] in ("plateau", "cosine", "step")
         assert len(t["node"]) > 20 and t["hostname"] and t["device"] == "cpu"  # where it ran, pruned or not
+        assert t["precision"] == training_precision(torch.device("cpu"), t["cfg.train.amp"])  # and how
         sampled = json.loads(t["params"])  # only what the search sampled: conditionals follow the kind
         assert set(sampled) <= set(spec.space)
         assert ("train.schedule.patience" in sampled) == (sampled["train.schedule.kind"] == "plateau")
