@@ -38,14 +38,18 @@ def cases(tmp_path_factory):
 def test_real_network_fits_a_few_phantoms(seed, cases, tmp_path, one_torch_thread):
     cfg = Config.model_validate(
         {
-            "model": {"width": 0.25, "lstm_hidden": 32, "lstm_layers": 1},
+            # the paper's plain soft-max (softmax_beta 1), as when these thresholds were measured
+            "model": {"width": 0.25, "lstm_hidden": 32, "lstm_layers": 1, "softmax_beta": 1.0},
             "data": {
                 "prep": {"spacing_mm": 4.0},
                 # the paper's crops (all on the spine) and loss (no map regulariser), as measured
                 "crop": {"crop_size": (32, 24, 24), "crops_per_case": 16, "jitter_mm": 0.0, "anywhere_fraction": 0.0},
                 "augment": {"enabled": False},
             },
-            "train": {"epochs": 13, "lr": 0.003, "val_crops_per_case": 2},
+            # float32, as measured; under bf16 (train.amp auto on a CPU with native bf16) the same
+            # runs went 23.3 -> 6.1 (seed 0: the classification loss 2.1 -> 4.1 in the last epoch
+            # alone) and 23.5 -> 2.6, with the same validation error and identification
+            "train": {"epochs": 13, "lr": 0.003, "val_crops_per_case": 2, "amp": "off"},
             "loss": {"map_reg": "none"},
             "seed": seed,
         }
