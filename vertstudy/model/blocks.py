@@ -75,14 +75,14 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
     bf16 input they took 7-15x longer (forward + backward, 8-16 channels at 48 x 32 x 32,
     measured), and copying to contiguous and back around every convolution costs as much as
     the convolution gains. Here each pass runs over the ``(B, N, C)`` rows of the channels-last
-    tensor: per-channel sums (accumulated in float32, float64 for float64) give each group's
-    mean ``mu`` and variance (``E[x^2] - mu^2``, clamped at 0), and the output is one
-    per-(sample, channel) scale and shift (:func:`_affine`). Backward, over a group of ``M``
-    values with ``r = 1 / sqrt(var + eps)`` and ``g = gamma dy``: ``dx = r gamma dy - (r / M)
-    sum(g) - (r^3 / M) (x - mu) sum(g (x - mu))``, again from per-channel sums. Statistics and
-    coefficients are float32; the passes over the tensor run in its dtype (bf16 under autocast).
-    Same result and gradients as ``F.group_norm`` within that dtype's rounding (tests, gradcheck
-    in float64).
+    tensor: per-channel sums (:func:`_channel_sums`: accumulated in float32, the sum rounded
+    once to the tensor's dtype) give each group's mean ``mu`` and variance (``E[x^2] - mu^2``,
+    clamped at 0), and the output is one per-(sample, channel) scale and shift (:func:`_affine`).
+    Backward, over a group of ``M`` values with ``r = 1 / sqrt(var + eps)`` and ``g = gamma
+    dy``: ``dx = r gamma dy - (r / M) sum(g) - (r^3 / M) (x - mu) sum(g (x - mu))``, again from
+    per-channel sums. The group statistics and coefficients are float32 (float64 for float64);
+    the passes over the tensor run in its dtype (bf16 under autocast). Same result and
+    gradients as ``F.group_norm`` within that dtype's rounding (tests; gradcheck in float64).
     """
 
     @staticmethod

@@ -67,7 +67,9 @@ room for the backward pass's transient gradients and cuDNN workspaces.
 
 Weight init: Kaiming-normal (fan_out, ReLU) for convolutions, GroupNorm gamma 1 / beta 0, the
 last heatmap convolution normal(std 1e-3) with zero bias, so every softmax starts almost
-uniform and the integral head starts at the crop centre; the fc head's last layer likewise
+uniform and the integral head starts at the crop centre (times the default ``softmax_beta`` 25,
+measured at width 0.25 on a 48 x 32 x 32 crop: logits' std 0.04 per map, no voxel above 1.5x
+the uniform probability); the fc head's last layer likewise
 normal(std 1e-3), zero bias (also the centre). Small rather than zero, so that every upstream
 parameter gets a gradient from the first step; for the same reason, no zero-init of the
 residual branches' last GroupNorm gamma (the network is shallow enough not to need it). LSTMs
