@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from vertstudy.bench.learn import bench_learn, format_table, minutes_to_rate, whole_ct_curve
 from vertstudy.checkpoint import load_checkpoint
@@ -72,6 +73,9 @@ def test_phantom_seed_changes_the_phantoms_and_training_seed_does_not(runs) -> N
         figures = runs[name]["figures"]
         assert (figures["phantom_seed"], figures["train_seed"]) == (phantom_seed, train_seed), name
         assert figures["cases_train_val_test"] == "2/1/1"
+        from vertstudy.train.trainer import training_precision
+
+        assert figures["precision"] == training_precision(torch.device("cpu"), "auto")  # what it trained in
 
 
 def test_training_seed_sets_the_initialisation_and_phantom_seed_does_not(runs) -> None:

@@ -294,6 +294,7 @@ def _figures(cfg: Config, result, train_s: float, n_train: int, n_val: int, n_te
         "phantom_seed": phantom_seed,
         "train_seed": cfg.seed,
         "status": result.status,
+        "precision": result.precision,
         "epochs": result.epochs,
         "train_crops": crops,
         "train_s": train_s,
