@@ -46,6 +46,7 @@ def test_the_cpu_profile_of_every_table_file_validates(path):
     cfg = load_config(again.config)
     assert cfg.model.width == 0.25 and cfg.data.prep.spacing_mm == 4.0 and cfg.data.crop.crop_size == (48, 32, 32)
     assert cfg.train.device == "cpu" and cfg.train.workers == 0 and cfg.train.select_on == "val_ct"
+    assert cfg.train.amp == "auto"  # bf16 where the CPU has it, not the file's GPU-only `true`
     assert cfg.train.epochs == CPU_CONFIG["train.epochs"] and cfg.train.whole_ct_every > 0
     assert again.resources.cpus == 1 and again.resources.gpus == 0 and again.concurrency == 2
     assert again.scheduler.kind == "none"  # ablations train every trial fully
