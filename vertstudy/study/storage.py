@@ -1,6 +1,15 @@
 """Where a study's results live: a local directory or a URI that pyarrow's filesystems read
 (``file://``, ``s3://``, ``gs://``, ``hdfs://``...). Every path here is a string in the
 filesystem's own syntax, always joined with ``/``.
+
+A storage URI is saved in ``study.json`` and paths are appended to it, so it carries neither
+credentials (``s3://KEY:SECRET@bucket``) nor a query (``s3://b/p?endpoint_override=...``): both
+are refused in one line. A non-AWS object store (MinIO, Ceph, SeaweedFS, a cloud's S3 API) is
+named by the standard environment instead: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY`` (or ``AWS_PROFILE``, or the node's role) and ``AWS_DEFAULT_REGION``,
+which pyarrow (``FileSystem.from_uri``) and boto3 (the driver lease) both read. A store that
+cannot be reached, a missing bucket, refused credentials and a denied write are each one line
+(:func:`store_error`) naming the URI and what to check.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from vertstudy.errors import ConfigError
+from vertstudy.errors import ConfigError, StorageError
 
 
 def is_uri(location: str) -> bool:
@@ -37,10 +46,129 @@ def canonical(location: str | Path) -> str:
     return str(location) if is_uri(str(location)) else str(local_path(str(location)))
 
 
+def check_uri(location: str, where: str = "storage") -> str:
+    """``location`` if it is a path or a URI without credentials and without a query; else
+    ``ConfigError`` (one line, the secret parts not shown)."""
+    location = str(location)
+    if not is_uri(location):
+        return location
+    scheme, _, rest = location.partition("://")
+    authority = rest.split("/", 1)[0]
+    if "@" in authority:
+        shown = f"{scheme}://***@{rest.split('@', 1)[1].split('?', 1)[0]}"
+        raise ConfigError(
+            f"{where}: {shown} carries credentials, which would be saved with the study (study.json); leave them "
+            "out of the URI and set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or the node's role) "
+            "in the environment")
+    if "?" in rest:
+        path, _, query = rest.partition("?")
+        keys = ", ".join(sorted({q.split("=", 1)[0] for q in query.split("&") if q})) or "?"
+        raise ConfigError(
+            f"{where}: {scheme}://{path}?... carries a query ({keys}), which cannot be joined with the study's "
+            "paths; give the URI without it and set the store in the environment: AWS_ENDPOINT_URL for a non-AWS "
+            "endpoint (MinIO, Ceph, SeaweedFS...), AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for credentials, "
+            "AWS_DEFAULT_REGION for the region")
+    return location
+
+
+def endpoint() -> str:
+    """The S3 endpoint pyarrow and boto3 talk to (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``,
+    any user:password in it hidden); ``AWS`` when neither is set."""
+    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        url = f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url or "AWS"
+
+
+#: words in pyarrow's and boto3's errors, by what the user should check
+_UNREACHABLE = ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Could not resolve", "Connection refused",
+                "EndpointConnectionError", "Connect timeout", "timed out", "Name or service not known")
+_NO_BUCKET = ("NO_SUCH_BUCKET", "NoSuchBucket", "allow_bucket_creation")
+_BAD_KEYS = ("INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId", "SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch",
+             "EXPIRED_TOKEN", "ExpiredToken", "InvalidToken", "InvalidClientTokenId", "NoCredentialsError",
+             "Unable to locate credentials")
+_DENIED = ("ACCESS_DENIED", "AccessDenied", "Access Denied", "Forbidden")
+
+
+def s3_parts(location: str) -> tuple[str, str]:
+    """(bucket, key prefix) of an ``s3://`` URI."""
+    rest = str(location).split("://", 1)[1]
+    bucket, _, key = rest.partition("/")
+    return bucket, key.strip("/")
+
+
+def s3_client():
+    """A boto3 S3 client for the store pyarrow reads (the same environment: ``AWS_ENDPOINT_URL``,
+    credentials, region), with short timeouts and 3 attempts; ``ConfigError`` without boto3."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise ConfigError("storage: s3:// needs boto3 (pip install 'vertstudy[cluster]')") from None
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None
+    config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=20)
+    return boto3.client("s3", region_name=region, config=config)
+
+
+def _diagnose_s3_denial(location: str) -> str:
+    """Why an s3 store said "access denied": refused credentials, no read, or no write (boto3 asks)."""
+    try:
+        import botocore.exceptions as bexc
+
+        bucket, prefix = s3_parts(location)
+        s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    except ConfigError:
+        return "access denied: check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) " \
+               "and that they may read and write this prefix"
+    except bexc.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if any(k in code for k in _BAD_KEYS):
+            return _bad_keys(code)
+        return (f"access denied ({code or 'reading'}): the credentials may not list this prefix; grant them "
+                "s3:ListBucket, s3:GetObject, s3:PutObject and s3:DeleteObject on it")
+    except Exception as exc:  # noqa: BLE001 (a second failure says no more than the first)
+        return f"access denied ({type(exc).__name__}): check the credentials and their permissions on this prefix"
+    return ("the credentials may read but not write here (access denied): grant them s3:PutObject and "
+            "s3:DeleteObject on this prefix, or give a storage they may write")
+
+
+def _bad_keys(code: str) -> str:
+    return (f"the store refused the credentials ({code}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE, or the node's role) for this endpoint")
+
+
+def store_error(location: str, exc: BaseException, doing: str = "cannot be read") -> StorageError:
+    """One line for an object store's failure on ``location``: what went wrong and what to check
+    (unreachable endpoint, missing bucket, refused credentials, denied write), no secret shown."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    where = str(location).split("?", 1)[0]
+    s3 = str(location).startswith("s3://")
+    if any(k in text for k in _UNREACHABLE):
+        why = (f"cannot reach the object store at {endpoint() if s3 else 'its endpoint'}; check "
+               f"{'AWS_ENDPOINT_URL (or the region) and ' if s3 else ''}that the store is up and reachable from here")
+    elif any(k in text for k in _NO_BUCKET) or ("Bucket" in text and "not found" in text):
+        bucket = s3_parts(location)[0] if s3 else str(location).split("://", 1)[-1].split("/", 1)[0]
+        why = (f"the bucket {bucket!r} does not exist{f' at {endpoint()}' if s3 else ''}; create it first "
+               "(vertstudy creates no buckets) or fix the URI")
+    elif any(k in text for k in _BAD_KEYS):
+        code = next(k for k in _BAD_KEYS if k in text)
+        why = _bad_keys(code)
+    elif any(k in text for k in _DENIED):
+        why = _diagnose_s3_denial(location) if s3 else \
+            "access denied: check the credentials and that they may read and write this location"
+    else:
+        first = text[:240]
+        why = f"{first}; check the URI, the store and the credentials"
+    return StorageError(f"storage: {where} {doing}: {why}")
+
+
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path in it) of a local path or URI; ``ConfigError`` for an unknown scheme."""
+    """(filesystem, path in it) of a local path or URI; ``ConfigError`` for an unknown scheme, a
+    URI with credentials or a query (:func:`check_uri`)."""
     if not is_uri(location):
         return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    check_uri(location)
     try:
         return pafs.FileSystem.from_uri(str(location))
     except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
@@ -70,6 +198,8 @@ def check_writable(location: str) -> None:
             out.write(b"ok")
         fs.delete_file(probe)
     except (OSError, ValueError) as exc:
+        if is_uri(location) and not is_local(location):
+            raise store_error(location, exc, "cannot be written") from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"storage: {location!r} cannot be written ({reason}); give a writable directory or URI") \
             from None
@@ -77,13 +207,23 @@ def check_writable(location: str) -> None:
 
 def exists(location: str) -> bool:
     fs, path = resolve(location)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as exc:
+        if is_local(location):
+            raise
+        raise store_error(location, exc) from None
 
 
 def read_text(location: str) -> str:
     fs, path = resolve(location)
-    with fs.open_input_stream(path) as f:
-        return f.read().decode("utf-8")
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode("utf-8")
+    except OSError as exc:
+        if is_local(location) or isinstance(exc, FileNotFoundError):
+            raise
+        raise store_error(location, exc) from None
 
 
 def write_atomic(location: str, write) -> str:
