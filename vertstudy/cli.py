@@ -360,6 +360,10 @@ def cmd_study_export(args: argparse.Namespace) -> int:
     return 0
 
 
+NO_LEASE_HELP = ("run without the driver lease (VERTSTUDY_NO_LEASE=1), where the storage has none (gs://, a store "
+                 "without conditional writes): you make sure no other driver of the study runs")
+
+
 def _add_study_commands(top: argparse._SubParsersAction) -> None:
     """``vertstudy study run|resume|status|export``."""
     study = top.add_parser("study", help="run, resume, inspect and export hyperparameter studies on Ray",
@@ -387,6 +391,7 @@ def _add_study_commands(top: argparse._SubParsersAction) -> None:
                         "network for 45 epochs: studies/table*.yaml in about 2 hours on 2 cores)")
     p.add_argument("--smoke", action="store_true", help="the same as --scale smoke")
     p.add_argument("--no-progress", action="store_true", help="no live trials table")
+    p.add_argument("--no-lease", action="store_true", help=NO_LEASE_HELP)
     p.set_defaults(func=cmd_study_run)
 
     p = study_sub.add_parser("resume", help="continue an interrupted study from its directory",
@@ -394,6 +399,7 @@ def _add_study_commands(top: argparse._SubParsersAction) -> None:
     p.add_argument("dir", help="the study directory (<storage>/<study name>)")
     p.add_argument("--address", help="Ray cluster address (default: start a local cluster, or RAY_ADDRESS)")
     p.add_argument("--no-progress", action="store_true", help="no live trials table")
+    p.add_argument("--no-lease", action="store_true", help=NO_LEASE_HELP)
     p.set_defaults(func=cmd_study_resume)
 
     p = study_sub.add_parser("status", help="print the trials table of a study",
@@ -871,6 +877,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(driver_environment(os.environ))  # the entry point sets what Tune reads from it
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "no_lease", False):
+        os.environ["VERTSTUDY_NO_LEASE"] = "1"  # read by vertstudy.study.lease.DriverLease
     try:
         return int(args.func(args) or 0)
     except VertstudyError as exc:

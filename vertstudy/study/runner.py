@@ -323,6 +323,9 @@ def prepare_study(spec: StudySpec, progress: bool = True) -> tuple[str, StudyDat
     shared = spec.data.shared_cache or (storage.uri_join(spec.storage, "_cache") if not storage.is_local(spec.storage)
                                         else None)
     data = materialize(spec.data, spec.base_config, _work_dir(spec), progress=progress, shared=shared)
+    from vertstudy.study.lease import claim_optuna_study
+
+    claim_optuna_study(spec, study_dir, fresh=True)  # another directory's Optuna study of this name: refused
     fs, path = storage.resolve(study_dir)
     fs.create_dir(path, recursive=True)  # only now: a study that fails its checks leaves no directory
     storage.write_text(storage.uri_join(study_dir, "split.json"), data.to_json())
@@ -367,11 +370,12 @@ def resume_study(study_dir: str, address: str | None = None, progress: bool = Tr
     """Continue an interrupted study: ended trials are kept, unfinished ones continue from their
     latest checkpoint, errored ones are retried, and new trials are sampled up to ``num_samples``.
     ``ConfigError`` while another driver of the study is alive (:mod:`vertstudy.study.lease`)."""
-    from vertstudy.study.lease import DriverLease
+    from vertstudy.study.lease import DriverLease, claim_optuna_study
 
     study_dir = storage.canonical(study_dir)
     spec, data = load_study_dir(study_dir)
     with DriverLease(study_dir, spec.name):  # refuses while the study's driver is alive
+        claim_optuna_study(spec, study_dir, fresh=False)  # and while another directory holds its Optuna study
         return _resume(study_dir, spec, data, address, progress)
 
 
