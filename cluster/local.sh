@@ -10,12 +10,13 @@
 #   cluster/local.sh status [DIR]
 #   cluster/local.sh kill-worker [DIR] INDEX   # SIGKILL a worker node (fault drills)
 #   cluster/local.sh start [DIR] --netns --health-check-s 3  # workers with addresses of their own (root)
+#   cluster/local.sh start [DIR] --home-per-node  # no folder shared between nodes (object-storage drills)
 #   cluster/local.sh cut-worker [DIR] INDEX [--heal]  # take a worker's link down / up (a partition)
 #   cluster/local.sh stop [DIR]
 set -euo pipefail
 cmd=${1:-}
 if [ -z "$cmd" ] || [ "$cmd" = "-h" ] || [ "$cmd" = "--help" ]; then
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 shift

@@ -13,6 +13,10 @@ raylet's ``--node_id``), which is what the study tables record in ``node``. With
 ``netns=True`` (root and iproute2) every worker runs in a network namespace of its own with its
 own address on a private bridge (:mod:`vertstudy.localnet`), as separate hosts would, and
 ``cut_worker`` / ``heal_worker`` take a worker's link down and up (a network partition).
+With ``home_per_node=True`` every node runs with a HOME of its own (``<root>/home/node-N``), so
+``~/.cache/vertstudy`` (the default ``data.node_cache`` and a driver's working folder) is not
+shared between nodes, as on separate hosts; with an object store as the study's storage, the data
+then reach a worker only through the published cache and a checkpoint only through the store.
 ``health_check_s`` shortens how long the head waits before it declares a silent node dead
 (Ray's default is about 30 s). ``kill_worker`` SIGKILLs a
 worker's raylet and everything it started (its trial workers and agents), which is what the
@@ -75,6 +79,11 @@ class LocalCluster:
     network: str = ""  # prefix of its network namespaces and bridge (netns=True), else ""
     subnet: str = ""
     health_check_s: float = 0.0  # 0: Ray's default
+    home_per_node: bool = False  # each node's HOME is <root>/home/node-N (node_home)
+
+    def node_home(self, index: int) -> Path | None:
+        """The HOME of node ``index`` (``None``: the caller's, shared by every node)."""
+        return self.root / "home" / f"node-{index}" if self.home_per_node else None
 
     @property
     def address(self) -> str:
@@ -196,6 +205,11 @@ def _ray_start(cluster: LocalCluster, node: Node, ports: dict[str, int], log) ->
         if node.index > 0:
             args = in_namespace(cluster.net, node.index, args)
     env = {**os.environ, **cluster.env(), **_health_env(cluster.health_check_s)}
+    home = cluster.node_home(node.index)
+    if home is not None:  # the node's Ray workers (trials) inherit it, as on a host of its own
+        home.mkdir(parents=True, exist_ok=True)
+        env["HOME"] = str(home)
+        env.pop("XDG_CACHE_HOME", None)
     env.pop("RAY_ADDRESS")  # `ray start` takes --address; a stale RAY_ADDRESS would confuse the head
     # a W&B service of the caller's process (wandb sets WANDB_SERVICE once it has run) would serve
     # every node's trials: two attempts of a trial would share it, and it refuses the retry's run
@@ -266,13 +280,14 @@ def _descendants(pid: int, procs: dict[int, tuple[int, str]]) -> list[int]:
 
 def start_local_cluster(root: Path, workers: int = 2, cpus_per_worker: float = 1, head_cpus: float = 0,
                         object_store_mb: int = 100, log=print, netns: bool = False,
-                        health_check_s: float = 0.0) -> LocalCluster:
+                        health_check_s: float = 0.0, home_per_node: bool = False) -> LocalCluster:
     """Start a head and ``workers`` worker nodes in ``root`` (created; must not hold a running cluster).
 
     ``object_store_mb`` caps each node's object store (Ray's default claims ~30 % of RAM per node).
     ``netns``: each worker in a network namespace of its own, with its own address (see the
     module docstring). ``health_check_s``: seconds of silence after which the head declares a
-    node dead (0: Ray's default). On failure everything started so far is stopped again."""
+    node dead (0: Ray's default). ``home_per_node``: a HOME of its own for each node. On failure
+    everything started so far is stopped again."""
     if workers < 0 or cpus_per_worker <= 0 or head_cpus < 0 or object_store_mb < 75 or health_check_s < 0:
         raise ConfigError(f"workers >= 0, cpus per worker > 0, head cpus >= 0, object store >= 75 MB, health "
                           f"check >= 0 s; got {workers}, {cpus_per_worker}, {head_cpus}, {object_store_mb}, "
@@ -289,7 +304,8 @@ def start_local_cluster(root: Path, workers: int = 2, cpus_per_worker: float = 1
     base = _port_block(n_nodes)
     head = _node_ports(base, 0, n_nodes)
     cluster = LocalCluster(root=root, gcs_port=head["gcs"], dashboard_port=head["dashboard"],
-                           object_store_mb=object_store_mb, health_check_s=health_check_s)
+                           object_store_mb=object_store_mb, health_check_s=health_check_s,
+                           home_per_node=home_per_node)
     fd = os.open(cluster.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))

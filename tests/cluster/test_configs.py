@@ -214,6 +214,7 @@ def test_launcher_installs_vertstudy_from_the_mounted_checkout(launcher):
     assert config["file_mounts"]["~/vertstudy"] == "."
     installs = [c for c in config["setup_commands"] if re.search(r"pip install (-\S+ )*~/vertstudy\b", c)]
     assert len(installs) == 1, "setup_commands install vertstudy from the mounted checkout"
+    assert "~/vertstudy'[cluster]'" in installs[0], "with the cluster extra (boto3 for the S3 lease, psycopg)"
     assert not any("torch==" in c for c in all_commands(config)), "GPU nodes take torch's CUDA build"
     image = config["docker"]["image"]
     assert image.startswith(f"rayproject/ray:{RAY_VERSION}-") and image.endswith("-gpu")
