@@ -471,7 +471,7 @@ def cmd_cluster_start(args: argparse.Namespace) -> int:
     c = start_local_cluster(Path(args.dir), workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                             head_cpus=args.head_cpus, object_store_mb=args.object_store_mb,
                             log=lambda m: print(m, file=sys.stderr), netns=args.netns,
-                            health_check_s=args.health_check_s)
+                            health_check_s=args.health_check_s, home_per_node=args.home_per_node)
     print(f"local Ray cluster up: head + {len(c.workers())} workers, token authentication on"
           + (f"; workers in network namespaces ({', '.join(n.ip for n in c.workers())})" if c.network else ""))
     print(f"  address:   {c.address}   (vertstudy study run --address, ray.init)")
@@ -542,6 +542,10 @@ def _add_cluster_commands(top: argparse._SubParsersAction) -> None:
     p.add_argument("--health-check-s", type=_nonneg_float, default=0.0,
                    help="seconds without an answer after which the head declares a node dead (default 0: Ray's, "
                         "about 30 s)")
+    p.add_argument("--home-per-node", action="store_true",
+                   help="give each node a HOME of its own (<dir>/home/node-N), so nodes share no cache or working "
+                        "folder, as separate hosts (test object storage: data and checkpoints reach a node only "
+                        "through the store)")
     p.set_defaults(func=cmd_cluster_start)
     p = cluster_sub.add_parser("status", help="the nodes of a local cluster", description="Print the nodes of the "
                                "local cluster in --dir: role, CPUs, Ray node id, raylet pid, alive or killed.")
