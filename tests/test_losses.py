@@ -341,3 +341,43 @@ def test_js_map_loss_with_a_mask_computes_only_the_masked_maps_and_the_same_valu
     masked.sum().backward()
     assert heatmaps.grad[0, 1].abs().sum() > 0 and heatmaps.grad[0, 2].abs().sum() == 0
     assert (js_map_loss(heatmaps, coords, 1.0, mask=torch.zeros(2, 26)) == 0).all()
+
+
+def _js_reference(heatmaps, coords, sigma_vox):
+    """The plain formula, through autograd: KL(p || m) / 2 + KL(g || m) / 2 over each whole map."""
+    from vertstudy.losses import gaussian_map
+    from vertstudy.model.integral import softmax_3d
+
+    p = softmax_3d(heatmaps).flatten(2)
+    g = gaussian_map(coords.to(p.dtype), heatmaps.shape[2:], sigma_vox).flatten(2)
+    log_m = torch.log((0.5 * (p + g)).clamp_min(1e-30))
+    return 0.5 * (torch.xlogy(p, p) - p * log_m).sum(-1) + 0.5 * (torch.xlogy(g, g) - g * log_m).sum(-1)
+
+
+def test_js_map_loss_matches_the_plain_formula_in_value_and_gradient():
+    from vertstudy.losses import js_map_loss
+
+    torch.manual_seed(2)
+    # peaked logits (softmax_beta 25 scale) and targets near and past the edges
+    heatmaps = (torch.randn(2, 26, 7, 6, 5, dtype=torch.float64) * 8).requires_grad_(True)
+    coords = (torch.rand(2, 26, 3, dtype=torch.float64) * 8 - 1).to(torch.float64)
+    torch.testing.assert_close(js_map_loss(heatmaps, coords, 1.0), _js_reference(heatmaps, coords, 1.0))
+    weights = torch.rand(2, 26, dtype=torch.float64)
+    (js_map_loss(heatmaps, coords, 1.0) * weights).sum().backward()
+    fused = heatmaps.grad.clone()
+    heatmaps.grad = None
+    (_js_reference(heatmaps, coords, 1.0) * weights).sum().backward()
+    torch.testing.assert_close(fused, heatmaps.grad)
+    small = torch.randn(1, 2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h: js_map_loss(h, coords[:1, :2] / 2, 0.8), (small,))
+
+
+def test_js_map_loss_of_bf16_logits_is_computed_in_float32():
+    from vertstudy.losses import js_map_loss
+
+    torch.manual_seed(3)
+    heatmaps = torch.randn(1, 26, 8, 6, 6) * 5
+    coords = torch.rand(1, 26, 3) * 5
+    low = js_map_loss(heatmaps.to(torch.bfloat16), coords, 1.0)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, _js_reference(heatmaps.to(torch.bfloat16).float(), coords, 1.0))
