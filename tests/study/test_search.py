@@ -44,6 +44,27 @@ def test_stopped_finished_and_failed_trials_are_recorded_as_such(tmp_path, study
     assert trials[1].value == 22.0 and trials[1].intermediate_values == {1: 30.0, 2: 22.0}
 
 
+
+@pytest.mark.parametrize("reproducible", [False, True])
+def test_the_result_a_trial_was_stopped_at_is_among_its_intermediate_values(tmp_path, study_dir, reproducible):
+    """Tune hands the result at which ASHA stops a trial to the searcher only in
+    ``on_trial_complete``; it is recorded, so TPE and the dashboard see every pruned trial's last
+    value (with a grace period of 1, the only one it has)."""
+    spec = tiny_spec("search", tmp_path / "st", num_samples=2,
+                     search={"algorithm": "optuna-tpe", "reproducible": reproducible})
+    search = searcher(spec, str(study_dir))
+    for tid in ("at_rung_3", "at_rung_1"):
+        assert search.suggest(tid) is not None
+    for n, v in ((1, 40.0), (2, 35.0)):
+        search.on_trial_result("at_rung_3", epoch(v, n))
+    search.on_trial_complete("at_rung_3", epoch(31.0, 3))  # stopped at epoch 3: never in on_trial_result
+    search.on_trial_complete("at_rung_1", epoch(50.0, 1))  # stopped at its first report
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{study_dir}/optuna.db")
+    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.PRUNED] * 2
+    assert trials[0].intermediate_values == {1: 40.0, 2: 35.0, 3: 31.0}
+    assert trials[1].intermediate_values == {1: 50.0}
+
 def test_a_stopped_multi_objective_trial_is_pruned_without_intermediate_values(tmp_path, study_dir):
     spec = tiny_spec("search", tmp_path / "st", num_samples=2, search={"algorithm": "optuna-multi"},
                      scheduler={"kind": "none"})

@@ -18,6 +18,11 @@ changes it fails there, loudly, instead of mixing studies or dropping callbacks 
   (:func:`reload_auth_token`), for benchmarks and tests.
 - **A finished Optuna trial's late results.** See
   :class:`vertstudy.study.search.ResumableOptunaSearch`, which uses :func:`mark_completed`.
+- **Trial ids of one's own** (reproducible studies, :mod:`vertstudy.study.ordered`): Tune draws
+  them at random; :func:`stable_search_generator` and :func:`stable_variant_generator` name the
+  trials ``<prefix><number>`` instead, for Optuna searches and grids.
+- **Letting a held trial go on**: a scheduler that answered a result with ``NOOP`` (the trial's
+  thread stays blocked in its report) lets it train on with :func:`continue_training`.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ def __getattr__(name: str):
     # CLI does, for driver_environment) does not import Ray
     if name == "StagingTurn":
         return _staging_turn_class()
+    if name == "StableIdSearchGenerator":
+        return _stable_search_generator_class()
     raise AttributeError(name)
 
 
@@ -146,3 +153,56 @@ def mark_completed(searcher, trial_id: str) -> None:
     """Tell Ray's ``OptunaSearch`` that ``trial_id``'s Optuna trial is finished, so it ignores the
     trial's further results."""
     searcher._completed_trials.add(trial_id)
+
+
+def stable_variant_generator(prefix: str, max_concurrent: int):
+    """Tune's grid expansion (``BasicVariantGenerator``) naming its trials ``<prefix><00000>``,
+    ``<prefix><00001>``, ... in grid order instead of behind a random prefix (Ray's
+    ``_uuid_prefix``, which its saved state carries to a resumed driver)."""
+    from ray.tune.search import BasicVariantGenerator
+
+    generator = BasicVariantGenerator(max_concurrent=max_concurrent)
+    generator._uuid_prefix = prefix
+    return generator
+
+
+def stable_search_generator(searcher, prefix: str):
+    """Tune's ``SearchGenerator`` around ``searcher`` naming trial ``n`` (0, 1, ...: the order
+    in which the searcher gave them) ``<prefix><n, 5 digits>`` instead of a random id. Its
+    counter is in Ray's saved state, so a resumed driver goes on with the next number."""
+    return _stable_search_generator_class()(searcher, prefix)
+
+
+@functools.lru_cache(maxsize=1)
+def _stable_search_generator_class():
+    from ray.tune.experiment import Trial
+    from ray.tune.search import SearchGenerator
+
+    class StableIdSearchGenerator(SearchGenerator):
+        """``SearchGenerator.create_trial_if_possible`` draws the id with ``Trial.generate_id()``
+        before asking the searcher; for that one call it returns the trial's stable id."""
+
+        def __init__(self, searcher, prefix: str):
+            super().__init__(searcher)
+            self.id_prefix = prefix
+
+        def next_trial_id(self) -> str:
+            return f"{self.id_prefix}{self._counter:05d}"
+
+        def create_trial_if_possible(self, experiment_spec):
+            fixed, original = self.next_trial_id(), Trial.__dict__["generate_id"]
+            Trial.generate_id = classmethod(lambda cls: fixed)
+            try:
+                return super().create_trial_if_possible(experiment_spec)
+            finally:
+                Trial.generate_id = original
+
+    StableIdSearchGenerator.__module__ = __name__
+    StableIdSearchGenerator.__qualname__ = "StableIdSearchGenerator"  # picklable by name
+    return StableIdSearchGenerator
+
+
+def continue_training(controller, trial) -> None:
+    """Let a trial whose last result its scheduler answered with ``NOOP`` train on (Tune's
+    controller schedules its next ``train``; the scheduler hooks get the controller wrapped)."""
+    getattr(controller, "_tune_controller", controller)._schedule_trial_train(trial)

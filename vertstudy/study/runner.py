@@ -39,7 +39,7 @@ from vertstudy.study.dataset import StudyData, materialize
 from vertstudy.study.refresh import TableRefresh, sync_tables
 from vertstudy.study.results import EXPERIMENT, experiment_dir
 from vertstudy.study.schema import STATUS_HEADINGS, to_table
-from vertstudy.study.search import open_optuna_storage, optuna_storage_url, scheduler, searcher
+from vertstudy.study.search import open_optuna_storage, optuna_storage_url, scheduler, search_algorithm
 from vertstudy.study.spec import StudySpec, total_trials, validate_spec
 from vertstudy.study.tables import build_tables, write_table, write_tables
 from vertstudy.study.tracking import WandbSettings, log_study
@@ -217,12 +217,13 @@ def _tuner(spec: StudySpec, data: StudyData, study_dir: str, meta: dict, progres
     metric = spec.search.metric if one_metric else None
     mode = spec.search.mode if one_metric else None
     storage_path, storage_fs = storage.ray_storage(study_dir)
+    search_alg, max_concurrent = search_algorithm(spec, study_dir)
     return tune.Tuner(
         _trainable(spec, data, study_dir),
         param_space=grid_space(spec) if spec.search.is_grid else {},
         tune_config=tune.TuneConfig(
-            metric=metric, mode=mode, search_alg=searcher(spec, study_dir), scheduler=scheduler(spec),
-            num_samples=spec.num_samples, max_concurrent_trials=spec.concurrency, reuse_actors=True,
+            metric=metric, mode=mode, search_alg=search_alg, scheduler=scheduler(spec, study_dir),
+            num_samples=spec.num_samples, max_concurrent_trials=max_concurrent, reuse_actors=True,
             trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(

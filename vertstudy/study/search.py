@@ -14,6 +14,8 @@ the search algorithm, storage URL included, into the study directory, and the UR
 
 from __future__ import annotations
 
+from typing import Any
+
 from ray.tune.search.optuna import OptunaSearch
 
 from vertstudy.errors import ConfigError
@@ -38,10 +40,90 @@ class ResumableOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         """A trial that ended without its final report was stopped by the scheduler (ASHA): it is
         PRUNED in Optuna, keeping the intermediate values it reported, not COMPLETE with its
-        early value (TPE would learn from truncated curves as if they were finished)."""
+        early value (TPE would learn from truncated curves as if they were finished). The result
+        at which it was stopped is one of them: Tune hands it to the searcher only here, as the
+        trial's last result (a trial stopped at its first report has no other)."""
         if not error and result is not None and result.get("phase") != "final":
+            self.report_last(trial_id, result)
             result = None  # Ray's OptunaSearch tells PRUNED for a trial that ended without a value
         super().on_trial_complete(trial_id, result, error)
+
+    def report_last(self, trial_id: str, result: dict) -> None:
+        """Record ``result``'s metric as an intermediate value of the trial at its
+        ``training_iteration`` (as ``on_trial_result`` does), unless that step is recorded
+        already. Nothing for a multi-objective search (Optuna keeps no intermediate values)."""
+        import warnings
+
+        value, step = result.get(self.metric) if isinstance(self.metric, str) else None, result.get(
+            "training_iteration")
+        if value is None or step is None or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        with warnings.catch_warnings():  # a step reported already is kept as it was, silently
+            warnings.simplefilter("ignore")
+            self._ot_trials[trial_id].report(float(value), int(step))
+
+
+class ReproducibleOptunaSearch(ResumableOptunaSearch):
+    """Optuna suggestions that depend on the trials' numbers and epochs, not on timing
+    (``search.reproducible``; :mod:`vertstudy.study.ordered`): trial ``k`` is asked for once
+    its virtual start on :class:`~vertstudy.study.ordered.VirtualClock` is known (``suggest``
+    returns ``None`` until then: Tune asks again), after telling Optuna, in number order, the
+    trials that ended by then in the virtual schedule; the others stay RUNNING (what the
+    constant liar sees). Trials that end are told later, when a suggestion needs them, or at
+    once when no suggestion is left to ask. Each suggestion uses a sampler seeded with the
+    study's seed and ``k`` (``samplers``). With ``waits`` off (random search: no suggestion
+    depends on another trial) only the seeding remains."""
+
+    def __init__(self, *, samplers, concurrency: int, num_samples: int, waits: bool = True, **kwargs):
+        from vertstudy.study.ordered import VirtualClock
+
+        super().__init__(**kwargs)
+        self._samplers = samplers
+        self._clock = VirtualClock(concurrency)
+        self._num_samples = num_samples
+        self._waits = waits
+        self._numbers: dict[str, int] = {}  # trial id -> its number (the order of suggestions)
+        self._deferred: dict[int, tuple[str, dict | None, bool]] = {}  # ended, not told yet
+
+    def suggest(self, trial_id: str):
+        if trial_id in self._numbers:
+            return super().suggest(trial_id)
+        if self._waits:
+            start = self._clock.next_start()
+            if start is None:
+                return None  # the free slot waits for the virtual schedule (the price)
+            k, start = self._clock.begin()
+            self._tell(self._clock.ended_by(start))
+        else:
+            k = len(self._numbers)
+        self._numbers[trial_id] = k
+        self._ot_study.sampler = self._samplers(k)
+        params = super().suggest(trial_id)
+        if len(self._numbers) >= self._num_samples:  # the last suggestion: nothing waits for a tell now
+            self._tell(sorted(self._deferred))
+        return params
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._numbers and isinstance(result.get("epoch"), (int, float)):
+            self._clock.report(self._numbers[trial_id], int(result["epoch"]))
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        k = self._numbers.get(trial_id)
+        if k is None or not self._waits:
+            super().on_trial_complete(trial_id, result, error)
+            return
+        epoch = result.get("epoch") if result else None
+        self._clock.finish(k, int(epoch) if isinstance(epoch, (int, float)) else None)
+        self._deferred[k] = (trial_id, result, error)
+        if len(self._numbers) >= self._num_samples:  # nothing left to ask: tell every ended trial
+            self._tell(sorted(self._deferred))
+
+    def _tell(self, numbers: list[int]) -> None:
+        for k in numbers:
+            if k in self._deferred:
+                trial_id, result, error = self._deferred.pop(k)
+                ResumableOptunaSearch.on_trial_complete(self, trial_id, result, error)
 
 
 def open_optuna_storage(spec: StudySpec, study_dir: str):
@@ -103,22 +185,40 @@ def searcher(spec: StudySpec, study_dir: str):
         return None
     import optuna
 
+    from vertstudy.study.ordered import SamplerFactory
     from vertstudy.study.space import define_by_run
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     store = open_optuna_storage(spec, study_dir)
-    seed = spec.search.seed
-    if spec.search.algorithm == "random":
-        sampler, metric, mode = optuna.samplers.RandomSampler(seed=seed), spec.search.metric, spec.search.mode
-    elif spec.search.multi_objective:
-        sampler = optuna.samplers.TPESampler(seed=seed, **tpe_settings(spec))
+    random = spec.search.algorithm == "random"
+    samplers = SamplerFactory(spec.search.algorithm, spec.search.seed, {} if random else tpe_settings(spec))
+    if spec.search.multi_objective:
         metric, mode = list(spec.search.metrics), list(spec.search.modes)
     else:
-        sampler = optuna.samplers.TPESampler(seed=seed, **tpe_settings(spec))
         metric, mode = spec.search.metric, spec.search.mode
-    return ResumableOptunaSearch(
-        space=define_by_run(spec), metric=metric, mode=mode, sampler=sampler, study_name=spec.name, storage=store
-    )
+    common = {"space": define_by_run(spec), "metric": metric, "mode": mode, "sampler": samplers(),
+              "study_name": spec.name, "storage": store}
+    if not spec.search.reproducible:
+        return ResumableOptunaSearch(**common)
+    return ReproducibleOptunaSearch(samplers=samplers, concurrency=spec.concurrency, num_samples=spec.num_samples,
+                                    waits=not random, **common)
+
+
+def search_algorithm(spec: StudySpec, study_dir: str) -> tuple[Any, int | None]:
+    """(Tune's ``search_alg``, its ``max_concurrent_trials``). A reproducible study
+    (``search.reproducible``) names its trials by number (:func:`vertstudy.study.ordered.stable_trial_id`)
+    and limits its concurrency itself; otherwise Tune draws the ids and limits it."""
+    if not spec.search.reproducible:
+        return searcher(spec, study_dir), spec.concurrency
+    from ray.tune.search import ConcurrencyLimiter
+
+    from vertstudy.study.compat import stable_search_generator, stable_variant_generator
+    from vertstudy.study.ordered import stable_prefix
+
+    prefix = stable_prefix(spec.name)
+    if spec.search.is_grid:
+        return stable_variant_generator(prefix, spec.concurrency), None
+    return stable_search_generator(ConcurrencyLimiter(searcher(spec, study_dir), spec.concurrency), prefix), None
 
 
 def tpe_settings(spec: StudySpec) -> dict:
@@ -131,7 +231,9 @@ def tpe_settings(spec: StudySpec) -> dict:
     return {"n_startup_trials": int(startup), "constant_liar": bool(liar)}
 
 
-def scheduler(spec: StudySpec):
+def scheduler(spec: StudySpec, study_dir: str | None = None):
+    """ASHA (in trial order for a reproducible study: :class:`vertstudy.study.ordered.OrderedASHA`,
+    which reads the trials' stored results in ``study_dir`` when a driver resumes), or None."""
     if spec.scheduler.kind == "none":
         return None
     from ray.tune.schedulers import ASHAScheduler
@@ -139,6 +241,11 @@ def scheduler(spec: StudySpec):
     # max_t beyond the last epoch: ASHA stops a trial that reaches max_t, which would cut off
     # its final report (evaluation on the held-out cases); trials end by themselves instead.
     epochs = spec.base_config.train.epochs
+    if spec.search.reproducible:
+        from vertstudy.study.ordered import OrderedASHA
+
+        return OrderedASHA(spec.search.metric, spec.search.mode, spec.scheduler.grace_period,
+                           spec.scheduler.reduction_factor, max(epochs, spec.scheduler.grace_period) + 1, study_dir)
     return ASHAScheduler(
         time_attr="epoch", max_t=max(epochs, spec.scheduler.grace_period) + 1,
         grace_period=spec.scheduler.grace_period,

@@ -135,6 +135,10 @@ class SearchSpec(StrictModel):
     constant_liar: bool | None = Field(None, description="TPE: constant liar for trials running at once "
                                        "(default: on when concurrency > 1)")
     optuna_storage: str | None = Field(None, description="Optuna storage URL; default sqlite in the study dir")
+    reproducible: bool = Field(
+        False, description="the same tables from the same study file, seed and code, whatever the timing: stable "
+        "trial ids, suggestions on a virtual clock of epochs, ASHA in trial order (vertstudy.study.ordered); off: "
+        "Tune's random ids and Optuna and ASHA as trials happen to end")
 
     @field_validator("metric")
     @classmethod
@@ -223,6 +227,10 @@ class StudySpec(StrictModel):
     cpu: dict[str, Any] = Field({}, description="extra config overrides for --scale cpu")
     inject_failure_at_epoch: int | None = Field(
         None, ge=1, description="fault drill: each trial raises once after this epoch's checkpoint (tests resume)"
+    )
+    inject_delay_s: float | None = Field(
+        None, gt=0, description="timing drill: every epoch of every trial waits a random 0 to this many seconds "
+        "before it reports (tests that a reproducible study does not depend on which trial finishes first)"
     )
     inject_corrupt_checkpoint_at_epoch: int | None = Field(
         None, ge=1, description="fault drill: each trial reports this epoch's checkpoint with a truncated last.pt, "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import socket
 import sys
@@ -232,7 +233,11 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
                         checkpoint=tune.Checkpoint.from_directory(str(staging)))
             return
 
+        jitter = random.Random()  # the timing drill's delays differ from run to run, on purpose
+
         def on_epoch(record: dict) -> None:
+            if spec.inject_delay_s:
+                time.sleep(jitter.uniform(0.0, spec.inject_delay_s))
             corrupt = spec.inject_corrupt_checkpoint_at_epoch == record["epoch"] and not (restored or restore_note)
             if corrupt:  # as if the node died while writing last.pt
                 data = (work / "last.pt").read_bytes()

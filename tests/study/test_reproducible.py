@@ -1,0 +1,119 @@
+"""Reproducible studies (``search.reproducible``): the virtual clock and stable ids on their own,
+then a small real study run twice on a real local Ray cluster, the second time beside a
+CPU-bound process and with every epoch delayed at random, whose tables must be the same."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from tests.study.conftest import tiny_spec
+from vertstudy.study.ordered import (
+    VirtualClock,
+    compare_studies,
+    comparable_rows,
+    rung_cutoff,
+    rung_milestones,
+    stable_trial_id,
+    trial_number,
+    trial_seed,
+)
+
+
+def test_stable_ids_name_the_study_and_the_number():
+    assert stable_trial_id("quickstart", 3) == stable_trial_id("quickstart", 3)
+    assert stable_trial_id("quickstart", 3) != stable_trial_id("quickstart-smoke", 3)
+    assert stable_trial_id("quickstart", 3).endswith("_00003")
+    assert trial_number(stable_trial_id("quickstart", 12)) == 12
+    with pytest.raises(ValueError, match="not a stable trial id"):
+        trial_number("3f2a9c1e")
+    assert trial_seed(0, 1) == trial_seed(0, 1) != trial_seed(0, 2)
+
+
+def test_virtual_clock_starts_trials_when_the_first_slot_frees_in_epochs_not_in_seconds():
+    clock = VirtualClock(2)
+    assert clock.begin() == (0, 0) and clock.begin() == (1, 0)
+    assert clock.next_start() is None  # both running
+    clock.report(0, 5)
+    clock.report(1, 3)
+    clock.finish(1)  # trial 1 pruned after 3 epochs; trial 0 is at epoch 5 > 3: trial 1 ended first
+    assert clock.next_start() == 3
+    assert clock.begin() == (2, 3) and clock.ended_by(3) == [1]
+    # trial 0 ends at 20 in reality before trial 2 has run 17 epochs: whether trial 2 ends first
+    # is not known yet, so the next trial waits
+    clock.finish(0, 20)
+    clock.report(2, 16)
+    assert clock.next_start() is None
+    clock.report(2, 17)
+    assert clock.next_start() is None  # trial 2 at 3 + 17 = 20 may end at 20 too
+    clock.report(2, 18)
+    assert clock.next_start() == 20 and clock.begin() == (3, 20)
+    assert clock.ended_by(20) == [0, 1]
+
+
+def test_virtual_clock_ignores_which_trial_really_ended_first():
+    """Two orders of the same events give the same starts and the same trials seen."""
+
+    def run(order):
+        clock = VirtualClock(2)
+        clock.begin(), clock.begin()
+        seen = []
+        for k, epochs in order:
+            clock.finish(k, epochs)
+            while len(clock.start) < 4 and clock.next_start() is not None:
+                k2, t = clock.begin()
+                seen.append((k2, t, tuple(clock.ended_by(t))))
+                clock.report(k2, 0)
+        return seen
+
+    # trial 1 (4 epochs) ends before or after trial 0 (10 epochs) in real time
+    assert run([(1, 4), (0, 10), (2, 2)]) == run([(0, 10), (1, 4), (2, 2)]) == [
+        (2, 4, (1,)), (3, 6, (1, 2))]
+
+
+def test_rungs_and_cutoffs_are_ray_ashas():
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    assert rung_milestones(20, 2, 71) == [20, 40]
+    assert sorted(m for m, _ in _Bracket(20, 71, 2, 0)._rungs) == [20, 40]
+    assert rung_milestones(1, 2, 5) == [1, 2, 4]
+    assert rung_cutoff([], 2) is None
+    assert rung_cutoff([0.2, 0.6], 2) == pytest.approx(_Bracket(1, 5, 2, 0).cutoff({"a": 0.2, "b": 0.6}))
+
+
+@pytest.mark.slow
+def test_a_study_run_twice_gives_the_same_tables_whatever_the_timing(ray_cluster, storage, tmp_path):
+    """6 trials two at a time, TPE after 2 start-up trials, ASHA from epoch 1: the second run has
+    a CPU-bound process beside it and every epoch delayed at random, so trials end in other
+    orders; the tables (timing columns aside), Optuna's record and the best trial are the same."""
+    from vertstudy.study.runner import run_study
+    from vertstudy.study.search import open_optuna_storage
+
+    fields = dict(num_samples=6, concurrency=2, config={"train.epochs": 4},
+                  search={"algorithm": "optuna-tpe", "reproducible": True, "startup_trials": 2},
+                  scheduler={"kind": "asha", "grace_period": 1, "reduction_factor": 2})
+    first = tiny_spec("again", storage / "first", **fields)
+    second = tiny_spec("again", storage / "second", inject_delay_s=0.8, **fields)
+    a = run_study(first, progress=False)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        b = run_study(second, progress=False)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert compare_studies(a.study_dir, b.study_dir) == {"trials": [], "epochs": [], "vertebrae": []}
+    trials = comparable_rows(a.study_dir, "trials")
+    assert [t["trial_id"] for t in trials] == [stable_trial_id("again", n) for n in range(6)]
+    assert any(t["status"] == "pruned" for t in trials), "ASHA stopped no trial: the test shows nothing"
+    assert a.best["trial_id"] == b.best["trial_id"]
+    records = []
+    for spec, result in ((first, a), (second, b)):
+        study = optuna.load_study(study_name="again", storage=open_optuna_storage(spec, result.study_dir))
+        records.append([(t.number, t.state, t.params, t.value, t.intermediate_values) for t in study.get_trials()])
+    assert records[0] == records[1]
+    # every pruned trial's last value is among its intermediate values (what TPE ranks it by)
+    pruned = [r for r in records[0] if r[1] == optuna.trial.TrialState.PRUNED]
+    assert pruned and all(r[4] for r in pruned)
