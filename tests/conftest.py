@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.servers import postgres, s3_server  # noqa: F401 (session fixtures: real S3 and PostgreSQL servers)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def driver_environment():
