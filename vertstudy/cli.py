@@ -237,6 +237,7 @@ def _print_result(result) -> None:
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items())) or "no trial ended"
     print(f"study directory: {result.study_dir}")
     print(f"trials: {counts}; wall time {result.wall_s:.0f} s" + (" (interrupted)" if result.interrupted else ""))
+    _print_search(result)
     best, base = result.best, result.baseline
     if best:
         metric = best.get("search_metric") or ""
@@ -256,6 +257,22 @@ def _print_result(result) -> None:
         print(f"{result.counts['error']} trial(s) ended in error after their retries (see the message column); "
               f"`vertstudy study resume {result.study_dir}` retries them from their last checkpoint "
               "(after a full disk, free space first)")
+
+
+def _print_search(result) -> None:
+    """A search's trials in the order they were sampled, what ASHA stopped and the parameter
+    importances (:mod:`vertstudy.study.summary`); nothing for a grid."""
+    from vertstudy.study.runner import load_study_dir
+    from vertstudy.study.summary import search_lines, search_rows
+
+    spec, _ = load_study_dir(result.study_dir)
+    if spec.search.is_grid:
+        return
+    rows = search_rows(spec, result.study_dir)
+    if rows:
+        _print_table("trials, in the order they were sampled", rows, {k: k for k in rows[0]})
+    for line in search_lines(spec, result.study_dir):
+        print(line)
 
 
 def _exit_code(result) -> int:

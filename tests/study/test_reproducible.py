@@ -13,14 +13,15 @@ import pytest
 from tests.study.conftest import tiny_spec
 from vertstudy.study.ordered import (
     VirtualClock,
-    compare_studies,
     comparable_rows,
+    compare_studies,
     rung_cutoff,
     rung_milestones,
     stable_trial_id,
     trial_number,
     trial_seed,
 )
+from vertstudy.study.summary import search_lines, search_rows
 
 
 def test_stable_ids_name_the_study_and_the_number():
@@ -117,3 +118,11 @@ def test_a_study_run_twice_gives_the_same_tables_whatever_the_timing(ray_cluster
     # every pruned trial's last value is among its intermediate values (what TPE ranks it by)
     pruned = [r for r in records[0] if r[1] == optuna.trial.TrialState.PRUNED]
     assert pruned and all(r[4] for r in pruned)
+    # what `study run` prints about the search: the trials in sampling order, what ASHA stopped
+    rows = search_rows(first, a.study_dir)
+    assert [r["trial"] for r in rows] == [stable_trial_id("again", n) for n in range(6)]
+    assert [r["status"] for r in rows] == [t["status"] for t in trials]
+    lines = search_lines(first, a.study_dir)
+    assert lines[0] == "search: 6 trials; the first 2 drawn at random, the other 4 by TPE (reproducible: " \
+                       "search.reproducible)"
+    assert lines[1].startswith(f"ASHA stopped {len(pruned)} of 6 trials (after epoch: trials ")
