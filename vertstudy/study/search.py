@@ -14,6 +14,7 @@ the search algorithm, storage URL included, into the study directory, and the UR
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
@@ -84,15 +85,21 @@ class ReproducibleOptunaSearch(ResumableOptunaSearch):
         self._waits = waits
         self._numbers: dict[str, int] = {}  # trial id -> its number (the order of suggestions)
         self._deferred: dict[int, tuple[str, dict | None, bool]] = {}  # ended, not told yet
+        self.waited_s: dict[int, float] = {}  # trial -> seconds a free slot waited for its virtual start
+        self._asked_since: float | None = None
 
     def suggest(self, trial_id: str):
         if trial_id in self._numbers:
             return super().suggest(trial_id)
         if self._waits:
             start = self._clock.next_start()
-            if start is None:
-                return None  # the free slot waits for the virtual schedule (the price)
+            if start is None:  # the free slot waits for the virtual schedule (the price)
+                self._asked_since = self._asked_since or time.monotonic()
+                return None
             k, start = self._clock.begin()
+            if self._asked_since is not None:
+                self.waited_s[k] = time.monotonic() - self._asked_since
+                self._asked_since = None
             self._tell(self._clock.ended_by(start))
         else:
             k = len(self._numbers)
