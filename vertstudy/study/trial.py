@@ -135,13 +135,20 @@ def _restore(work: Path) -> tuple[Path | None, str]:
     bad: list[str] = []
     for checkpoint in [latest, *_older_checkpoints(latest)]:
         clear()
-        with checkpoint.as_directory() as d:
-            source = payload_dir(Path(d))
-            for name in CHECKPOINT_FILES:
-                if (source / name).exists():
-                    shutil.copy2(source / name, work / name)
-        problem = checkpoint_problem(work)
         label = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            with checkpoint.as_directory() as d:
+                source = payload_dir(Path(d))
+                for name in CHECKPOINT_FILES:
+                    if (source / name).exists():
+                        shutil.copy2(source / name, work / name)
+        except FileNotFoundError:
+            # gone from the storage: on an object store, Ray's saved state (uploaded in the
+            # background) can name a checkpoint that a newer one has since replaced when the
+            # driver was killed; an older kept one, or epoch 1, replays what the state lacks
+            bad.append(f"{label} missing")
+            continue
+        problem = checkpoint_problem(work)
         if problem is None:
             note = f"resumed from {label}: " + "; ".join(bad) if bad else ""
             if note:
