@@ -123,6 +123,7 @@ def _quiet_ray() -> None:
     # set by the process's entry point: vertstudy.study.compat.driver_environment.)
     for name in ("ray.tune", "ray.train", "ray.air"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    storage.quiet_missing_deletes()  # a checkpoint already gone is not an error
     for name in ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state"):
         logger = logging.getLogger(name)  # a failed trial, a failed save of Ray's state (a full disk)
         if not any(isinstance(f, _OneLineTrialErrors) for f in logger.filters):
