@@ -361,6 +361,25 @@ class AtomicLocalHandler(pafs.FileSystemHandler):
         return self._fs.open_append_stream(path)
 
 
+class _AlreadyDeleted:
+    """Drops Ray's log record (an ERROR with a traceback) of a checkpoint it could not delete
+    because it is gone already: after a driver was killed on an object store, the state it left
+    can name checkpoints a newer one had replaced; nothing is lost."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, FileNotFoundError) and "deleting path" in str(record.msg))
+
+
+def quiet_missing_deletes() -> None:
+    """Install :class:`_AlreadyDeleted` on Ray's storage logger (once)."""
+    import logging
+
+    logger = logging.getLogger("ray.train._internal.storage")
+    if not any(isinstance(f, _AlreadyDeleted) for f in logger.filters):
+        logger.addFilter(_AlreadyDeleted())
+
+
 def ray_storage(location: str) -> tuple[str, pafs.FileSystem | None]:
     """(storage path, filesystem) to give Ray for ``location``: local paths (and ``file://``)
     go through :class:`AtomicLocalHandler`; object-store URIs are used as they are."""
