@@ -325,9 +325,6 @@ def prepare_study(spec: StudySpec, progress: bool = True) -> tuple[str, StudyDat
     shared = spec.data.shared_cache or (storage.uri_join(spec.storage, "_cache") if not storage.is_local(spec.storage)
                                         else None)
     data = materialize(spec.data, spec.base_config, _work_dir(spec), progress=progress, shared=shared)
-    from vertstudy.study.lease import claim_optuna_study
-
-    claim_optuna_study(spec, study_dir, fresh=True)  # another directory's Optuna study of this name: refused
     fs, path = storage.resolve(study_dir)
     fs.create_dir(path, recursive=True)  # only now: a study that fails its checks leaves no directory
     storage.write_text(storage.uri_join(study_dir, "split.json"), data.to_json())
@@ -339,12 +336,14 @@ def run_study(spec: StudySpec, address: str | None = None, progress: bool = True
               ) -> StudyResult:
     """Run a validated study from scratch (see the module docstring). ``callbacks``: extra Tune
     callbacks (benchmarks use them to time events)."""
-    from vertstudy.study.lease import DriverLease
+    from vertstudy.study.lease import DriverLease, claim_optuna_study
 
     t0 = time.perf_counter()
     _quiet_ray()
     storage.check_writable(spec.storage)
     with DriverLease(study_dir_of(spec), spec.name):  # one live driver per study, refused before Ray speaks
+        if not storage.exists(storage.uri_join(study_dir_of(spec), "study.json")):  # (else prepare_study refuses)
+            claim_optuna_study(spec, study_dir_of(spec), fresh=True)  # another directory's Optuna study: refused
         if address:  # a cluster that cannot be reached fails before the study directory exists
             _ensure_ray(address)
         study_dir, data = prepare_study(spec, progress=progress)
