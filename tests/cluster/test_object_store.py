@@ -28,7 +28,7 @@ from vertstudy.localcluster import kill_worker, load_cluster
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "vertstudy.cli"]
-EPOCHS = 30
+EPOCHS = 20
 CHECKPOINT = re.compile(r"/ray/([^/.][^/]*)/checkpoint_(\d+)/")
 
 
