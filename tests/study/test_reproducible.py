@@ -85,6 +85,33 @@ def test_rungs_and_cutoffs_are_ray_ashas():
     assert rung_cutoff([0.2, 0.6], 2) == pytest.approx(_Bracket(1, 5, 2, 0).cutoff({"a": 0.2, "b": 0.6}))
 
 
+def test_a_resumed_driver_asks_what_the_killed_one_asked(tmp_path):
+    """A driver killed after asking Optuna for a trial but before saving its searcher's state:
+    the resumed searcher (Ray's saved state) asks that trial again, with the same values, and the
+    orphan Optuna trial is marked FAIL instead of standing beside the constant liar's trials."""
+    from vertstudy.study.search import searcher
+
+    spec = tiny_spec("killed", tmp_path / "st", num_samples=4, search={
+        "algorithm": "optuna-tpe", "reproducible": True, "startup_trials": 1})
+    study_dir = tmp_path / "st" / "killed"
+    study_dir.mkdir(parents=True)
+    first = searcher(spec, str(study_dir))
+    first.suggest("t0"), first.suggest("t1")
+    final = {"phase": "final", "epoch": 2, "training_iteration": 3, "val_loc_error_mm": 20.0}
+    first.on_trial_result("t0", {"phase": "epoch", "epoch": 2, "training_iteration": 2, "val_loc_error_mm": 20.0})
+    first.on_trial_complete("t0", final)
+    first.on_trial_result("t1", {"phase": "epoch", "epoch": 3, "training_iteration": 3, "val_loc_error_mm": 30.0})
+    first.save(str(tmp_path / "state.pkl"))  # Ray's last save before the kill
+    asked = first.suggest("t2")  # then the driver dies
+    assert asked is not None
+    again = searcher(spec, str(study_dir))
+    again.restore(str(tmp_path / "state.pkl"))
+    assert again.suggest("t2") == asked
+    states = [t.state for t in optuna.load_study(study_name="killed", storage=f"sqlite:///{study_dir}/optuna.db")
+              .get_trials()]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
+                      optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING]
+
 def same(dir_a, dir_b) -> bool:
     """The tables of two runs are the same (timing columns aside). ``git_sha`` is left out: the
     runs share this process's code, but another commit may land in the working tree meanwhile."""

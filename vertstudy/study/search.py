@@ -104,11 +104,23 @@ class ReproducibleOptunaSearch(ResumableOptunaSearch):
         else:
             k = len(self._numbers)
         self._numbers[trial_id] = k
+        self._fail_orphans()
         self._ot_study.sampler = self._samplers(k)
         params = super().suggest(trial_id)
         if len(self._numbers) >= self._num_samples:  # the last suggestion: nothing waits for a tell now
             self._tell(sorted(self._deferred))
         return params
+
+    def _fail_orphans(self) -> None:
+        """Mark FAIL the RUNNING Optuna trials that no trial of this searcher owns: asked by a
+        driver killed before it saved its state, they would stand as running trials beside the
+        constant liar's and move the suggestion that replaces them."""
+        import optuna
+
+        owned = {t.number for t in self._ot_trials.values()}
+        for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.number not in owned:
+                self._ot_study.tell(t.number, state=optuna.trial.TrialState.FAIL)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._numbers and isinstance(result.get("epoch"), (int, float)):
