@@ -60,7 +60,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 #: fields added to the config after checkpoints were first written, with the value the code
 #: computed with before each existed: a checkpoint that lacks one was trained that way, whatever
 #: the default is now
-ADDED_FIELDS: dict[str, Any] = {"model.softmax_beta": 1.0}
+ADDED_FIELDS: dict[str, Any] = {"model.softmax_beta": 1.0, "train.ema_decay": 0.0}
 
 
 def checkpoint_config(state: dict[str, Any], path: Path) -> Config:

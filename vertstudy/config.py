@@ -176,6 +176,12 @@ class TrainConfig(StrictModel):
         description="every k epochs, label the validation cases' whole CTs (val_ct_id_rate, val_ct_loc_error_mm); "
         "0: never",
     )
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1,
+        description="exponential moving average of the weights, updated after every step with decay "
+        "min(ema_decay, (1 + t) / (10 + t)) at step t: validation, whole-CT validation, the schedule and best.pt "
+        "see the averaged weights (last.pt keeps both, for resuming); 0: off, the paper",
+    )
     select_on: Literal["val_loss", "val_ct"] = Field(
         "val_loss",
         description="what best.pt keeps: the lowest validation crop loss (paper) or the best whole-CT validation "

@@ -450,3 +450,50 @@ def test_a_checkpoint_older_than_a_config_field_keeps_the_value_it_was_trained_w
     newer = Config().model_dump()
     newer["model"]["softmax_beta"] = 25.0
     assert checkpoint_config({"config": newer}, tmp_path / "new.pt").model.softmax_beta == 25.0
+
+
+def test_weight_average_follows_its_formula():
+    from vertstudy.train.trainer import WeightAverage
+
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, 0.9)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.update(model)  # step 1: d = min(0.9, 2 / 11)
+    d = 2 / 11
+    torch.testing.assert_close(average.model.weight, d * start["weight"] + (1 - d) * model.weight)
+    assert not average.model.weight.requires_grad and average.steps == 1
+    for _ in range(200):
+        average.update(model)  # d reaches the decay; the average converges to fixed weights
+    torch.testing.assert_close(average.model.weight, model.weight)
+
+
+def test_weight_average_validates_and_ships_the_averaged_weights_and_resumes_bit_for_bit(prepared, tmp_path):
+    """With train.ema_decay the validation figures and best.pt are the averaged weights', last.pt
+    keeps the trained and the averaged ones, and a resumed run equals the straight one."""
+    cases, _ = prepared
+    cfg = tiny(train={"epochs": 3, "ema_decay": 0.9}, data={"augment": {"enabled": True}})
+    straight, part = _straight_and_first_epoch(cfg, cases, tmp_path, "resumed")
+    last = load_checkpoint(straight.last_checkpoint)
+    assert last["average"]["steps"] == 3 * 2  # 2 training cases x 2 crops / batch 2 per epoch
+    trained, averaged = last["model"], last["average"]["model"]
+    assert any(not torch.equal(trained[k], averaged[k]) for k in trained)
+    best = load_checkpoint(straight.best_checkpoint)
+    assert "average" not in best
+    one_last, one_best = load_checkpoint(part.last_checkpoint), load_checkpoint(part.best_checkpoint)
+    assert one_best["epoch"] == 1  # a one-epoch run's best.pt holds that epoch's averaged weights
+    assert all(torch.equal(one_best["model"][k], v) for k, v in one_last["average"]["model"].items())
+    assert any(not torch.equal(one_best["model"][k], v) for k, v in one_last["model"].items())
+    model, _ = load_model(straight.best_checkpoint)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in best["model"].items())
+    plain = train(tiny(train={"epochs": 3}, data={"augment": {"enabled": True}}), cases[:2], cases[2:],
+                  tmp_path / "plain")
+    # the same training, validated on other weights
+    assert [h["loss"] for h in plain.history][0] == straight.history[0]["loss"]
+    assert plain.history[0]["val_loss"] != straight.history[0]["val_loss"]
+    resumed = train(cfg, cases[:2], cases[2:], tmp_path / "resumed", resume=part.last_checkpoint)
+    assert same_floats(deterministic(resumed.history), deterministic(straight.history))
+    again = load_checkpoint(resumed.last_checkpoint)
+    assert again["average"]["steps"] == 6
+    assert all(torch.equal(again["average"]["model"][k], averaged[k]) for k in averaged)

@@ -45,6 +45,11 @@ and random-number states: resuming from it (in this or a fresh process) continue
 for bit on CPU, because every crop is drawn from ``(seed, epoch, index)``. ``best.pt`` leaves
 them out (:data:`RESUME_ONLY`; a third of the size with Adam's two moments): it is read for its
 weights only.
+
+With ``train.ema_decay > 0`` a :class:`WeightAverage` of the weights is updated after every
+optimizer step, and everything that judges the network sees it instead of the trained weights:
+the validation crops (and so the plateau schedule and ``val_loss`` selection), the whole-CT
+validation and the weights of ``best.pt``; ``last.pt`` holds both (``model`` and ``average``).
 """
 
 from __future__ import annotations
@@ -225,6 +230,40 @@ def _check_finite(losses: dict[str, torch.Tensor], where: str) -> None:
         raise Diverged(f"{where}: loss is {float(total.detach()):g}")
 
 
+class WeightAverage:
+    """Exponential moving average of a model's weights (``train.ema_decay``), kept in a copy of the
+    model that validation, whole-CT validation and ``best.pt`` use.
+
+    After optimizer step ``t`` (1-based, counted over the whole run, resumes included) every
+    parameter moves as ``ema += (1 - d) (w - ema)`` with ``d = min(decay, (1 + t) / (10 + t))``:
+    the average forgets its random start within tens of steps and then spans about
+    ``1 / (1 - decay)`` steps. Buffers (this network has none that learn) are copied. The copy
+    never records gradients; its state (``state_dict``) is the averaged weights and ``t``.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        import copy
+
+        self.decay = float(decay)
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1.0 - d)
+        for mine, theirs in zip(self.model.buffers(), model.buffers(), strict=True):
+            mine.copy_(theirs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.steps = int(state["steps"])
+
+
 def train_epoch(
     model: torch.nn.Module,
     loader: Iterable[dict],
@@ -232,8 +271,10 @@ def train_epoch(
     cfg: Config,
     device: torch.device,
     advance: Callable[[], None] = lambda: None,
+    average: WeightAverage | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean ``loss``, ``loss_cls``, ``loss_reg`` and ``crops``.
+    ``average``: updated after every optimizer step.
 
     Raises :class:`Diverged` at the first non-finite loss, before the optimizer step.
     """
@@ -254,6 +295,8 @@ def train_epoch(
         if cfg.train.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
+        if average is not None:
+            average.update(model)
         for k in sums:
             sums[k] += float(losses[k].detach())
         batches += 1
@@ -345,7 +388,11 @@ def _loaders(cfg: Config, train_cases: list[CachedCase], val_cases: list[CachedC
 RESUME_ONLY = ("optimizer", "scheduler", "rng")
 
 
-def _checkpoint_state(model, optimizer, scheduler, st: _State, cfg: Config, prior=None) -> dict[str, Any]:
+def _checkpoint_state(model, optimizer, scheduler, st: _State, cfg: Config, prior=None,
+                      average: WeightAverage | None = None) -> dict[str, Any]:
+    """``last.pt``'s state: ``model`` holds the trained weights, ``average`` (with
+    ``train.ema_decay``) the averaged ones and their step count."""
+    extra = {} if average is None else {"average": average.state_dict()}
     return {
         "spine_prior": None if prior is None else prior.to_state(),
         "format": CHECKPOINT_FORMAT,
@@ -360,10 +407,22 @@ def _checkpoint_state(model, optimizer, scheduler, st: _State, cfg: Config, prio
         "last_ct": st.last_ct,
         "config": cfg.model_dump(),
         "rng": rng_states(),
+        **extra,
     }
 
 
-def _restore(path: Path, cfg: Config, model, optimizer, scheduler) -> _State:
+def _best_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``best.pt``'s state from ``last.pt``'s: no resume-only parts, and the weights that were
+    validated (the averaged ones when there are)."""
+    best = {k: v for k, v in state.items() if k not in (*RESUME_ONLY, "average")}
+    if "average" in state:
+        best["model"] = state["average"]["model"]
+    return best
+
+
+def _restore(path: Path, cfg: Config, model, optimizer, scheduler, average: WeightAverage | None = None) -> _State:
+    """Load ``last.pt`` into the model, optimizer, scheduler, RNGs and ``average`` (one that the
+    checkpoint has no average for starts from the restored weights); the loop's state."""
     state = load_checkpoint(path)
     if any(key not in state for key in RESUME_ONLY):
         raise ConfigError(f"{path}: holds the weights only (a best.pt has no optimizer state); resume from last.pt")
@@ -374,6 +433,11 @@ def _restore(path: Path, cfg: Config, model, optimizer, scheduler) -> _State:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_states(state["rng"])
+    if average is not None:
+        if "average" in state:
+            average.load_state_dict(state["average"])
+        else:
+            average.model.load_state_dict(state["model"])
     best_ct = tuple(state.get("best_ct", (-math.inf, -math.inf)))
     return _State(state["epoch"], state["best_epoch"], float(state["best_loss"]), list(state["history"]), best_ct,
                   dict(state.get("last_ct", {})))
@@ -389,15 +453,16 @@ def run_epoch(
     device: torch.device,
     spacing_mm: float,
     progress: bool = False,
+    average: WeightAverage | None = None,
 ) -> dict[str, float]:
-    """Train one epoch and validate; returns the epoch's record (module docstring). Raises
-    :class:`Diverged` on a non-finite loss."""
+    """Train one epoch and validate (the averaged weights when ``average`` is given); returns the
+    epoch's record (module docstring). Raises :class:`Diverged` on a non-finite loss."""
     t0 = time.perf_counter()
     lr = current_lr(optimizer)
     with _epoch_bar(progress, len(train_loader), epoch, cfg.train.epochs) as advance:
-        fit = train_epoch(model, train_loader, optimizer, cfg, device, advance)
+        fit = train_epoch(model, train_loader, optimizer, cfg, device, advance, average)
     t_train = time.perf_counter() - t0
-    val = evaluate_crops(model, val_loader, cfg, device, spacing_mm)
+    val = evaluate_crops(model if average is None else average.model, val_loader, cfg, device, spacing_mm)
     record = {
         "epoch": epoch,
         "loss": fit["loss"],
@@ -484,7 +549,9 @@ def train(
     model = build_model(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train)
-    st = _restore(Path(resume), cfg, model, optimizer, scheduler) if resume is not None else _State()
+    average = WeightAverage(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    st = _restore(Path(resume), cfg, model, optimizer, scheduler, average) if resume is not None else _State()
+    validated = model if average is None else average.model
     train_set, train_loader, val_loader = _loaders(cfg, train_cases, val_cases, device)
     spacing_mm = float(train_cases[0].geometry.spacing_mm)
 
@@ -497,13 +564,14 @@ def train(
         epoch = st.epoch + 1
         train_set.set_epoch(epoch)
         try:
-            record = run_epoch(epoch, model, train_loader, val_loader, optimizer, cfg, device, spacing_mm, progress)
+            record = run_epoch(epoch, model, train_loader, val_loader, optimizer, cfg, device, spacing_mm, progress,
+                               average)
         except Diverged as exc:
             status, message = "diverged", f"epoch {epoch}: {exc}"
             break
         ct_now = _whole_ct_due(cfg.train, epoch) and bool(val_cases)
         if ct_now:
-            st.last_ct = whole_ct(model, cfg, val_cases, prior)
+            st.last_ct = whole_ct(validated, cfg, val_cases, prior)
         if cfg.train.whole_ct_every:
             record = _ordered({**record, **(st.last_ct or {k: math.nan for k in WHOLE_CT_KEYS})})
         monitored = record["val_loss"] if val_cases else record["loss"]
@@ -511,10 +579,10 @@ def train(
         st.epoch = epoch
         improved = _note_best(st, cfg.train, record, monitored, ct_now and bool(val_cases), bool(val_cases))
         st.history.append(record)
-        state = _checkpoint_state(model, optimizer, scheduler, st, cfg, prior)
+        state = _checkpoint_state(model, optimizer, scheduler, st, cfg, prior, average)
         save_checkpoint(last_path, state)
         if improved:
-            save_checkpoint(best_path, {k: v for k, v in state.items() if k not in RESUME_ONLY})
+            save_checkpoint(best_path, _best_state(state))
         if on_epoch is not None:
             on_epoch(dict(record))
 
