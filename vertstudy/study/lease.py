@@ -335,6 +335,24 @@ class ObjectLease:
             pass
 
 
+def _open_racing(spec, study_dir: str):
+    """Optuna's storage, opened again when drivers starting together on a new database raced to
+    create its tables (PostgreSQL: a unique violation on the catalog, or "already exists"); the
+    first driver's tables serve them all."""
+    from vertstudy.study.search import open_optuna_storage
+
+    for attempt in range(8):
+        try:
+            return open_optuna_storage(spec, study_dir)
+        except ConfigError as exc:
+            signs = ("UniqueViolation", "already exists", "DuplicateTable", "IntegrityError")
+            raced = any(k in str(exc) for k in signs)
+            if not raced or attempt == 7:
+                raise
+            time.sleep(0.3 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def claim_optuna_study(spec, study_dir: str, fresh: bool) -> None:
     """Bind the study's Optuna study (its name in ``search.optuna_storage``) to ``study_dir``.
 
@@ -348,10 +366,8 @@ def claim_optuna_study(spec, study_dir: str, fresh: bool) -> None:
         return
     import optuna
 
-    from vertstudy.study.search import open_optuna_storage
-
     study_dir = storage.canonical(study_dir)
-    store = open_optuna_storage(spec, study_dir)
+    store = _open_racing(spec, study_dir)
     modes = list(spec.search.modes) if spec.search.multi_objective else [spec.search.mode]
     directions = ["maximize" if m == "max" else "minimize" for m in modes]
     try:
