@@ -146,7 +146,8 @@ def s3_server():
                 f"-master.port={ports['master']}", f"-master.port.grpc={ports['master'] + 10000}",
                 f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume'] + 10000}",
                 f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer'] + 10000}",
-                "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3'] + 10000}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3'] + 10000}",
+                "-s3.port.iceberg=0", "-s3.port.lance=0",  # their fixed default ports would clash between sessions
                 f"-s3.config={root / 's3.json'}", "-master.volumeSizeLimitMB=64", "-volume.max=50",
                 "-metricsPort=0"]
         log = root / "weed.log"
