@@ -61,7 +61,8 @@ def runs(tmp_path_factory) -> dict:
             figures = bench_learn(**TINY, crops=8, phantom_seed=phantom_seed, seed=seed, workdir=work,
                                   whole_ct_every=0 if name == "p0t1" else 5)
         out[name] = {"figures": figures, "cases": _prepared(work),
-                     "ckpt_seed": load_checkpoint(work / "run" / "last.pt")["config"]["seed"]}
+                     "ckpt_seed": load_checkpoint(work / "run" / "last.pt")["config"]["seed"],
+                     "select_on": load_checkpoint(work / "run" / "last.pt")["config"]["train"]["select_on"]}
     return out
 
 
@@ -110,9 +111,11 @@ def test_resumed_run_records_the_epochs_it_evaluated(tmp_path) -> None:
 
 def test_whole_ct_validation_does_not_change_what_is_trained(tmp_path) -> None:
     """Validating every epoch on whole CTs consumes no random numbers and leaves the weights alone:
-    the same losses and held-out figures as without it."""
+    the same losses and held-out figures as without it (best.pt chosen the same way in both: on
+    whole-CT validation, the default when it runs, it could be another epoch)."""
     a = bench_learn(**TINY, crops=24, whole_ct_every=0, workdir=tmp_path / "off")
-    b = bench_learn(**TINY, crops=24, whole_ct_every=1, workdir=tmp_path / "every")
+    b = bench_learn(**{**TINY, "overrides": {**TINY["overrides"], "train.select_on": "val_loss"}}, crops=24,
+                    whole_ct_every=1, workdir=tmp_path / "every")
     assert a["epochs"] == b["epochs"] == 3 and b["whole_ct_validations"] == 3
     for key in ("last_epoch_loss", "best_val_loss", "best_epoch", "test_loc_error_mm_kmeans", "test_id_rate"):
         assert a[key] == b[key] or (math.isnan(a[key]) and math.isnan(b[key])), key
@@ -162,3 +165,9 @@ def test_cli_rejects_bad_values_in_one_line(args, option, tmp_path) -> None:
     assert len(error_lines) == 1 and option in error_lines[0], run.stderr
     assert args[1] in error_lines[0]
     assert not (tmp_path / "w").exists()
+
+
+def test_best_pt_is_chosen_on_whole_ct_validation_when_it_runs(runs) -> None:
+    """As in the quickstart and --scale cpu; the crop loss (the paper's) without whole-CT validation."""
+    assert runs["p0t0"]["select_on"] == runs["p1t0"]["select_on"] == "val_ct"
+    assert runs["p0t1"]["select_on"] == "val_loss"

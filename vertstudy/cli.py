@@ -695,7 +695,7 @@ def _learn_arguments(p: argparse.ArgumentParser) -> None:
                    help="train on this many crops (whole epochs) instead of --minutes, for ablations")
     p.add_argument("--whole-ct-every", type=_nonneg_int, default=5, metavar="K",
                    help="label the validation CTs whole after epoch 1, every K-th and the last, for minutes_to_85 "
-                        "(default 5; 0: never)")
+                        "and to choose best.pt (default 5; 0: never, and best.pt by the validation crop loss)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="a config field for this run, e.g. --set loss.map_reg=none (repeatable)")
 

@@ -17,7 +17,11 @@ times an epoch (``wall_s``) before it validates on whole CTs, so the training mi
 whole-CT validations out; their cost is timed apart, around the validator. ``minutes_to_85``
 is the training time (the epochs' ``wall_s`` summed up to that epoch) at which the validation
 CTs' ``val_ct_id_rate`` first reaches 0.85, counting only epochs that were evaluated, or None.
-``best.pt`` is still chosen by ``train.select_on`` (default: the validation crop loss).
+``best.pt`` is the evaluated epoch with the best whole-CT validation (``train.select_on:
+val_ct``, as in the quickstart and ``--scale cpu``); with whole-CT validation off, or with
+``--set train.select_on=val_loss`` (the paper), the lowest validation crop loss. Measured
+(3,200 crops, training seed 1): the crop loss of 8 validation crops chose epoch 23 (whole-CT
+validation 0.30, held out 44.1 %), the whole-CT validation epoch 40 (0.60, held out 52.4 %).
 
 The held-out cases are then labelled on the *whole* CT by :mod:`vertstudy.infer`
 (tiles at half a crop's stride, votes, K-means) with ``best.pt``, and scored with
@@ -49,8 +53,8 @@ def learn_config(
     overrides: dict | None = None, whole_ct_every: int = 0,
 ) -> Config:
     """The defaults but for width, crop (inference stride: half the crop), spacing, lr, workers,
-    the training ``seed`` and ``train.whole_ct_every``, then ``overrides`` (dotted field names,
-    e.g. ``{"loss.map_reg": "none"}``), validated."""
+    the training ``seed``, ``train.whole_ct_every`` and, when that is on, ``train.select_on:
+    val_ct``; then ``overrides`` (dotted field names, e.g. ``{"loss.map_reg": "none"}``), validated."""
     from vertstudy.config import load_config
 
     return load_config(
@@ -62,6 +66,8 @@ def learn_config(
             "train.workers": workers,
             "train.epochs": 1,
             "train.whole_ct_every": whole_ct_every,
+            "train.select_on": "val_ct" if (overrides or {}).get("train.whole_ct_every", whole_ct_every)
+            else "val_loss",
             "infer.stride": tuple(max(1, c // 2) for c in crop_size),
             "seed": seed,
             **(overrides or {}),
