@@ -7,7 +7,8 @@
   cases with that value, and the mean-position baseline's on the same cases.
 - **Worst cases** (the failure gallery, paper Fig. 9): per (trial, case) of the chosen
   configuration, the case's identification rate (lowest first), ties by the higher mean
-  localization error (mm), then by case and trial; each case appears once (with its worst
+  localization error (mm; a case where nothing was located, error undefined, ranks worst), then
+  by case and trial; each case appears once (with its worst
   trial), ``GALLERY`` cases in all.
 """
 
