@@ -263,14 +263,14 @@ def _print_search(result) -> None:
     """A search's trials in the order they were sampled, what ASHA stopped and the parameter
     importances (:mod:`vertstudy.study.summary`); nothing for a grid."""
     from vertstudy.study.runner import load_study_dir
-    from vertstudy.study.summary import search_lines, search_rows
+    from vertstudy.study.summary import search_lines, search_rows, table_lines
 
     spec, _ = load_study_dir(result.study_dir)
     if spec.search.is_grid:
         return
-    rows = search_rows(spec, result.study_dir)
-    if rows:
-        _print_table("trials, in the order they were sampled", rows, {k: k for k in rows[0]})
+    lines = table_lines(search_rows(spec, result.study_dir))
+    for line in ["trials, in the order they were sampled:", *lines] if lines else []:
+        print(line)
     for line in search_lines(spec, result.study_dir):
         print(line)
 

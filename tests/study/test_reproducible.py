@@ -26,7 +26,7 @@ from vertstudy.study.ordered import (
     trial_number,
     trial_seed,
 )
-from vertstudy.study.summary import search_lines, search_rows
+from vertstudy.study.summary import search_lines, search_rows, table_lines
 
 
 def test_stable_ids_name_the_study_and_the_number():
@@ -180,6 +180,9 @@ def test_a_study_run_twice_gives_the_same_tables_whatever_the_timing(reference, 
     assert lines[0] == "search: 6 trials; the first 2 drawn at random, the other 4 by TPE (reproducible: " \
                        "search.reproducible)"
     assert lines[1].startswith(f"ASHA stopped {len(pruned)} of 6 trials (after epoch: trials ")
+    table = table_lines(rows)
+    assert len(table) == 7 and table[0].split()[:3] == ["trial", "status", "epochs"]
+    assert all(line.isascii() for line in table + lines)  # stdout may be a pipe that takes ASCII only
 
 
 @pytest.mark.slow

@@ -68,3 +68,13 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
     return "" if value is None else str(value)
+
+
+def table_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """``rows`` as plain aligned text, a heading line first (ASCII: what a pipe or log takes)."""
+    if not rows:
+        return []
+    heads = list(rows[0])
+    cells = [[fmt(r.get(h)) for h in heads] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    return ["  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [heads, *cells]]
