@@ -51,9 +51,20 @@ def test_every_study_loads_and_its_smoke_version_is_small_and_valid(path):
 
 
 def test_quickstart_searches_b_lambda_and_schedule_two_at_a_time_on_whole_ct_validation():
+    """A real search (issue 25): at least 8 trials, TPE past its start-up trials, ASHA, reproducible."""
+    from vertstudy.study.ordered import rung_milestones
+    from vertstudy.study.search import tpe_settings
+
     spec = load_study(STUDIES / "quickstart.yaml")
     assert {"loss.balance_b", "loss.reg_lambda", "train.lr", "train.schedule.kind"} <= set(spec.space)
-    assert spec.concurrency == 2 and spec.num_samples == 2
+    assert spec.concurrency == 2 and spec.num_samples >= 8
+    assert tpe_settings(spec)["n_startup_trials"] < spec.num_samples and spec.search.reproducible
+    assert spec.scheduler.kind == "asha"
+    epochs = load_config(spec.config).train.epochs
+    rungs = rung_milestones(spec.scheduler.grace_period, spec.scheduler.reduction_factor, epochs + 1)
+    assert rungs and max(rungs) < epochs  # a rung before the last epoch: weak trials stop early
+    # ASHA reads the searched whole-CT figure at every rung: measured there, not carried over
+    assert all(r % load_config(spec.config).train.whole_ct_every == 0 for r in rungs)
     assert spec.search.metric == "val_ct_id_rate" and spec.search.mode == "max"
     cfg = load_config(spec.config)
     assert cfg.train.whole_ct_every > 0 and cfg.train.select_on == "val_ct" and cfg.infer.decoder == "sequence"
