@@ -146,7 +146,11 @@ class ScheduleConfig(StrictModel):
 
     kind: Literal["plateau", "cosine", "step"] = "plateau"
     factor: float = Field(0.4, gt=0, lt=1, description="plateau: lr multiplier when the validation loss stalls")
-    patience: int = Field(5, ge=0, description="plateau: epochs without improvement before reducing")
+    patience: int = Field(
+        15, ge=0,
+        description="plateau: epochs without improvement before reducing (the paper gives none; 5 here before "
+        "issue 24: on 80-crop epochs it floored the lr at 1e-6 within 10 minutes, see train.ema_decay)",
+    )
     min_lr: float = Field(1e-6, ge=0, description="floor of every schedule")
     step_size: int = Field(10, ge=1, description="step: epochs between reductions")
     gamma: float = Field(0.5, gt=0, lt=1, description="step: lr multiplier per step")
@@ -177,10 +181,12 @@ class TrainConfig(StrictModel):
         "0: never",
     )
     ema_decay: float = Field(
-        0.0, ge=0, lt=1,
+        0.998, ge=0, lt=1,
         description="exponential moving average of the weights, updated after every step with decay "
         "min(ema_decay, (1 + t) / (10 + t)) at step t: validation, whole-CT validation, the schedule and best.pt "
-        "see the averaged weights (last.pt keeps both, for resuming); 0: off, the paper",
+        "see the averaged weights (last.pt keeps both, for resuming); 0: off, the paper. Measured with plateau "
+        "patience 15 against 0 and patience 5 (bench learn --crops 8000, training seeds 0 and 1): 90.2 / 72.0 % "
+        "and 5.6 / 9.8 mm against 79.1 / 52.4 % and 8.8 / 14.0 mm",
     )
     select_on: Literal["val_loss", "val_ct"] = Field(
         "val_loss",
