@@ -261,9 +261,9 @@ def _print_result(result) -> None:
 
 def _print_search(result) -> None:
     """A search's trials in the order they were sampled, what ASHA stopped and the parameter
-    importances (:mod:`vertstudy.study.summary`); nothing for a grid."""
+    importances (:mod:`vertstudy.report.summary`); nothing for a grid."""
+    from vertstudy.report.summary import search_lines, search_rows, table_lines
     from vertstudy.study.runner import load_study_dir
-    from vertstudy.study.summary import search_lines, search_rows, table_lines
 
     spec, _ = load_study_dir(result.study_dir)
     if spec.search.is_grid:

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.study.conftest import tiny_spec
+from vertstudy.report.summary import search_lines, search_rows, table_lines
 from vertstudy.study.ordered import (
     VirtualClock,
     comparable_rows,
@@ -26,7 +27,6 @@ from vertstudy.study.ordered import (
     trial_number,
     trial_seed,
 )
-from vertstudy.study.summary import search_lines, search_rows, table_lines
 
 
 def test_stable_ids_name_the_study_and_the_number():

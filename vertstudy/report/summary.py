@@ -1,7 +1,9 @@
 """What ``study run`` prints about a search once it ends: every trial in the order it was
 sampled (status, epochs, its best searched figure, the values it was given), how many trials
 the scheduler stopped and at which epochs, and the parameter importances the report shows
-(:func:`vertstudy.report.search.importances`). Read from ``trials.parquet`` only."""
+(:func:`vertstudy.report.search.importances`). Read from ``trials.parquet`` only; it lives in
+the report stage because it uses the report's importances and names (a study module may not
+import a later stage)."""
 
 from __future__ import annotations
 
