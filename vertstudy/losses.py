@@ -113,6 +113,23 @@ def heatmap_loss(
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
+def _gaussian_axes(coords: Tensor, shape: Sequence[int], sigma_vox: float) -> list[Tensor]:
+    """The three 1-D factors ``(..., D)``, ``(..., H)``, ``(..., W)`` of :func:`gaussian_map`, each
+    normalised over its grid; coords ``(..., 3)`` crop voxels ``(z, y, x)``, no gradient."""
+    coords = _float(coords).detach()
+    axes = []
+    for axis, size in enumerate(int(s) for s in shape):
+        g = gaussian_1d(coords[..., axis], size, sigma_vox)
+        axes.append(g / g.sum(dim=-1, keepdim=True).clamp_min(1e-12))
+    return axes
+
+
+def _outer(axes: list[Tensor]) -> Tensor:
+    """``(..., D, H, W)``: the separable product of three 1-D factors."""
+    gz, gy, gx = axes
+    return gz[..., :, None, None] * gy[..., None, :, None] * gx[..., None, None, :]
+
+
 def gaussian_map(coords: Tensor, shape: Sequence[int], sigma_vox: float) -> Tensor:
     """Normalised Gaussian target distributions at ``coords``: ``(B, 26, D, H, W)`` summing to 1 per map.
 
@@ -120,13 +137,7 @@ def gaussian_map(coords: Tensor, shape: Sequence[int], sigma_vox: float) -> Tens
     Gaussian is normalised over the grid first, so the separable product sums to 1 even when
     the centre is near (or past) an edge. No gradient flows to ``coords``.
     """
-    coords = _float(coords).detach()
-    axes = []
-    for axis, size in enumerate(int(s) for s in shape):
-        g = gaussian_1d(coords[..., axis], size, sigma_vox)
-        axes.append(g / g.sum(dim=-1, keepdim=True).clamp_min(1e-12))
-    gz, gy, gx = axes
-    return gz[..., :, None, None] * gy[..., None, :, None] * gx[..., None, None, :]
+    return _outer(_gaussian_axes(coords, shape, sigma_vox))
 
 
 class _JSMap(torch.autograd.Function):
@@ -187,16 +198,9 @@ def js_map_loss(heatmaps: Tensor, coords: Tensor, sigma_vox: float, mask: Tensor
         return out
     with torch.autocast(device_type=heatmaps.device.type, enabled=False):
         z = heatmaps[b, n].to(acc).flatten(1)  # (P, N)
-        centres = _float(coords).detach()[b, n].to(acc)  # (P, 3)
-        axes = []
-        g_log_g = torch.zeros(centres.shape[0], dtype=acc, device=heatmaps.device)
-        for axis, size in enumerate(int(s) for s in heatmaps.shape[2:]):
-            ga = gaussian_1d(centres[:, axis], size, sigma_vox)
-            ga = ga / ga.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-            g_log_g = g_log_g + torch.xlogy(ga, ga).sum(dim=-1)
-            axes.append(ga)
-        gz, gy, gx = axes
-        g = (gz[:, :, None, None] * gy[:, None, :, None] * gx[:, None, None, :]).flatten(1)
+        axes = _gaussian_axes(coords.detach()[b, n].to(acc), heatmaps.shape[2:], sigma_vox)  # (P, size) each
+        g_log_g = sum(torch.xlogy(ga, ga).sum(dim=-1) for ga in axes)  # (P,)
+        g = _outer(axes).flatten(1)
         return out.index_put((b, n), _JSMap.apply(z, g, g_log_g))
 
 
