@@ -259,3 +259,39 @@ def test_a_whole_ct_search_metric_needs_whole_ct_validation():
         validate_spec(spec, "s.yaml")
     spec["config"] = {**spec.get("config", {}), "train.whole_ct_every": 4}
     assert validate_spec(spec, "s.yaml").search.metric == "val_ct_id_rate"
+
+
+def test_searches_are_reproducible_unless_asked_otherwise_and_old_study_files_resume_as_they_ran(tmp_path):
+    """``search.reproducible`` left out: on for every search algorithm (its price, measured on the
+    quickstart, is small), off for a grid; given, it is kept. A study.json saved before the field
+    existed ran Tune's way and resumes so; and a study file that leaves the field out plans as the
+    same trials as a stored study that had it off (a changed default is not a changed study)."""
+    import json
+
+    from tests.study.conftest import tiny_spec, tiny_study
+    from vertstudy.study.plan import _trials_part
+    from vertstudy.study.runner import load_study_dir
+
+    for algorithm in ("optuna-tpe", "random", "optuna-multi"):
+        search = {"algorithm": algorithm}
+        if algorithm == "optuna-multi":
+            search["metrics"] = ["val_loc_error_mm", "val_id_rate"]
+        assert tiny_spec(f"s-{algorithm}", tmp_path, search=search).search.reproducible, algorithm
+        assert not tiny_spec(f"o-{algorithm}", tmp_path, search={**search, "reproducible": False}).search.reproducible
+    grid = {"algorithm": "grid"}
+    space = {"model.tasks": {"type": "choice", "values": ["loc"]}}
+    assert not tiny_spec("g", tmp_path, search=grid, space=space).search.reproducible
+    assert tiny_spec("g2", tmp_path, search={**grid, "reproducible": True}, space=space).search.reproducible
+
+    study_dir = tmp_path / "old"
+    study_dir.mkdir()
+    saved = json.loads(tiny_spec("old", tmp_path).model_dump_json())
+    del saved["search"]["reproducible"]
+    (study_dir / "study.json").write_text(json.dumps(saved), encoding="utf-8")
+    (study_dir / "split.json").write_text(json.dumps({"train": [], "val": [], "test": []}), encoding="utf-8")
+    stored, _ = load_study_dir(str(study_dir))
+    assert stored.search.reproducible is False and stored.name == "old"
+    now = tiny_spec("old", tmp_path)
+    assert now.search.reproducible and _trials_part(now) == _trials_part(stored)
+    assert _trials_part(now) != _trials_part(tiny_spec("old", tmp_path, search={"algorithm": "random"}))
+    assert tiny_study("x", tmp_path)["search"] == {"algorithm": "optuna-tpe"}  # the file leaves the field out

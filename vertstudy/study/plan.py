@@ -168,7 +168,10 @@ class Outcome:
 def _trials_part(spec: StudySpec) -> dict:
     dumped = spec.model_dump(mode="json", include=set(SAME_TRIALS))
     dumped["data"] = {k: v for k, v in dumped["data"].items() if k in DATA_FIELDS}
-    dumped["search"] = {k: v for k, v in dumped["search"].items() if k != "optuna_storage"}
+    # where Optuna keeps its study, and whether the search waits for a timing-free order
+    # (``reproducible``, whose default changed), do not change which trials the study holds: a
+    # study resumes with what its study.json says
+    dumped["search"] = {k: v for k, v in dumped["search"].items() if k not in ("optuna_storage", "reproducible")}
     return dumped
 
 

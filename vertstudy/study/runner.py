@@ -362,7 +362,10 @@ def load_study_dir(study_dir: str) -> tuple[StudySpec, StudyData]:
     path = storage.uri_join(study_dir, "study.json")
     if not storage.exists(path):
         raise ConfigError(f"{study_dir}: not a study directory (no study.json); give <storage>/<study name>")
-    spec = validate_spec(json.loads(storage.read_text(path)), path)
+    raw = json.loads(storage.read_text(path))
+    if isinstance(raw, dict) and isinstance(raw.get("search"), dict) and "reproducible" not in raw["search"]:
+        raw["search"]["reproducible"] = False  # saved before search.reproducible: it ran Tune's way
+    spec = validate_spec(raw, path)
     data = StudyData.from_json(storage.read_text(storage.uri_join(study_dir, "split.json")))
     return spec, data
 
