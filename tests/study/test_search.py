@@ -23,7 +23,10 @@ def study_dir(tmp_path):
 
 
 def test_stopped_finished_and_failed_trials_are_recorded_as_such(tmp_path, study_dir):
-    spec = tiny_spec("search", tmp_path / "st", num_samples=3)
+    # Optuna told as each trial ends (reproducible off; a reproducible search defers its tells to
+    # its virtual clock: test_reproducible)
+    told_as_they_end = {"algorithm": "optuna-tpe", "reproducible": False}
+    spec = tiny_spec("search", tmp_path / "st", num_samples=3, search=told_as_they_end)
     search = searcher(spec, str(study_dir))
     for tid in ("stopped", "finished", "failed"):
         search.suggest(tid)
@@ -66,8 +69,8 @@ def test_the_result_a_trial_was_stopped_at_is_among_its_intermediate_values(tmp_
     assert trials[1].intermediate_values == {1: 50.0}
 
 def test_a_stopped_multi_objective_trial_is_pruned_without_intermediate_values(tmp_path, study_dir):
-    spec = tiny_spec("search", tmp_path / "st", num_samples=2, search={"algorithm": "optuna-multi"},
-                     scheduler={"kind": "none"})
+    told_as_it_ends = {"algorithm": "optuna-multi", "reproducible": False}  # as above
+    spec = tiny_spec("search", tmp_path / "st", num_samples=2, search=told_as_it_ends, scheduler={"kind": "none"})
     search = searcher(spec, str(study_dir))
     search.suggest("stopped")
     search.on_trial_result("stopped", epoch(40.0, 1))
