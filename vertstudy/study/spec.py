@@ -147,7 +147,8 @@ class SearchSpec(StrictModel):
         virtual schedule, measured at 1.1 % of the quickstart's slot time alone), off for a
         grid (no Optuna; without ASHA its tables are reproducible but for the trial ids already)."""
         if isinstance(data, dict) and data.get("reproducible") is None:
-            data = {**data, "reproducible": data.get("algorithm", "optuna-tpe") != "grid"}
+            algorithm = data.get("algorithm", cls.model_fields["algorithm"].default)
+            data = {**data, "reproducible": algorithm != "grid"}
         return data
 
     @field_validator("metric")
