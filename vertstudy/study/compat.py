@@ -41,6 +41,24 @@ def session_artifacts_dir() -> Path:
     return Path(_get_ray_train_session_dir())
 
 
+def driver_staging_dir(state: dict) -> Path | None:
+    """The local staging folder (``<session>/artifacts/<timestamp>/<experiment>/driver_artifacts``)
+    of the driver that saved Ray's experiment state ``state`` (its JSON), which a driver resuming
+    on this host reuses; ``None`` when the state names none. Read from the first trial's
+    pickled ``StorageContext`` (Ray must be initialized)."""
+    import json
+
+    from ray import cloudpickle
+
+    try:
+        entry = state["trial_data"][0]
+        trial = json.loads(entry[0]) if isinstance(entry, list) else entry
+        context = cloudpickle.loads(bytes.fromhex(trial["storage"]["value"]))
+        return Path(context.experiment_driver_staging_path)
+    except Exception:  # no trial yet, or another Ray's layout: nothing to clean
+        return None
+
+
 def staging_stamp() -> str:
     """The timestamp Tune puts in a new driver's staging folder, at this moment."""
     from ray.tune.utils.util import date_str
@@ -149,6 +167,15 @@ def replace_callbacks(tuner, callbacks: list) -> None:
     tuner._local_tuner.get_run_config().callbacks = callbacks
 
 
+def realign_search(tuner, known: dict[str, str], study_dir: str) -> None:
+    """Have a restored ``Tuner``'s stable-id search generator (:func:`stable_search_generator`)
+    realign its restored state with ``known`` (``{trial id: Ray status}``, the experiment state
+    Ray restores) once Ray has restored it; nothing for other search algorithms."""
+    search_alg = tuner._local_tuner._tune_config.search_alg
+    if hasattr(search_alg, "realign_with"):
+        search_alg.realign_with = (dict(known), study_dir)
+
+
 def mark_completed(searcher, trial_id: str) -> None:
     """Tell Ray's ``OptunaSearch`` that ``trial_id``'s Optuna trial is finished, so it ignores the
     trial's further results."""
@@ -182,9 +209,34 @@ def _stable_search_generator_class():
         """``SearchGenerator.create_trial_if_possible`` draws the id with ``Trial.generate_id()``
         before asking the searcher; for that one call it returns the trial's stable id."""
 
+        #: ``({trial id: Ray status}, study dir)`` of the trials a resumed driver restores: set
+        #: before ``fit``, used once the saved state is restored (:meth:`restore_from_dir`)
+        realign_with = None
+
         def __init__(self, searcher, prefix: str):
             super().__init__(searcher)
             self.id_prefix = prefix
+
+        def restore_from_dir(self, dirpath: str):
+            """Ray's restore, then the counter, the concurrency limiter's live trials and the
+            searcher made to agree with the Ray trials restored beside them (Ray uploads the files
+            separately: a driver killed meanwhile leaves them at different points)."""
+            super().restore_from_dir(dirpath)
+            if self.realign_with is None:
+                return
+            known, study_dir = self.realign_with
+            self.realign_with = None
+            limiter, searcher = self.searcher, self.searcher
+            while hasattr(searcher, "searcher"):
+                searcher = searcher.searcher
+            if hasattr(searcher, "realign"):
+                searcher.realign(known, study_dir)
+            self._counter = len(known)  # the next trial: the first one Ray does not know
+            self._finished = False
+            if hasattr(limiter, "live_trials"):
+                ended = {t for t, status in known.items() if status in ("TERMINATED", "ERROR")}
+                live = {t for t in limiter.live_trials if t in known} | {t for t in known if t not in ended}
+                limiter.live_trials, limiter.num_unfinished_live_trials = live, len(live)
 
         def next_trial_id(self) -> str:
             return f"{self.id_prefix}{self._counter:05d}"

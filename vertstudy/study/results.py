@@ -128,9 +128,8 @@ def _read_state(fs, path: str, attempts: int = 5) -> dict:
     return {}
 
 
-def experiment_states(study_dir: str) -> dict[str, str]:
-    """``{trial_id: Ray status}`` (PENDING, RUNNING, PAUSED, TERMINATED, ERROR) from the latest
-    saved experiment state; empty before the first save."""
+def newest_state(study_dir: str) -> dict:
+    """Ray's latest saved experiment state of the study (its JSON); empty before the first save."""
     import pyarrow.fs as pafs
 
     fs, base = storage.resolve(experiment_dir(study_dir))
@@ -140,11 +139,19 @@ def experiment_states(study_dir: str) -> dict[str, str]:
         i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=False))
         if Path(i.path).name.startswith("experiment_state") and i.path.endswith(".json")
     )
-    if not states:
-        return {}
-    raw = _read_state(fs, states[-1])
+    return _read_state(fs, states[-1]) if states else {}
+
+
+def experiment_states(study_dir: str) -> dict[str, str]:
+    """``{trial_id: Ray status}`` (PENDING, RUNNING, PAUSED, TERMINATED, ERROR) from the latest
+    saved experiment state; empty before the first save."""
+    return trial_statuses(newest_state(study_dir))
+
+
+def trial_statuses(state: dict) -> dict[str, str]:
+    """``{trial_id: Ray status}`` of the trials in Ray's experiment state ``state`` (its JSON)."""
     out = {}
-    for entry in raw.get("trial_data", []):
+    for entry in state.get("trial_data", []):
         trial = json.loads(entry[0]) if isinstance(entry, list) else entry
         if isinstance(trial, dict) and "trial_id" in trial:
             out[str(trial["trial_id"])] = str(trial.get("status", ""))

@@ -34,10 +34,10 @@ from typing import Any
 
 from vertstudy.errors import ConfigError, StorageError
 from vertstudy.study import storage
-from vertstudy.study.compat import StagingTurn, replace_callbacks
+from vertstudy.study.compat import StagingTurn, realign_search, replace_callbacks
 from vertstudy.study.dataset import StudyData, materialize
 from vertstudy.study.refresh import TableRefresh, sync_tables
-from vertstudy.study.results import EXPERIMENT, experiment_dir
+from vertstudy.study.results import EXPERIMENT, experiment_dir, experiment_states
 from vertstudy.study.schema import STATUS_HEADINGS, to_table
 from vertstudy.study.search import open_optuna_storage, optuna_storage_url, scheduler, search_algorithm
 from vertstudy.study.spec import StudySpec, total_trials, validate_spec
@@ -138,6 +138,10 @@ class _OneLineTrialErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
+            if isinstance(exc, FileNotFoundError) and "Error handling checkpoint" in str(record.msg):
+                # a resumed trial's restored state names a checkpoint deleted since (num_to_keep):
+                # Ray registered the new one before it failed to delete the old; nothing is lost
+                return False
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             then = " (retried if retries remain)" if "tune_controller" in record.name else ""
             record.msg = f"{record.getMessage().rstrip(': ')}: {type(exc).__name__}: {first}{then}"
@@ -408,6 +412,8 @@ def _resume(study_dir: str, spec: StudySpec, data: StudyData, address: str | Non
     )
     # the restored run config carries the callbacks pickled by the killed driver: use fresh ones
     replace_callbacks(tuner, _callbacks(spec, study_dir, meta, progress, (turn,)))
+    if spec.search.reproducible:  # the searcher's saved state may be older or newer than Ray's
+        realign_search(tuner, experiment_states(study_dir), study_dir)
     return _fit(tuner, turn, spec, study_dir, meta, t0, discard=True)
 
 
@@ -417,16 +423,36 @@ def discard_unrecorded_trials(study_dir: str) -> list[str]:
     A driver killed right after starting a trial, before Ray saved its state, leaves a trial
     directory that no resume will continue (Ray samples a new trial in its place, and its
     Optuna trial is marked FAIL when the study ends). Moving it aside keeps every table row a
-    trial Ray knows; nothing is deleted. Returns the discarded trial ids."""
-    from vertstudy.study.results import experiment_states, trial_dirs
+    trial Ray knows; nothing is deleted from the storage (a folder discarded twice keeps both
+    copies). Its local copy in the killed driver's staging folder, when this host has one, is
+    deleted: see below. Returns the discarded trial ids."""
+    import shutil
 
-    known = experiment_states(study_dir)
+    import pyarrow.fs as pafs
+
+    from vertstudy.study.compat import driver_staging_dir
+    from vertstudy.study.results import newest_state, trial_dirs, trial_statuses
+
+    state = newest_state(study_dir)
+    known = trial_statuses(state)
     fs, base = storage.resolve(experiment_dir(study_dir))
     discarded = [tid for tid in trial_dirs(study_dir) if tid not in known]
     if discarded:
         fs.create_dir(storage.join(base, ".discarded"), recursive=True)
     for tid in discarded:
-        fs.move(storage.join(base, tid), storage.join(base, ".discarded", tid))
+        aside = storage.join(base, ".discarded", tid)
+        if fs.get_file_info(aside).type != pafs.FileType.NotFound:  # discarded before: keep both
+            aside = f"{aside}-{int(time.time() * 1000)}"
+        fs.move(storage.join(base, tid), aside)
+    # the killed driver's local copies of trials Ray does not know (some never reached the
+    # storage), in its staging folder, which a resumed driver on this host reuses: left there, Ray
+    # would upload them into the storage again, and a trial asked again under its id (stable ids)
+    # would find its folder taken and write to '<id>_<4 hex>' instead
+    staging = driver_staging_dir(state)
+    if staging is not None and staging.is_dir():
+        for folder in staging.iterdir():
+            if folder.is_dir() and not folder.name.startswith(".") and folder.name not in known:
+                shutil.rmtree(folder, ignore_errors=True)
     return discarded
 
 

@@ -24,6 +24,9 @@ from vertstudy.study import storage
 from vertstudy.study.compat import mark_completed
 from vertstudy.study.spec import StudySpec
 
+#: the Optuna trial user attribute naming the Ray trial it was asked for (a reproducible search)
+RAY_TRIAL_ATTR = "ray_trial_id"
+
 
 class ResumableOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that survives a driver killed between telling Optuna a trial's result
@@ -107,6 +110,9 @@ class ReproducibleOptunaSearch(ResumableOptunaSearch):
         self._fail_orphans()
         self._ot_study.sampler = self._samplers(k)
         params = super().suggest(trial_id)
+        # the link a resumed driver follows when Ray's saved state knows a trial that the saved
+        # searcher does not (:meth:`realign`); Optuna's storage has it before Ray's state can
+        self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ATTR, trial_id)
         if len(self._numbers) >= self._num_samples:  # the last suggestion: nothing waits for a tell now
             self._tell(sorted(self._deferred))
         return params
@@ -143,6 +149,75 @@ class ReproducibleOptunaSearch(ResumableOptunaSearch):
             if k in self._deferred:
                 trial_id, result, error = self._deferred.pop(k)
                 ResumableOptunaSearch.on_trial_complete(self, trial_id, result, error)
+
+    def realign(self, known: dict[str, str], study_dir: str) -> None:
+        """Make this searcher's restored state agree with the Ray trials a resumed driver
+        restores (``known``: ``{trial id: Ray status}`` from the same saved experiment state).
+
+        Ray uploads its experiment state and the searcher's state as separate files, in the
+        background; a driver killed during an upload leaves one newer than the other. A trial the
+        searcher handed out but Ray does not know is asked again under its id, with its Optuna
+        trial's values; a trial Ray knows but the searcher does not is adopted through its Optuna
+        trial (linked by :data:`RAY_TRIAL_ATTR`). The virtual clock is then replayed in number
+        order from the trials' stored results, and ended trials whose Optuna trial is still
+        RUNNING wait to be told, as in the killed driver."""
+        import optuna
+
+        from vertstudy.study.ordered import trial_number
+        from vertstudy.study.results import read_trial
+
+        running = optuna.trial.TrialState.RUNNING
+        by_ray_id = {t.user_attrs.get(RAY_TRIAL_ATTR): t for t in self._ot_study.get_trials(deepcopy=False)}
+        for trial_id in known:
+            if trial_id in self._numbers:
+                continue
+            ot = by_ray_id.get(trial_id)
+            if ot is None:  # asked before this link existed: a new Optuna trial with its values
+                from ray.tune.utils import flatten_dict
+
+                params, _ = read_trial(study_dir, trial_id)
+                self._ot_study.enqueue_trial(flatten_dict(params, delimiter="/"), skip_if_exists=False)
+                ot = self._ot_study.ask()
+                ot.set_user_attr(RAY_TRIAL_ATTR, trial_id)
+                self._ot_trials[trial_id] = ot
+            else:
+                self._ot_trials[trial_id] = optuna.Trial(self._ot_study, ot._trial_id)
+                if ot.state != running:
+                    self._completed_trials.add(trial_id)
+            self._numbers[trial_id] = trial_number(trial_id)
+        ended = {t for t, status in known.items() if status in ("TERMINATED", "ERROR")}
+        results = {t: read_trial(study_dir, t)[1] for t in known}
+        progress = {}
+        for trial_id, k in self._numbers.items():
+            epochs = [int(r["epoch"]) for r in results.get(trial_id, []) if isinstance(r.get("epoch"), (int, float))]
+            progress[k] = max([self._clock.progress.get(k, 0), *epochs]) if trial_id in known else 0
+        numbers = sorted(self._numbers.values())
+        if numbers != list(range(len(numbers))):
+            return  # not stable ids in order (cannot happen): keep the state Ray restored
+        clock = type(self._clock)(self._clock.concurrency)
+        ids = {k: t for t, k in self._numbers.items()}
+        for k in numbers:
+            for j in range(k):
+                clock.report(j, progress[j])
+                if ids[j] in ended:
+                    clock.finish(j)
+            if clock.next_start() is None:
+                return  # the stored results say less than the killed driver knew: keep its clock
+            clock.begin()
+        for k in numbers:
+            clock.report(k, progress[k])
+            if ids[k] in ended:
+                clock.finish(k)
+        self._clock = clock
+        told = {t.number for t in self._ot_study.get_trials(deepcopy=False) if t.state != running}
+        self._deferred = {}
+        for trial_id in sorted(ended, key=trial_number):
+            if trial_id in self._ot_trials and self._ot_trials[trial_id].number not in told:
+                self._completed_trials.discard(trial_id)
+                last = results[trial_id][-1] if results[trial_id] else None
+                self._deferred[trial_number(trial_id)] = (trial_id, last, known[trial_id] == "ERROR")
+        if len(self._numbers) >= self._num_samples:
+            self._tell(sorted(self._deferred))
 
 
 def open_optuna_storage(spec: StudySpec, study_dir: str):
