@@ -295,3 +295,34 @@ def test_searches_are_reproducible_unless_asked_otherwise_and_old_study_files_re
     assert now.search.reproducible and _trials_part(now) == _trials_part(stored)
     assert _trials_part(now) != _trials_part(tiny_spec("old", tmp_path, search={"algorithm": "random"}))
     assert tiny_study("x", tmp_path)["search"] == {"algorithm": "optuna-tpe"}  # the file leaves the field out
+
+
+def test_a_resumed_study_keeps_the_defaults_it_began_with(tmp_path):
+    """study.json keeps only a study's own settings; ``defaults.json`` keeps every default of the
+    day it began, so a default changed since is pinned to its old value when the study is
+    resumed or extended, unless the study set the field itself. The planner compares study files
+    without the pins; an unreadable defaults.json is one clear error naming it."""
+    import json
+
+    from tests.study.conftest import tiny_spec
+    from vertstudy.config import Config, flat_config
+    from vertstudy.errors import ConfigError
+    from vertstudy.study.runner import DEFAULTS_FILE, load_study_dir
+
+    spec = tiny_spec("pinned", tmp_path, config={"train.epochs": 3})
+    study_dir = tmp_path / "pinned"
+    study_dir.mkdir()
+    (study_dir / "study.json").write_text(spec.model_dump_json(), encoding="utf-8")
+    (study_dir / "split.json").write_text(json.dumps({"train": [], "val": [], "test": []}), encoding="utf-8")
+    today = flat_config(Config())
+    assert load_study_dir(str(study_dir))[0].base_config == spec.base_config  # no defaults.json: today's
+    then = {**today, "train.ema_decay": 0.5, "train.epochs": 99, "train.no_such_field": 1}
+    (study_dir / DEFAULTS_FILE).write_text(json.dumps(then), encoding="utf-8")
+    stored, _ = load_study_dir(str(study_dir))
+    assert today["train.ema_decay"] != 0.5
+    assert stored.base_config.train.ema_decay == 0.5  # the old default, pinned
+    assert stored.base_config.train.epochs == 3  # the study's own setting wins
+    assert load_study_dir(str(study_dir), pin_defaults=False)[0].config == spec.config
+    (study_dir / DEFAULTS_FILE).write_text("{not json", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"defaults\.json: not valid JSON"):
+        load_study_dir(str(study_dir))

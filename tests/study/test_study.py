@@ -14,6 +14,7 @@ import torch
 
 from tests.study.conftest import tiny_spec
 from vertstudy.checkpoint import load_checkpoint
+from vertstudy.config import Config, flat_config
 from vertstudy.study.runner import export_tables, run_study, study_status
 from vertstudy.study.spec import load_study, smoke, total_trials
 from vertstudy.study.tracking import read_offline_runs
@@ -48,6 +49,7 @@ def check_consistent(study_dir, spec, expected_trials: int) -> list[dict]:
         mine = sorted(e["epoch"] for e in epochs if e["trial_id"] == t["trial_id"])
         assert mine == list(range(1, t["epochs"] + 1))
     split = json.loads((Path(study_dir) / "split.json").read_text())
+    assert json.loads((Path(study_dir) / "defaults.json").read_text()) == flat_config(Config())  # what it began with
     test_cases = {Path(p).name for p in split["test"]}
     verts = table(study_dir, "vertebrae")
     for t in trials:

@@ -186,7 +186,9 @@ def study_state(spec: StudySpec) -> tuple[str, str]:
     study_dir = study_dir_of(spec)
     if not storage.exists(storage.uri_join(study_dir, "study.json")):
         return "new", study_dir
-    stored, _ = load_study_dir(study_dir)
+    # the stored study's own settings: a default changed since it began is not a changed study
+    # (its resume trains on with the old value: runner.changed_defaults)
+    stored, _ = load_study_dir(study_dir, pin_defaults=False)
     mine, theirs = _trials_part(spec), _trials_part(stored)
     if mine != theirs:
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))

@@ -12,6 +12,8 @@ results and compacted. ``resume_study`` continues an interrupted study from its 
 Study directory ``<storage>/<name>/``::
 
     study.json       the validated study (what resume and export read)
+    defaults.json    every config field's default when the study began: a default changed since
+                     is pinned to its old value when the study is resumed or extended
     split.json       the cache entries of the train / val / test cases
     trials.parquet epochs.parquet vertebrae.parquet baseline.parquet
     parts/           while it runs: epochs and vertebrae rows per ended trial (schema.PARTS)
@@ -25,6 +27,7 @@ own W&B run logs the final trials table (:func:`track_study`).
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import time
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vertstudy.config import Config, flat_config
 from vertstudy.errors import ConfigError, StorageError
 from vertstudy.study import storage
 from vertstudy.study.compat import StagingTurn, realign_search, replace_callbacks
@@ -332,6 +336,7 @@ def prepare_study(spec: StudySpec, progress: bool = True) -> tuple[str, StudyDat
     fs, path = storage.resolve(study_dir)
     fs.create_dir(path, recursive=True)  # only now: a study that fails its checks leaves no directory
     storage.write_text(storage.uri_join(study_dir, "split.json"), data.to_json())
+    storage.write_text(storage.uri_join(study_dir, DEFAULTS_FILE), json.dumps(flat_config(Config()), indent=1))
     storage.write_text(storage.uri_join(study_dir, "study.json"), spec.model_dump_json(indent=1))
     return study_dir, data
 
@@ -359,9 +364,11 @@ def run_study(spec: StudySpec, address: str | None = None, progress: bool = True
         return _fit(_tuner(spec, data, study_dir, meta, progress, (turn, *callbacks)), turn, spec, study_dir, meta, t0)
 
 
-def load_study_dir(study_dir: str) -> tuple[StudySpec, StudyData]:
-    """The study and split saved in a study directory; ``ConfigError`` if it is not one."""
-    import json
+def load_study_dir(study_dir: str, pin_defaults: bool = True) -> tuple[StudySpec, StudyData]:
+    """The study and split saved in a study directory; ``ConfigError`` if it is not one.
+    ``pin_defaults``: the study's config also sets every default changed since the study began
+    to its old value (:func:`changed_defaults`), as its trials trained; off, it is the study's
+    own settings only (what a study file is compared with)."""
 
     path = storage.uri_join(study_dir, "study.json")
     if not storage.exists(path):
@@ -369,9 +376,35 @@ def load_study_dir(study_dir: str) -> tuple[StudySpec, StudyData]:
     raw = json.loads(storage.read_text(path))
     if isinstance(raw, dict) and isinstance(raw.get("search"), dict) and "reproducible" not in raw["search"]:
         raw["search"]["reproducible"] = False  # saved before search.reproducible: it ran Tune's way
+    if pin_defaults and isinstance(raw, dict) and isinstance(raw.get("config", {}), dict):
+        raw["config"] = {**changed_defaults(study_dir, raw.get("config", {})), **raw.get("config", {})}
     spec = validate_spec(raw, path)
     data = StudyData.from_json(storage.read_text(storage.uri_join(study_dir, "split.json")))
     return spec, data
+
+
+#: the study directory's record of every config field's default when the study began
+DEFAULTS_FILE = "defaults.json"
+
+
+def changed_defaults(study_dir: str, config: dict[str, Any]) -> dict[str, Any]:
+    """``{field: its default when the study began}`` for every field whose default has changed
+    since and that the study's ``config`` does not set: study.json keeps only the study's own
+    settings, so without these a resumed or extended study would train its later trials with
+    today's defaults. Empty for a study begun before ``defaults.json`` was written (its defaults
+    are not known; it trains with today's)."""
+    path = storage.uri_join(study_dir, DEFAULTS_FILE)
+    if not storage.exists(path):
+        return {}
+    try:
+        saved = json.loads(storage.read_text(path))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); restore it or delete it to resume with "
+                          "today's defaults") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: must map config fields to values, got {type(saved).__name__}")
+    today = flat_config(Config())
+    return {k: v for k, v in saved.items() if k in today and k not in config and today[k] != v}
 
 
 def resume_study(study_dir: str, address: str | None = None, progress: bool = True) -> StudyResult:
