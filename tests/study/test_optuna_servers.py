@@ -124,9 +124,11 @@ def test_two_studies_and_a_duplicate_on_one_journal_file(ray_cluster, drill_root
     shared = drill_root / "shared"
     shared.mkdir()
     url = f"journal:{shared / 'optuna.log'}"
-    result = drill(drill_root, ray_cluster, url, {}, ["ja", "jb"], kill=None)
+    # the same drill as PostgreSQL's: a SIGKILLed driver (which may hold the journal's file lock)
+    # and its resume
+    result = drill(drill_root, ray_cluster, url, {}, ["ja", "jb"], kill="jb")
     from optuna.storages.journal import JournalFileBackend
 
     store = optuna.storages.JournalStorage(JournalFileBackend(str(shared / "optuna.log")))
     check(drill_root, url, ["ja", "jb"], result, store)
-    print(f"\njournal: 2 studies + 1 duplicate in {result['wall_s']:.0f} s")
+    print(f"\njournal: 2 studies + 1 duplicate, one driver killed and resumed, in {result['wall_s']:.0f} s")
