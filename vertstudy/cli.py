@@ -405,7 +405,7 @@ def _add_study_commands(top: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", choices=("smoke", "cpu"),
                    help="size the study for a CPU machine: smoke (tiny data, network and epochs: about a minute) or "
                         "cpu (the ablation grids on 60 shared coarse phantoms, 20 held out, 3 seeds, a width-0.25 "
-                        "network for 45 epochs: studies/table*.yaml in about 2 hours on 2 cores)")
+                        "network for 45 epochs: studies/table*.yaml in about an hour on 2 cores)")
     p.add_argument("--smoke", action="store_true", help="the same as --scale smoke")
     p.add_argument("--no-progress", action="store_true", help="no live trials table")
     p.add_argument("--no-lease", action="store_true", help=NO_LEASE_HELP)
