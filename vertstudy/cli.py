@@ -680,8 +680,9 @@ def _run_train(args: argparse.Namespace, workdir: Path | None, progress: bool) -
 
 
 def _learn_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train-cases", type=_positive_int, default=24, help="training phantoms (default 24)")
-    p.add_argument("--val-cases", type=_positive_int, default=4, help="validation phantoms (default 4)")
+    p.add_argument("--train-cases", type=_positive_int, default=24,
+                   help="phantoms for training and validation together (default 24: with --val-cases 4, 20 train)")
+    p.add_argument("--val-cases", type=_positive_int, default=4, help="of them, validation phantoms (default 4)")
     p.add_argument("--test-cases", type=_positive_int, default=12, help="held-out phantoms (default 12)")
     p.add_argument("--phantom-seed", type=_nonneg_int, default=0,
                    help="seed of the phantoms (default 0); --seed is the training seed")
