@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.paths import SHARED_DATA
@@ -92,8 +92,16 @@ def geometries(draw):
     return direction, spacing, origin, frac
 
 
+#: an axis aligned but for a sine of 4.9e-294: ITK's SVD of such a direction fails (NaN index,
+#: resampling to padding only) unless preprocess snaps it (found by this test, 2026-12-07)
+_TINY = 4.88954861e-294
+_ITK_SVD_FAILS = (np.array([[-1.0, _TINY, 0.0], [-_TINY, -1.0, 0.0], [0.0, 0.0, -1.0]]), (1.75, 1.0, 1.0),
+                  (0.0, 0.0, 0.0), (0.5, 0.5, 0.5))
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(geometries())
+@example(_ITK_SVD_FAILS)
 def test_round_trip_under_random_orientation_and_spacing(geom):
     """A blob at a known physical point lands at the canonical voxel the geometry predicts, and maps back."""
     direction, spacing, origin, frac = geom
@@ -106,7 +114,9 @@ def test_round_trip_under_random_orientation_and_spacing(geom):
     zyx = prepared.zyx_vox[0]
     # exact transform round trips (float precision)
     assert np.allclose(geo.canonical_to_physical(zyx), point, atol=1e-6)
-    idx = np.asarray(image.TransformPhysicalPointToContinuousIndex(tuple(point)))
+    # the continuous index by its definition, point = origin + D diag(spacing) idx (ITK's own
+    # inverse is NaN for the direction of _ITK_SVD_FAILS)
+    idx = np.linalg.solve(d, point - np.asarray(origin))
     assert np.allclose(geo.canonical_to_original_index(zyx), idx, atol=1e-6)
     assert np.allclose(geo.original_index_to_physical(idx), point, atol=1e-6)
     # the image content agrees: the resampled blob is centred where the landmark says (within 1 mm)

@@ -179,10 +179,30 @@ def normalize(volume_hu: np.ndarray, hu_min: float) -> tuple[np.ndarray, float, 
     return volume_hu, mean, std
 
 
+#: Direction cosines smaller than this in magnitude are taken as 0. ITK inverts a direction
+#: matrix by SVD, and on one with entries around 1e-290 (an axis aligned but for rounding) the SVD
+#: fails ("suspicious return value (3) from SVDC"): its physical-to-index transform gives NaN and
+#: resampling returns nothing but padding (found by the random-orientation test).
+DIRECTION_EPS = 1e-12
+
+
+def snap_direction(image: sitk.Image) -> sitk.Image:
+    """``image`` with direction cosines below :data:`DIRECTION_EPS` set to 0 (a copy; ``image``
+    itself when none is), so ITK can invert its direction."""
+    d = np.asarray(image.GetDirection(), dtype=np.float64)
+    snapped = np.where(np.abs(d) < DIRECTION_EPS, 0.0, d)
+    if np.array_equal(snapped, d):
+        return image
+    image = sitk.Image(image)
+    image.SetDirection(tuple(float(v) for v in snapped))
+    return image
+
+
 def preprocess(case: Case, prep: PrepConfig) -> Prepared:
     """Canonical orientation, isotropic ``prep.spacing_mm`` resampling, HU clamp and z-score."""
-    geometry = canonical_geometry(case.image, prep.spacing_mm)
-    volume = resample_canonical(case.image, geometry, prep)
+    image = snap_direction(case.image)
+    geometry = canonical_geometry(image, prep.spacing_mm)
+    volume = resample_canonical(image, geometry, prep)
     volume, mean, std = normalize(volume, prep.hu_min)
     indices = np.array([lm.index for lm in case.landmarks], dtype=np.int64)
     zyx = geometry.physical_to_canonical(case.points_mm())
