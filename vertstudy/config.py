@@ -193,6 +193,11 @@ class TrainConfig(StrictModel):
         description="what best.pt keeps: the lowest validation crop loss (paper) or the best whole-CT validation "
         "(highest id rate, then lowest error; needs whole_ct_every)",
     )
+    whole_ct_tiles_per_crop: int = Field(
+        2, ge=0, le=16,
+        description="the whole-CT validations tile at crop_size / this voxels per axis (2: half a crop), coarser "
+        "and several times cheaper than the held-out labelling (infer.tiles_per_crop); 0: infer.stride",
+    )
 
 
     @field_validator("amp", mode="before")
@@ -217,7 +222,17 @@ class TrainConfig(StrictModel):
 class InferConfig(StrictModel):
     """Whole-CT inference (paper III-B, test phase)."""
 
-    stride: tuple[int, int, int] = Field((52, 40, 40), description="tile stride (z, y, x) voxels")
+    stride: tuple[int, int, int] = Field(
+        (52, 40, 40),
+        description="tile stride (z, y, x) voxels; a study or bench learn that leaves it unset derives it from the "
+        "crop (tiles_per_crop)",
+    )
+    tiles_per_crop: int = Field(
+        4, ge=1, le=16,
+        description="where infer.stride is left unset (studies, bench learn): tiles start every crop_size / this "
+        "voxels along each axis, so about this many tiles per axis see each point (2: half a crop, the default "
+        "before 2026-12-07; 4: a quarter, about 3.8x the tiles' time)",
+    )
     batch_size: int = Field(4, ge=1)
     threshold: float = Field(0.5, gt=0, lt=1, description="class probability to keep a crop's coordinate")
     min_votes: int = Field(1, ge=1, description="crops that must vote for a class before it is predicted")
@@ -225,6 +240,12 @@ class InferConfig(StrictModel):
         "sequence",
         description="'kmeans': the paper's per-class 2-means; 'sequence': at most one centroid per class in "
         "anatomical order with plausible spacing (dynamic programming over all votes)",
+    )
+    centre_weight: float = Field(
+        1.0, ge=0, le=8,
+        description="a centroid averages its votes weighted by probability times the vote's centrality in its tile "
+        "(1 at the centre, towards 0 at a face) to this power; 0: by probability alone (the paper's). Measured on "
+        "7 checkpoints at a quarter-crop stride, 1 against 0: error lower on 6 (e.g. 3.47 -> 3.18 mm)",
     )
     skip_empty_tiles: bool = Field(True, description="skip tiles that hold (almost) no body")
     body_fraction: float = Field(
@@ -252,6 +273,12 @@ class Config(StrictModel):
     train: TrainConfig = TrainConfig()
     infer: InferConfig = InferConfig()
     seed: int = 0
+
+
+def derived_stride(crop_size, tiles_per_crop: int) -> tuple[int, int, int]:
+    """The tile stride (z, y, x) voxels that starts ``tiles_per_crop`` tiles per crop length along
+    each axis of a ``crop_size`` (z, y, x) tile: ``max(1, c // tiles_per_crop)``."""
+    return tuple(max(1, int(c) // int(tiles_per_crop)) for c in crop_size)
 
 
 def load_config(values: dict[str, Any] | None = None, where: str = "config") -> Config:

@@ -163,3 +163,28 @@ def test_decode_votes_sequence_in_voxels_matches_decode_sequence_in_mm():
     for k, r in got.items():
         assert np.linalg.norm(r.centre_zyx * spacing - truth[k]) < 3.0
         assert r.probability == pytest.approx(min(1.0, 6 * 0.9 / 6), abs=0.2)
+
+
+def test_the_sequence_centroid_leans_on_central_votes_and_its_labels_do_not_change():
+    """``infer.centre_weight``: each class's votes near a tile face (low centrality) are off by
+    6 mm along z; weighted by centrality the centroids move towards the truth, while the chosen
+    classes and label scores stay those of the probabilities."""
+    spacing = 4.0
+    truth = spine(5, 12, start=(400.0, 60.0, 60.0))
+    classes, points, weights = votes_for(truth, noise_mm=0.5)
+    edge = np.zeros(len(classes), dtype=bool)
+    edge[::3] = True  # a third of the votes lie near a face, pulled 6 mm off
+    points = points + np.where(edge[:, None], [6.0, 0.0, 0.0], 0.0)
+    depth = np.where(edge, 0.05, 1.0)
+    origins = np.array([[z, 0, 0] for z in range(0, 160, 8)], dtype=np.int64)
+    tiles = TileOutputs(origins, np.zeros((len(origins), NUM_CLASSES, 3)), np.zeros((len(origins), NUM_CLASSES)))
+    votes = Votes(classes, points / spacing, weights, depth)
+    prior = training_prior()
+    plain = decode_votes(votes, tiles, (48, 32, 32), InferConfig(centre_weight=0.0), spacing, prior)
+    central = decode_votes(votes, tiles, (48, 32, 32), InferConfig(centre_weight=1.0), spacing, prior)
+    assert sorted(plain) == sorted(central) == sorted(truth)
+    for k in truth:
+        off_plain = np.linalg.norm(plain[k].centre_zyx * spacing - truth[k])
+        off_central = np.linalg.norm(central[k].centre_zyx * spacing - truth[k])
+        assert off_central < off_plain - 1.0
+        assert central[k].probability == plain[k].probability and central[k].votes == plain[k].votes

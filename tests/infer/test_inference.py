@@ -19,7 +19,7 @@ from vertstudy.config import Config, InferConfig
 from vertstudy.data.phantom import PhantomConfig, generate_case
 from vertstudy.errors import ConfigError
 from vertstudy.infer.tiling import axis_origins, tile_origins
-from vertstudy.infer.votes import Votes, choose_cluster, cluster_all, cluster_votes, collect_votes
+from vertstudy.infer.votes import Votes, centrality, choose_cluster, cluster_all, cluster_votes, collect_votes
 from vertstudy.infer.whole import predict_case, predict_volume
 from vertstudy.model.network import build_model
 
@@ -252,6 +252,37 @@ def test_loc_only_model_votes_every_class():
     skipped = predict_volume(model, volume, 0.0, cfg.data.crop.crop_size,
                              infer.model_copy(update={"skip_empty_tiles": True}), spacing_mm=4.0)
     assert skipped == {}  # every tile without body skipped: nothing to vote
+
+
+def test_centrality_is_one_at_the_centre_and_falls_towards_every_face():
+    crop = (16, 8, 8)
+    assert centrality(np.array([7.5, 3.5, 3.5]), crop) == pytest.approx(1.0)
+    # the outermost voxel: 0.5 voxel from the face, over half the tile, on that axis only
+    assert centrality(np.array([0.0, 3.5, 3.5]), crop) == pytest.approx(0.5 / 8)
+    assert centrality(np.array([15.0, 3.5, 3.5]), crop) == pytest.approx(0.5 / 8)
+    assert centrality(np.array([7.5, 0.0, 7.0]), crop) == pytest.approx((0.5 / 4) ** 2)
+    line = centrality(np.stack([np.array([z, 3.5, 3.5]) for z in np.arange(0.0, 7.6, 0.5)]), crop)
+    assert np.all(np.diff(line) > 0)  # deeper is more central, up to the centre
+
+
+def test_votes_carry_centrality_and_position_weights_only_move_centroids():
+    crop = (16, 8, 8)
+    coords = np.full((2, NUM_CLASSES, 3), 3.5)
+    coords[0, 4] = (7.5, 3.5, 3.5)  # tile 0 sees class 4 at its centre
+    coords[1, 4] = (1.0, 3.5, 3.5)  # tile 1 near its lower z face
+    probs = np.zeros((2, NUM_CLASSES))
+    probs[:, 4] = 0.9
+    origins = np.array([[0, 0, 0], [10, 0, 0]])  # votes at z = 7.5 and z = 11
+    votes = collect_votes(coords, probs, origins, crop, threshold=0.5)
+    np.testing.assert_allclose(votes.centrality, centrality(coords[[0, 1], 4], crop))
+    np.testing.assert_allclose(votes.position_weights(0.0), votes.weights)
+    plain = cluster_all(votes, 1, merge_vox=5.0)[4]
+    central = cluster_all(votes, 1, merge_vox=5.0, centre_weight=2.0)[4]
+    assert plain.centre_zyx[0] == pytest.approx(9.25)
+    assert 7.5 < central.centre_zyx[0] < 8.0  # pulled towards the central vote
+    assert central.weight == plain.weight and central.probability == plain.probability
+    both = Votes.concat([votes, Votes(np.array([4]), np.array([[0.0, 0, 0]]), np.array([0.5]))])
+    assert both.centrality.tolist() == [*votes.centrality.tolist(), 1.0]  # unrecorded: 1
 
 
 def test_votes_concat_and_of_class():

@@ -83,6 +83,28 @@ def test_search_is_gpu_scale_and_leaves_the_stride_to_the_runner():
     assert "data.crop.crop_size" in spec.space and "infer.stride" not in spec.config
 
 
+def test_the_trial_stride_follows_its_crop_unless_the_study_sets_it():
+    """Inference tiles of a trial start every crop / ``infer.tiles_per_crop`` voxels (a searched
+    crop gets its own stride); a study's own ``infer.stride`` wins; bench learn derives it alike."""
+    from vertstudy.bench.learn import learn_config
+    from vertstudy.study.space import trial_config
+    from vertstudy.study.spec import choice_label
+
+    spec = load_study(STUDIES / "search.yaml")
+    params = {"data.crop.crop_size": choice_label([96, 72, 72])}
+    cfg = trial_config(spec, params)
+    assert cfg.data.crop.crop_size == (96, 72, 72) and cfg.infer.stride == (24, 18, 18)
+    spec2 = spec.model_copy(update={"config": {**spec.config, "infer.tiles_per_crop": 2}})
+    assert trial_config(spec2, params).infer.stride == (48, 36, 36)
+    spec3 = spec.model_copy(update={"config": {**spec.config, "infer.stride": (40, 30, 30)}})
+    assert trial_config(spec3, params).infer.stride == (40, 30, 30)
+    def learn(over=None):
+        return learn_config(0.25, (48, 32, 32), 4.0, 0.003, 0, 0, over).infer.stride
+
+    assert learn() == (12, 8, 8) and learn({"infer.tiles_per_crop": 3}) == (16, 10, 10)
+    assert learn({"infer.stride": (24, 16, 16)}) == (24, 16, 16)
+
+
 def test_search_space_is_conditional_on_the_schedule_kind():
     spec = load_study(STUDIES / "search.yaml")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -307,7 +329,7 @@ def test_a_resumed_study_keeps_the_defaults_it_began_with(tmp_path):
     from tests.study.conftest import tiny_spec
     from vertstudy.config import Config, flat_config
     from vertstudy.errors import ConfigError
-    from vertstudy.study.runner import DEFAULTS_FILE, load_study_dir
+    from vertstudy.study.runner import ADDED_FIELDS, DEFAULTS_FILE, load_study_dir
 
     spec = tiny_spec("pinned", tmp_path, config={"train.epochs": 3})
     study_dir = tmp_path / "pinned"
@@ -316,13 +338,20 @@ def test_a_resumed_study_keeps_the_defaults_it_began_with(tmp_path):
     (study_dir / "split.json").write_text(json.dumps({"train": [], "val": [], "test": []}), encoding="utf-8")
     today = flat_config(Config())
     assert load_study_dir(str(study_dir))[0].base_config == spec.base_config  # no defaults.json: today's
-    then = {**today, "train.ema_decay": 0.5, "train.epochs": 99, "train.no_such_field": 1}
+    older = {k: v for k, v in today.items() if k not in ADDED_FIELDS}  # written before those fields existed
+    then = {**older, "train.ema_decay": 0.5, "train.epochs": 99, "train.no_such_field": 1}
     (study_dir / DEFAULTS_FILE).write_text(json.dumps(then), encoding="utf-8")
     stored, _ = load_study_dir(str(study_dir))
     assert today["train.ema_decay"] != 0.5
     assert stored.base_config.train.ema_decay == 0.5  # the old default, pinned
     assert stored.base_config.train.epochs == 3  # the study's own setting wins
     assert load_study_dir(str(study_dir), pin_defaults=False)[0].config == spec.config
+    # fields added since the study began are pinned to the values that behave as the code did then
+    assert stored.base_config.infer.tiles_per_crop == 2 and today["infer.tiles_per_crop"] == 4
+    assert stored.base_config.train.whole_ct_tiles_per_crop == 0 and stored.base_config.infer.centre_weight == 0
+    recorded = {**then, "infer.tiles_per_crop": 3}  # a study that recorded the field keeps its value
+    (study_dir / DEFAULTS_FILE).write_text(json.dumps(recorded), encoding="utf-8")
+    assert load_study_dir(str(study_dir))[0].base_config.infer.tiles_per_crop == 3
     (study_dir / DEFAULTS_FILE).write_text("{not json", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"defaults\.json: not valid JSON"):
         load_study_dir(str(study_dir))

@@ -28,13 +28,14 @@ others still run:
   body). ``--volume 378 117 117`` is the ``coarse`` phantom ``vertstudy bench infer`` labels
   (28 tiles, all with body). The volume is synthetic: z-scored air around an elliptic body
   cylinder (:func:`synthetic_volume`; ~21 % of the voxels and the same 154 of 175 tiles with
-  body as that phantom). It is tiled as :mod:`vertstudy.infer.tiling` tiles (origins
-  ``0, s, 2s, ...`` plus one flush with the end; stride default half the crop, the studies'
-  default), tiles without body are skipped by the same rule (``has_body``, ``body_fraction``
-  0.02), and every other tile is cut out, moved to the device in batches of ``--label-batch``
-  and run, outputs back on the host, as ``run_network`` does. The votes and the clustering
-  after the network (CPU work, the same on any machine) are not included: ``vertstudy bench
-  infer`` times the whole path. The tiling is a copy, not an import, because
+  body as that phantom). It is tiled as :mod:`vertstudy.infer.tiling` tiles (origins ``0, s,
+  2s, ...`` plus one flush with the end; stride default half the crop, the studies' default
+  before 2026-12-07, now a quarter), tiles without body are skipped by the same rule
+  (``has_body``, ``body_fraction`` 0.02), and every other tile is cut out, moved to the
+  device in batches of ``--label-batch`` and run, outputs back on the host, as
+  ``run_network`` does. The votes and the clustering after the network (CPU work, the same
+  on any machine) are not included: ``vertstudy bench infer`` times the whole path. The
+  tiling is a copy, not an import, because
   :mod:`vertstudy.infer` imports SimpleITK (through :mod:`vertstudy.data`);
   ``tests/test_bench_gpu.py`` checks that the copy gives the same tiles.
 

@@ -24,7 +24,8 @@ val_ct``, as in the quickstart and ``--scale cpu``); with whole-CT validation of
 validation 0.30, held out 44.1 %), the whole-CT validation epoch 40 (0.60, held out 52.4 %).
 
 The held-out cases are then labelled on the *whole* CT by :mod:`vertstudy.infer`
-(tiles at half a crop's stride, votes, K-means) with ``best.pt``, and scored with
+(tiles every quarter crop, ``infer.tiles_per_crop``; votes; the configured decoder and
+K-means beside it) with ``best.pt``, and scored with
 :func:`vertstudy.train.metrics.match_case` / ``summarize`` in canonical millimetres
 (``zyx_vox * spacing_mm``; the mapping to the scanner's space is a rigid one per case, so the
 distances are the same). Baseline: every class present in a held-out case is predicted at
@@ -52,12 +53,13 @@ def learn_config(
     width: float, crop_size: tuple[int, int, int], spacing_mm: float, lr: float, workers: int, seed: int,
     overrides: dict | None = None, whole_ct_every: int = 0,
 ) -> Config:
-    """The defaults but for width, crop (inference stride: half the crop), spacing, lr, workers,
-    the training ``seed``, ``train.whole_ct_every`` and, when that is on, ``train.select_on:
-    val_ct``; then ``overrides`` (dotted field names, e.g. ``{"loss.map_reg": "none"}``), validated."""
-    from vertstudy.config import load_config
+    """The defaults but for width, crop, spacing, lr, workers, the training ``seed``,
+    ``train.whole_ct_every`` and, when that is on, ``train.select_on: val_ct``; then ``overrides``
+    (dotted field names, e.g. ``{"loss.map_reg": "none"}``), validated. Unless ``overrides`` set
+    ``infer.stride``, it is derived from the crop as in a study (``infer.tiles_per_crop``)."""
+    from vertstudy.config import derived_stride, load_config
 
-    return load_config(
+    cfg = load_config(
         {
             "model.width": width,
             "data.prep.spacing_mm": spacing_mm,
@@ -68,12 +70,15 @@ def learn_config(
             "train.whole_ct_every": whole_ct_every,
             "train.select_on": "val_ct" if (overrides or {}).get("train.whole_ct_every", whole_ct_every)
             else "val_loss",
-            "infer.stride": tuple(max(1, c // 2) for c in crop_size),
             "seed": seed,
             **(overrides or {}),
         },
         where="bench learn --set",
     )
+    if "infer.stride" in (overrides or {}):
+        return cfg
+    stride = derived_stride(cfg.data.crop.crop_size, cfg.infer.tiles_per_crop)
+    return cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"stride": stride})})
 
 
 def baseline_rows(train: list[CachedCase], test: list[CachedCase]) -> list:

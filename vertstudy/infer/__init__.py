@@ -11,7 +11,10 @@ predict``), :mod:`~vertstudy.infer.evaluate` (held-out scoring, the mean-positio
 
 1. **Tiling** (:func:`vertstudy.infer.tiling.tile_origins`). The canonical volume (``(Z, Y, X)``, z-scored, isotropic,
    see :mod:`vertstudy.data.preprocess`) is covered by overlapping crops of the checkpoint's
-   ``crop_size`` at ``stride`` voxels. Along each axis the origins are ``0, s, 2s, ...`` and
+   ``crop_size`` at ``stride`` voxels (a study or ``bench learn`` that leaves ``infer.stride``
+   unset derives it as ``crop_size // infer.tiles_per_crop``, a quarter of the crop by default,
+   so about 4 tiles per axis see each point; the whole-CT validations during training tile at
+   half a crop, ``train.whole_ct_tiles_per_crop``). Along each axis the origins are ``0, s, 2s, ...`` and
    the last tile is flush with the end of the volume (origin ``n - c``), so every voxel lies
    in at least one tile. An axis shorter than the crop gets a single tile centred on it
    (origin ``-((c - n) // 2)``); the voxels outside the volume are the case's ``pad_value``
@@ -27,7 +30,9 @@ predict``), :mod:`~vertstudy.infer.evaluate` (held-out scoring, the mean-positio
 3. **Votes** (:func:`vertstudy.infer.votes.collect_votes`). In each tile, class ``n`` votes when its probability
    ``sigmoid(logit)`` is ``>= threshold`` **and** its coordinate lies inside the tile
    (``0 <= c < size`` on every axis, the rule by which training crops mark a class present).
-   The vote is the point ``origin + c`` in canonical voxels, weighted by its probability.
+   The vote is the point ``origin + c`` in canonical voxels, weighted by its probability, and
+   carries its **centrality** in the tile (:func:`vertstudy.infer.votes.centrality`: 1 at the
+   centre, towards 0 at a face, where an integral-regression coordinate is pulled inwards).
    A **localization-only** model (``logits is None``) has no classifier, so every class whose
    coordinate lies inside the tile votes with weight 1 — including the classes that are not
    in the tile at all, whose integral-regression coordinates still land somewhere inside it.
@@ -49,7 +54,8 @@ predict``), :mod:`~vertstudy.infer.evaluate` (held-out scoring, the mean-positio
      the **outlier cluster** (votes of tiles that mistook a neighbour for this class), dropped;
    - the kept cluster must hold at least ``min_votes`` votes, else the class is not
      predicted;
-   - the centroid is the probability-weighted mean of the kept votes (the K-means centre).
+   - the centroid is the weighted mean of the kept votes: probability times centrality to the
+     power ``infer.centre_weight`` (0: by probability alone, the K-means centre, the paper's).
 
    Each class is clustered independently, as in the paper: two classes may end up on the same
    vertebra (a shift like paper Fig. 9B); nothing in K-means enforces the order of the spine.

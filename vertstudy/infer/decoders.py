@@ -37,7 +37,9 @@ centreline). Here:
    ordered by class), found in ``O(nodes^2)``.
 
 5. **Centroids**: a chosen node's centroid is the weighted mean of its class's votes within
-   ``radius_mm`` of the candidate (the candidate itself when there are none).
+   ``radius_mm`` of the candidate (the candidate itself when there are none), weighted by
+   probability times centrality to the power ``infer.centre_weight``
+   (:meth:`vertstudy.infer.votes.Votes.position_weights`).
 
 Everything here is a pure numpy function of its inputs; units are canonical millimetres, axis
 order (z, y, x), unless a name says voxels."""
@@ -176,16 +178,20 @@ def decode_sequence(
     radius_mm: float,
     min_score: float,
     pair_weight: float,
+    position_weights: np.ndarray | None = None,
 ) -> dict[int, DecodedClass]:
     """Decode votes into at most one centroid per class (module docstring).
 
     classes (N,) int64, points_mm (N, 3) canonical mm, weights (N,) > 0; ``seen_fn`` maps
     candidate points (C, 3) mm to the number of tiles that ran and contain them (C,).
+    ``position_weights`` (N,) > 0: the weights of step 5's mean (default ``weights``; see
+    :meth:`vertstudy.infer.votes.Votes.position_weights`); candidates and scores use ``weights``.
     Returns ``{class: DecodedClass}``.
     """
     classes = np.asarray(classes, dtype=np.int64).reshape(-1)
     points_mm = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3)
     weights = np.asarray(weights, dtype=np.float64).reshape(-1)
+    pos = weights if position_weights is None else np.asarray(position_weights, dtype=np.float64).reshape(-1)
     if len(classes) == 0:
         return {}
     cands = candidate_points(classes, points_mm, weights, radius_mm)
@@ -194,8 +200,8 @@ def decode_sequence(
     for c, cls in best_chain(cands, scores, prior, min_score, pair_weight):
         own = classes == cls
         near = own & (np.linalg.norm(points_mm - cands[c], axis=1) < radius_mm)
-        w = weights[near]
-        centre = (points_mm[near] * w[:, None]).sum(axis=0) / w.sum() if near.any() else cands[c].copy()
+        w, pw = weights[near], pos[near]
+        centre = (points_mm[near] * pw[:, None]).sum(axis=0) / pw.sum() if near.any() else cands[c].copy()
         out[cls] = DecodedClass(centre, int(near.sum()), int(own.sum() - near.sum()), float(w.sum()),
                                 float(scores[c, cls]))
     return out
@@ -219,7 +225,7 @@ def decode_votes(
     real spine shapes). Centres in canonical voxels.
     """
     if infer_cfg.decoder == "kmeans":
-        return cluster_all(votes, infer_cfg.min_votes, merge_mm / spacing_mm, tiles.loc_only)
+        return cluster_all(votes, infer_cfg.min_votes, merge_mm / spacing_mm, tiles.loc_only, infer_cfg.centre_weight)
     from vertstudy.infer.decoders import decode_sequence, tiles_containing
 
     prior = population_prior() if prior is None else prior
@@ -227,6 +233,7 @@ def decode_votes(
         votes.classes, votes.points_zyx * spacing_mm, votes.weights,
         lambda pts_mm: tiles_containing(pts_mm / spacing_mm, tiles.origins, crop_size),
         prior, infer_cfg.seq_radius_mm, infer_cfg.seq_min_score, infer_cfg.seq_pair_weight,
+        votes.position_weights(infer_cfg.centre_weight),
     )
     out = {}
     for k, d in decoded.items():

@@ -76,13 +76,25 @@ def checkpoint_case_rows(
     return out, (time.perf_counter() - t0) / max(len(test), 1)
 
 
+def validation_infer(cfg: Config):
+    """The :class:`~vertstudy.config.InferConfig` of the whole-CT validations during training:
+    ``cfg.infer`` with tiles every ``crop_size / train.whole_ct_tiles_per_crop`` voxels (0: as is)."""
+    from vertstudy.config import derived_stride
+
+    if cfg.train.whole_ct_tiles_per_crop == 0:
+        return cfg.infer
+    stride = derived_stride(cfg.data.crop.crop_size, cfg.train.whole_ct_tiles_per_crop)
+    return cfg.infer.model_copy(update={"stride": stride})
+
+
 def whole_ct_figures(model, cfg: Config, val_cases: list[CachedCase], prior) -> dict[str, float]:
-    """Whole-CT labelling of the validation cases with the current weights: ``val_ct_id_rate``,
-    ``val_ct_loc_error_mm`` (mean over matched vertebrae) and ``val_ct_false_per_case``
-    (predicted classes absent from the truth, per case)."""
+    """Whole-CT labelling of the validation cases with the current weights (tiled as
+    :func:`validation_infer` says): ``val_ct_id_rate``, ``val_ct_loc_error_mm`` (mean over
+    matched vertebrae) and ``val_ct_false_per_case`` (predicted classes absent from the truth,
+    per case)."""
     from vertstudy.train.metrics import summarize
 
-    per_case = model_case_rows(model, cfg, val_cases, prior)
+    per_case = model_case_rows(model, cfg, val_cases, prior, validation_infer(cfg))
     s = summarize([r for _, rows in per_case for r in rows])
     return {
         "val_ct_id_rate": float(s["id_rate"]),

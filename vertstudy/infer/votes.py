@@ -23,11 +23,14 @@ KMEANS_RANDOM_STATE = 0
 @dataclass(frozen=True)
 class Votes:
     """Votes of many tiles: ``classes`` (N,) int64 class index, ``points_zyx`` (N, 3) float64
-    canonical (z, y, x) voxels, ``weights`` (N,) float64 (probability, or 1 for loc-only)."""
+    canonical (z, y, x) voxels, ``weights`` (N,) float64 (probability, or 1 for loc-only),
+    ``centrality`` (N,) float64 in (0, 1]: how deep inside its tile the vote lies
+    (:func:`centrality`; ``None``: every vote 1)."""
 
     classes: np.ndarray
     points_zyx: np.ndarray
     weights: np.ndarray
+    centrality: np.ndarray | None = None
 
     @staticmethod
     def empty() -> Votes:
@@ -41,7 +44,19 @@ class Votes:
             np.concatenate([p.classes for p in parts]),
             np.concatenate([p.points_zyx for p in parts]),
             np.concatenate([p.weights for p in parts]),
+            np.concatenate([p.centre_depth() for p in parts]),
         )
+
+    def centre_depth(self) -> np.ndarray:
+        """(N,) ``centrality``, ones where it was not recorded."""
+        return np.ones(len(self.classes)) if self.centrality is None else self.centrality
+
+    def position_weights(self, power: float) -> np.ndarray:
+        """(N,) the weights that average vote positions into a centroid: ``weights *
+        centrality ** power`` (``infer.centre_weight``; 0: the probabilities alone, the paper's)."""
+        if power == 0:
+            return self.weights
+        return self.weights * self.centre_depth() ** power
 
     def of_class(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """``(points (M, 3), weights (M,))`` of class ``index``, in vote order."""
@@ -56,6 +71,19 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     """Numerically stable logistic function, float64."""
     x = np.asarray(logits, dtype=np.float64)
     return np.exp(-np.logaddexp(0.0, -x))
+
+
+def centrality(coords: np.ndarray, crop_size: Sequence[int]) -> np.ndarray:
+    """(...,) how deep inside its tile each coordinate ``coords`` (..., 3) crop voxels lies: the
+    product over the axes of the distance to the nearer face of the tile, ``min(c + 0.5,
+    size - 0.5 - c)``, over half the tile, ``size / 2``; 1 at the centre, 1/size per axis
+    in the outermost voxel. An integral-regression coordinate is an expectation over the
+    tile's voxels, so a vertebra cut by a face is pulled inwards: votes near a face are the
+    least accurate."""
+    size = np.asarray(crop_size, dtype=np.float64)
+    c = np.asarray(coords, dtype=np.float64)
+    depth = np.minimum(c + 0.5, size - 0.5 - c) / (size / 2.0)
+    return np.clip(depth, 1e-6, 1.0).prod(axis=-1)
 
 
 def collect_votes(
@@ -80,8 +108,8 @@ def collect_votes(
             centroid in the padding is not in the image).
 
     A vote also needs a finite coordinate inside the tile: ``0 <= c < size`` on every axis.
-    Returns :class:`Votes` with points ``origin + c`` (canonical voxels), ordered by tile,
-    then class.
+    Returns :class:`Votes` with points ``origin + c`` (canonical voxels) and their
+    :func:`centrality`, ordered by tile, then class.
     """
     coords = np.asarray(coords, dtype=np.float64)
     batch = coords.shape[0]
@@ -102,7 +130,8 @@ def collect_votes(
     if volume_shape is not None:
         shape = np.asarray(volume_shape, dtype=np.float64)
         keep = ((points >= -0.5) & (points <= shape - 0.5)).all(axis=1)
-    return Votes(cls[keep].astype(np.int64), points[keep], weights[tile[keep], cls[keep]])
+    depth = centrality(coords[tile, cls], crop_size)
+    return Votes(cls[keep].astype(np.int64), points[keep], weights[tile[keep], cls[keep]], depth[keep])
 
 
 # -- clustering ------------------------------------------------------------------------------
@@ -176,18 +205,23 @@ def cluster_class(
     merge_vox: float = MERGE_MM / 2.0,
     random_state: int = KMEANS_RANDOM_STATE,
     loc_only: bool = False,
+    position_weights: np.ndarray | None = None,
 ) -> ClassResult | None:
-    """:func:`cluster_votes` with its bookkeeping (:class:`ClassResult`), or ``None``."""
+    """:func:`cluster_votes` with its bookkeeping (:class:`ClassResult`), or ``None``.
+
+    ``position_weights`` (N,): the weights of the centroid's mean (:meth:`Votes.position_weights`);
+    ``None``: ``weights``. Clustering, ``weight`` and ``probability`` use ``weights``."""
     points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     weights = np.asarray(weights, dtype=np.float64).reshape(-1)
+    pos = weights if position_weights is None else np.asarray(position_weights, dtype=np.float64).reshape(-1)
     if len(points) == 0:
         return None
     keep = choose_cluster(points, weights, merge_vox, random_state)
     n = int(keep.sum())
     if n < min_votes:
         return None
-    w = weights[keep]
-    centre = (points[keep] * w[:, None]).sum(axis=0) / w.sum()
+    w, pw = weights[keep], pos[keep]
+    centre = (points[keep] * pw[:, None]).sum(axis=0) / pw.sum()
     return ClassResult(
         centre_zyx=centre,
         votes=n,
@@ -198,12 +232,14 @@ def cluster_class(
 
 
 def cluster_all(
-    votes: Votes, min_votes: int, merge_vox: float, loc_only: bool = False
+    votes: Votes, min_votes: int, merge_vox: float, loc_only: bool = False, centre_weight: float = 0.0
 ) -> dict[int, ClassResult]:
     """:func:`cluster_class` for each of the 26 classes; only predicted classes are returned.
 
-    ``merge_vox`` is the merge distance in the voxel units of ``votes``.
+    ``merge_vox`` is the merge distance in the voxel units of ``votes``; ``centre_weight`` the
+    power of :meth:`Votes.position_weights` (0: the paper's probability-weighted mean).
     """
+    pos = votes.position_weights(centre_weight)
     from threadpoolctl import threadpool_limits
 
     out: dict[int, ClassResult] = {}
@@ -212,7 +248,8 @@ def cluster_all(
     with threadpool_limits(limits=1):
         for index in range(NUM_CLASSES):
             points, weights = votes.of_class(index)
-            result = cluster_class(points, weights, min_votes, merge_vox, loc_only=loc_only)
+            result = cluster_class(points, weights, min_votes, merge_vox, loc_only=loc_only,
+                                   position_weights=pos[votes.classes == index])
             if result is not None:
                 out[index] = result
     return out

@@ -386,13 +386,22 @@ def load_study_dir(study_dir: str, pin_defaults: bool = True) -> tuple[StudySpec
 #: the study directory's record of every config field's default when the study began
 DEFAULTS_FILE = "defaults.json"
 
+#: config fields added after ``defaults.json`` began to be written, each with the value that keeps
+#: the behaviour from before it existed (what :func:`changed_defaults` pins for an older study)
+ADDED_FIELDS: dict[str, Any] = {
+    "infer.tiles_per_crop": 2,  # tiles every half crop
+    "infer.centre_weight": 0.0,  # centroids weighted by probability alone
+    "train.whole_ct_tiles_per_crop": 0,  # whole-CT validations tiled as infer.stride
+}
+
 
 def changed_defaults(study_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     """``{field: its default when the study began}`` for every field whose default has changed
     since and that the study's ``config`` does not set: study.json keeps only the study's own
     settings, so without these a resumed or extended study would train its later trials with
-    today's defaults. Empty for a study begun before ``defaults.json`` was written (its defaults
-    are not known; it trains with today's)."""
+    today's defaults; a field added since (:data:`ADDED_FIELDS`) is pinned to the value that
+    behaves as the code did then. Empty for a study begun before ``defaults.json`` was written
+    (its defaults are not known; it trains with today's)."""
     path = storage.uri_join(study_dir, DEFAULTS_FILE)
     if not storage.exists(path):
         return {}
@@ -404,7 +413,10 @@ def changed_defaults(study_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(saved, dict):
         raise ConfigError(f"{path}: must map config fields to values, got {type(saved).__name__}")
     today = flat_config(Config())
-    return {k: v for k, v in saved.items() if k in today and k not in config and today[k] != v}
+    pins = {k: v for k, v in saved.items() if k in today and k not in config and today[k] != v}
+    # a field added since the study began: the value under which the code behaves as it did then
+    pins.update({k: v for k, v in ADDED_FIELDS.items() if k not in saved and k not in config and today[k] != v})
+    return pins
 
 
 def resume_study(study_dir: str, address: str | None = None, progress: bool = True) -> StudyResult:
