@@ -291,3 +291,14 @@ def test_votes_concat_and_of_class():
     both = Votes.concat([a, b, Votes.empty()])
     pts, w = both.of_class(2)
     assert len(both) == 3 and pts.tolist() == [[1, 1, 1], [2, 2, 2]] and w.tolist() == [0.6, 0.7]
+
+
+def test_whole_ct_validation_tiles_at_half_a_crop_unless_told_otherwise():
+    from vertstudy.config import load_config
+    from vertstudy.infer.evaluate import validation_infer
+
+    cfg = load_config({"data.crop.crop_size": (48, 32, 32), "infer.stride": (12, 8, 8)})
+    assert validation_infer(cfg).stride == (24, 16, 16) and cfg.infer.stride == (12, 8, 8)
+    same = load_config({"data.crop.crop_size": (48, 32, 32), "infer.stride": (12, 8, 8),
+                        "train.whole_ct_tiles_per_crop": 0})
+    assert validation_infer(same) == same.infer
