@@ -281,6 +281,13 @@ def derived_stride(crop_size, tiles_per_crop: int) -> tuple[int, int, int]:
     return tuple(max(1, int(c) // int(tiles_per_crop)) for c in crop_size)
 
 
+def with_derived_stride(cfg: Config) -> Config:
+    """``cfg`` with ``infer.stride`` derived from its crop and ``infer.tiles_per_crop``
+    (:func:`derived_stride`): what a study or ``bench learn`` that leaves the stride unset runs."""
+    stride = derived_stride(cfg.data.crop.crop_size, cfg.infer.tiles_per_crop)
+    return cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"stride": stride})})
+
+
 def load_config(values: dict[str, Any] | None = None, where: str = "config") -> Config:
     """Build a validated :class:`Config` from nested or dotted-name values.
 

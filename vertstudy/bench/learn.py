@@ -57,7 +57,7 @@ def learn_config(
     ``train.whole_ct_every`` and, when that is on, ``train.select_on: val_ct``; then ``overrides``
     (dotted field names, e.g. ``{"loss.map_reg": "none"}``), validated. Unless ``overrides`` set
     ``infer.stride``, it is derived from the crop as in a study (``infer.tiles_per_crop``)."""
-    from vertstudy.config import derived_stride, load_config
+    from vertstudy.config import load_config, with_derived_stride
 
     cfg = load_config(
         {
@@ -75,10 +75,7 @@ def learn_config(
         },
         where="bench learn --set",
     )
-    if "infer.stride" in (overrides or {}):
-        return cfg
-    stride = derived_stride(cfg.data.crop.crop_size, cfg.infer.tiles_per_crop)
-    return cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"stride": stride})})
+    return cfg if "infer.stride" in (overrides or {}) else with_derived_stride(cfg)
 
 
 def baseline_rows(train: list[CachedCase], test: list[CachedCase]) -> list:

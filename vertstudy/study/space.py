@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vertstudy.config import Config, derived_stride, load_config
+from vertstudy.config import Config, load_config, with_derived_stride
 from vertstudy.errors import ConfigError
 from vertstudy.study.spec import StudySpec, choice_label, trial_seeds
 
@@ -88,14 +88,13 @@ def decode(spec: StudySpec, sampled: dict[str, Any]) -> dict[str, Any]:
 def trial_config(spec: StudySpec, params: dict[str, Any]) -> Config:
     """The trial's config: the study's defaults, then the sampled values. Unless the study sets
     ``infer.stride``, it is derived from the trial's crop (``infer.tiles_per_crop`` tiles per crop
-    length, :func:`vertstudy.config.derived_stride`). On a trial without a GPU an ``auto`` device
+    length, :func:`vertstudy.config.with_derived_stride`). On a trial without a GPU an ``auto`` device
     means the CPU (never a GPU that Ray did not assign)."""
     values = {**spec.config, **decode(spec, params)}
     cfg = load_config(values, where=f"study {spec.name}: trial config")
-    update: dict[str, Any] = {}
     if "infer.stride" not in values:
-        stride = derived_stride(cfg.data.crop.crop_size, cfg.infer.tiles_per_crop)
-        update["infer"] = cfg.infer.model_copy(update={"stride": stride})
+        cfg = with_derived_stride(cfg)
+    update: dict[str, Any] = {}
     if spec.resources.gpus == 0 and cfg.train.device == "auto":
         update["train"] = cfg.train.model_copy(update={"device": "cpu"})
     return cfg.model_copy(update=update) if update else cfg
