@@ -99,3 +99,85 @@ def test_group_norm_on_channels_last_input_matches_torch_and_stays_channels_last
     for p, q in ((norm.weight, ref.weight), (norm.bias, ref.bias)):
         rel = float((p.grad.double() - q.grad).norm() / q.grad.norm())
         assert rel < (1e-4 if dtype == torch.float32 else 0.02)
+
+
+def _reference_group_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dy: torch.Tensor, relu: bool):
+    """GroupNorm (+ ReLU) in float64 of the same values: output and gradients of input, gamma, beta."""
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y = nn.functional.group_norm(x64, 4, w64, b64, 1e-5)
+    if relu:
+        y = torch.relu(y)
+    y.backward(dy.double())
+    return y.detach(), x64.grad, w64.grad, b64.grad
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("shape", [(2, 8, 12, 8, 8), (1, 12, 5, 3, 7), (3, 32, 6, 4, 4), (2, 4, 9, 9, 9)])
+def test_fused_group_norm_kernel_matches_float64_within_bf16_rounding(shape: tuple, relu: bool) -> None:
+    """Our C kernel (GroupNorm and ReLU fused, channels-last bf16): output within bf16 rounding of
+    the float64 result, input gradient within a few bf16 roundings, gamma / beta gradients (float32
+    sums) within 1e-5; shapes whose value count is not a whole number of the kernel's chunks and
+    channel counts that are not powers of 2 included."""
+    from vertstudy.model.blocks import _FusedGroupNormBF16, is_channels_last
+    from vertstudy.model.kernels import group_norm_library
+
+    lib = group_norm_library()
+    assert lib is not None, "the C kernels did not build on a machine with a C compiler"
+    gen = torch.Generator().manual_seed(2)
+    x = _channels_last((torch.randn(shape, generator=gen) * 3 + 1).to(torch.bfloat16)).requires_grad_()
+    w = (torch.rand(shape[1], generator=gen) + 0.5).requires_grad_()
+    b = (torch.randn(shape[1], generator=gen) * 0.3).requires_grad_()
+    dy = _channels_last(torch.randn(shape, generator=gen).to(torch.bfloat16))
+    y = _FusedGroupNormBF16.apply(x, 4, w, b, 1e-5, relu, lib)
+    y.backward(dy)
+    ref_y, ref_dx, ref_dw, ref_db = _reference_group_norm(x, w, b, dy, relu)
+    assert y.dtype == torch.bfloat16 and is_channels_last(y) and is_channels_last(x.grad)
+    assert torch.all((y.double() - ref_y).abs() <= ref_y.abs() * 2**-8 + 1e-6)
+    if relu:
+        assert bool((y >= 0).all())
+    assert float((x.grad.double() - ref_dx).norm() / ref_dx.norm()) < 0.01
+    for got, ref in ((w.grad, ref_dw), (b.grad, ref_db)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_takes_the_fused_kernel_in_bf16_and_the_composite_without_it(monkeypatch, tmp_path) -> None:
+    """Under bf16 training on one thread the module runs our kernel; with ``VERTSTUDY_C_KERNELS=0``
+    (or no compiler) the PyTorch composite, with the same output within bf16 rounding; with more
+    torch threads the composite too."""
+    from vertstudy.model import kernels
+
+    norm = ConvNormAct(8, 8, 3)
+    x = _channels_last(torch.randn(2, 8, 16, 16, 16).to(torch.bfloat16))
+    conv = norm[0](x.float()).to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+
+    def grad_fn(threads: int = 1) -> tuple[str, torch.Tensor]:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out = norm[1](conv.detach().requires_grad_(), relu=True)
+        finally:
+            torch.set_num_threads(previous)
+        return type(out.grad_fn).__name__, out
+
+    monkeypatch.setenv("VERTSTUDY_KERNEL_CACHE", str(tmp_path / "kernels"))
+    kernels.reset()
+    try:
+        fused_name, fused = grad_fn()
+        assert fused_name == "_FusedGroupNormBF16Backward"
+        assert list((tmp_path / "kernels").glob("groupnorm-*.so")), "the kernel was not built into the cache"
+        many_name, _ = grad_fn(threads=2)
+        assert many_name != "_FusedGroupNormBF16Backward"
+        monkeypatch.setenv("VERTSTUDY_C_KERNELS", "0")
+        kernels.reset()
+        plain_name, plain = grad_fn()
+        assert plain_name != "_FusedGroupNormBF16Backward" and kernels.why_not() == "VERTSTUDY_C_KERNELS=0"
+        monkeypatch.delenv("VERTSTUDY_C_KERNELS")
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        monkeypatch.setenv("VERTSTUDY_KERNEL_CACHE", str(tmp_path / "empty"))
+        monkeypatch.setenv("PATH", str(tmp_path))  # no gcc or clang either
+        kernels.reset()
+        assert kernels.group_norm_library() is None and "compiler" in kernels.why_not()
+    finally:
+        kernels.reset()
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=0.02, atol=0.02)

@@ -558,7 +558,14 @@ def train(
     prior = training_prior(train_cases)
     precision = training_precision(device, cfg.train.amp)
     if progress:
-        print(f"vertstudy: training in {precision} on {device.type} (train.amp = {cfg.train.amp})", flush=True)
+        norm = ""
+        if precision == "bf16" and device.type == "cpu":
+            from vertstudy.model.kernels import group_norm_library, why_not
+
+            one = torch.get_num_threads() == 1
+            norm = ("; GroupNorm: our C kernel" if one and group_norm_library() is not None else
+                    f"; GroupNorm: PyTorch composite ({why_not() if one else 'more than one torch thread'})")
+        print(f"vertstudy: training in {precision} on {device.type} (train.amp = {cfg.train.amp}){norm}", flush=True)
     status, message = "completed", ""
     while st.epoch < cfg.train.epochs:
         epoch = st.epoch + 1
