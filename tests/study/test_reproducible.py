@@ -145,6 +145,35 @@ def reference(ray_cluster, storage):
     return spec, run_study(spec, progress=False)
 
 
+def test_an_epoch_missing_from_rays_copied_results_comes_from_the_checkpoint(reference, tmp_path):
+    """Ray copies ``result.json`` to the storage in the background: a driver killed before a copy
+    can leave it without an epoch whose checkpoint the resumed trial went on from, so that epoch
+    is never reported again. Each checkpoint carries the trial's epoch reports (``epochs.jsonl``),
+    and ``study export`` of such a study gives the same tables."""
+    import shutil
+
+    from vertstudy.study.schema import REPORTED
+
+    _, a = reference
+    copy = tmp_path / "again"
+    shutil.copytree(a.study_dir, copy)
+    dropped = []
+    for results in sorted((copy / "ray").glob("*/result.json")):
+        lines = results.read_text(encoding="utf-8").splitlines()
+        kept = [ln for ln in lines if not (ln.strip() and json.loads(ln).get("phase") == "epoch"
+                                           and json.loads(ln).get("epoch") == 2)]
+        if len(kept) < len(lines):
+            results.write_text("\n".join(kept) + "\n", encoding="utf-8")
+            dropped.append(results.parent.name)
+    assert dropped, "no trial of the reference study reported an epoch 2"
+    assert list((copy / "ray").glob(f"{dropped[0]}/checkpoint_*/attempt-*/{REPORTED}"))
+    exported = subprocess.run([*CLI, "export", str(copy)], capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    epochs = pq.read_table(copy / "epochs.parquet").to_pylist()
+    assert set(dropped) <= {r["trial_id"] for r in epochs if r["epoch"] == 2}
+    assert same(a.study_dir, str(copy))
+
+
 @pytest.mark.slow
 def test_a_study_run_twice_gives_the_same_tables_whatever_the_timing(reference, storage):
     """The second run has a CPU-bound process beside it and every epoch delayed at random, so

@@ -14,7 +14,7 @@ from typing import Any
 
 from vertstudy.errors import ConfigError
 from vertstudy.study import storage
-from vertstudy.study.schema import ATTEMPT_PREFIX, HELD_OUT, TrialOutcome
+from vertstudy.study.schema import ATTEMPT_PREFIX, HELD_OUT, REPORTED, TrialOutcome
 from vertstudy.study.spec import StudySpec
 from vertstudy.study.tables import outcome_status, result_times, split_results
 
@@ -176,7 +176,9 @@ def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error
         params = params or dict(live[-1].get("config") or {})
     fs, base = storage.resolve(experiment_dir(study_dir))
     checkpoint = _latest_checkpoint(fs, storage.join(base, trial_id), results)  # the newest the driver heard of
-    epochs, final, where = split_results(results)
+    # the epochs that checkpoint holds come first, so a report missing from result.json (schema.REPORTED)
+    # is still counted and one that is there wins
+    epochs, final, where = split_results(reported_at(fs, checkpoint) + results)
     started, ended = result_times(results)
     try:
         config = flat_config(trial_config(spec, params))
@@ -187,6 +189,21 @@ def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error
         checkpoint=checkpoint, error=error, where=where, params=params, started_at=started, ended_at=ended,
         vertebrae=held_out_rows_at(fs, checkpoint) if final and "vertebrae" not in final else [],
     )
+
+
+def reported_at(fs, checkpoint: str | None) -> list[dict[str, Any]]:
+    """The epoch reports a trial wrote into the checkpoint folder ``checkpoint`` (:data:`schema.REPORTED`,
+    a path on the study storage's filesystem ``fs``), in report order; none if absent (trials of
+    studies written before it existed). A line cut short is skipped."""
+    import pyarrow.fs as pafs
+
+    if not checkpoint:
+        return []
+    path = storage.join(checkpoint, REPORTED)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return []
+    with fs.open_input_stream(path) as f:
+        return _read_json_lines(f.read().decode("utf-8", errors="replace"))
 
 
 def held_out_rows_at(fs, checkpoint: str | None) -> list[dict[str, Any]]:

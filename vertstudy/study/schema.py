@@ -100,6 +100,12 @@ TYPES = {"trials": TRIAL_TYPES, "vertebrae": VERTEBRA_TYPES, "baseline": VERTEBR
 #: trial into the checkpoint of its final result, so Ray carries them to the study's storage
 #: from any node; the trial reports only scalars to Ray
 HELD_OUT = "held_out.parquet"
+#: a trial's epoch reports so far (one JSON object per line, each as sent to Tune), written by the
+#: trial into every checkpoint: Ray copies ``result.json`` to the study's storage in the background,
+#: so a driver killed before a copy can leave it without a report whose checkpoint the resumed
+#: trial goes on from (that epoch is then never reported again); the tables take such an epoch
+#: from the newest checkpoint's copy (:func:`vertstudy.study.results.outcome`)
+REPORTED = "epochs.jsonl"
 #: folder in the study directory of the per-trial parts of the tables in :data:`PARTED`
 #: (``parts/<table>/<trial_id>.parquet``; see the module docstring)
 PARTS = "parts"

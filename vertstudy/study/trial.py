@@ -2,7 +2,8 @@
 
 ``run_trial(params, setup=...)`` builds the trial's :class:`Config` (study defaults + sampled
 values), trains with :func:`vertstudy.train.trainer.train`, and after every epoch reports the
-trainer's record to Tune with a checkpoint (``last.pt`` + ``best.pt``); the driver logs it to W&B
+trainer's record to Tune with a checkpoint (``last.pt`` + ``best.pt`` + the epoch reports so far,
+:data:`~vertstudy.study.schema.REPORTED`); the driver logs it to W&B
 (:class:`vertstudy.study.live.TrackingCallback`), so a trial never imports wandb. A
 retried or resumed trial continues from Tune's latest checkpoint. At the end the best checkpoint
 labels the held-out cases on the whole CT, and one ``phase: "final"`` result carries the status,
@@ -28,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vertstudy.study.dataset import StudyData
-from vertstudy.study.schema import ATTEMPT_PREFIX, HELD_OUT, held_out_rows, to_table
+from vertstudy.study.schema import ATTEMPT_PREFIX, HELD_OUT, REPORTED, held_out_rows, to_table
 from vertstudy.study.space import trial_config
 from vertstudy.study.spec import StudySpec
 from vertstudy.study.tracking import run_id
@@ -49,7 +50,7 @@ class InjectedFailure(RuntimeError):
     """The study's fault drill (``inject_failure_at_epoch``)."""
 
 
-CHECKPOINT_FILES = ("last.pt", "best.pt", FINAL, HELD_OUT)
+CHECKPOINT_FILES = ("last.pt", "best.pt", FINAL, HELD_OUT, REPORTED)
 
 
 def attempt_name() -> str:
@@ -64,6 +65,11 @@ def attempt_name() -> str:
     import os
 
     return f"{ATTEMPT_PREFIX}{time.time_ns():020d}-{os.getpid()}"
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-able stand-in for a value ``json`` cannot write (a numpy scalar: its Python value)."""
+    return value.item() if hasattr(value, "item") else str(value)
 
 
 def payload_dir(checkpoint_dir: Path) -> Path:
@@ -249,7 +255,10 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
             if corrupt:  # as if the node died while writing last.pt
                 data = (work / "last.pt").read_bytes()
                 (work / "last.pt").write_bytes(data[: len(data) // 2])
-            tune.report({**record, **where, "phase": "epoch"}, checkpoint=tune.Checkpoint.from_directory(str(staging)))
+            report = {**record, **where, "phase": "epoch"}
+            with open(work / REPORTED, "a", encoding="utf-8") as f:  # carried by the checkpoint (schema.REPORTED)
+                f.write(json.dumps(report, default=_plain) + "\n")
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(staging)))
             if (spec.inject_failure_at_epoch == record["epoch"] and not restored) or corrupt:
                 raise InjectedFailure(f"fault drill: trial {trial_id} fails once after epoch {record['epoch']}")
 
