@@ -148,8 +148,10 @@ def reference(ray_cluster, storage):
 def test_an_epoch_missing_from_rays_copied_results_comes_from_the_checkpoint(reference, tmp_path):
     """Ray copies ``result.json`` to the storage in the background: a driver killed before a copy
     can leave it without an epoch whose checkpoint the resumed trial went on from, so that epoch
-    is never reported again. Each checkpoint carries the trial's epoch reports (``epochs.jsonl``),
-    and ``study export`` of such a study gives the same tables."""
+    is never reported again, though later ones are. Each checkpoint carries the trial's epoch
+    reports (``epochs.jsonl``), and ``study export`` of such a study gives the same tables. (A
+    trial's *last* report lost is not covered: the newest checkpoint the driver recorded is then
+    the one before, see ``results._latest_checkpoint``.)"""
     import shutil
 
     from vertstudy.study.schema import REPORTED
@@ -160,12 +162,13 @@ def test_an_epoch_missing_from_rays_copied_results_comes_from_the_checkpoint(ref
     dropped = []
     for results in sorted((copy / "ray").glob("*/result.json")):
         lines = results.read_text(encoding="utf-8").splitlines()
-        kept = [ln for ln in lines if not (ln.strip() and json.loads(ln).get("phase") == "epoch"
-                                           and json.loads(ln).get("epoch") == 2)]
-        if len(kept) < len(lines):
+        records = [json.loads(ln) if ln.strip() else {} for ln in lines]
+        kept = [ln for ln, r in zip(lines, records, strict=True)
+                if not (r.get("phase") == "epoch" and r.get("epoch") == 2)]
+        if len(kept) < len(lines) and any(r.get("phase") == "epoch" and r.get("epoch", 0) > 2 for r in records):
             results.write_text("\n".join(kept) + "\n", encoding="utf-8")
             dropped.append(results.parent.name)
-    assert dropped, "no trial of the reference study reported an epoch 2"
+    assert dropped, "no trial of the reference study reported epochs after epoch 2"
     assert list((copy / "ray").glob(f"{dropped[0]}/checkpoint_*/attempt-*/{REPORTED}"))
     exported = subprocess.run([*CLI, "export", str(copy)], capture_output=True, text=True, timeout=300)
     assert exported.returncode == 0, exported.stdout + exported.stderr
