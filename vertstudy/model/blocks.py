@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vertstudy.model.kernels import group_norm_library
+from vertstudy.model.kernels import group_norm_kernel
 
 
 def scaled_channels(channels: int, width: float, groups: int) -> int:
@@ -193,8 +193,8 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: Tensor, relu: bool = False) -> Tensor:
         if x.device.type == "cpu" and is_channels_last(x):
-            if x.dtype == torch.bfloat16 and torch.get_num_threads() == 1:
-                lib = group_norm_library()
+            if x.dtype == torch.bfloat16:
+                lib = group_norm_kernel()
                 if lib is not None:
                     with torch.autocast(device_type="cpu", enabled=False):
                         return _FusedGroupNormBF16.apply(

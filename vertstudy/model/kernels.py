@@ -112,6 +112,24 @@ def group_norm_library() -> ctypes.CDLL | None:
     return _library
 
 
+def group_norm_kernel() -> ctypes.CDLL | None:
+    """The kernels where they run now: built (:func:`group_norm_library`) and torch on one thread
+    (they are single-threaded; on more threads the PyTorch composite is faster)."""
+    import torch
+
+    return group_norm_library() if torch.get_num_threads() == 1 else None
+
+
+def describe_group_norm() -> str:
+    """Which GroupNorm a bf16 CPU step runs now, for the training log."""
+    import torch
+
+    if group_norm_kernel() is not None:
+        return "our C kernel"
+    reason = "more than one torch thread" if torch.get_num_threads() != 1 else why_not()
+    return f"PyTorch composite ({reason})"
+
+
 def why_not() -> str | None:
     """Why :func:`group_norm_library` returned None (None if it has not, or was not called)."""
     return _why_not

@@ -560,11 +560,9 @@ def train(
     if progress:
         norm = ""
         if precision == "bf16" and device.type == "cpu":
-            from vertstudy.model.kernels import group_norm_library, why_not
+            from vertstudy.model.kernels import describe_group_norm
 
-            one = torch.get_num_threads() == 1
-            norm = ("; GroupNorm: our C kernel" if one and group_norm_library() is not None else
-                    f"; GroupNorm: PyTorch composite ({why_not() if one else 'more than one torch thread'})")
+            norm = f"; GroupNorm: {describe_group_norm()}"
         print(f"vertstudy: training in {precision} on {device.type} (train.amp = {cfg.train.amp}){norm}", flush=True)
     status, message = "completed", ""
     while st.epoch < cfg.train.epochs:
