@@ -123,3 +123,58 @@ def test_a_study_driver_writes_result_json_and_imports_neither_torch_nor_tensorb
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found == {"JsonLoggerCallback": 1, "CSVLoggerCallback": 0, "TBXLoggerCallback": 0,
                      "torch": False, "sklearn": False, "tensorboardX": False}, found
+
+
+def _saved_trial(trial_id: str, folder: Path, indices: list[int]) -> list[str]:
+    """One ``trial_data`` entry of Ray's experiment state: a trial whose checkpoint manager
+    (``num_to_keep=2``) registered checkpoints ``indices`` under ``folder``, as Ray's driver does."""
+    import json
+
+    import pyarrow.fs as pafs
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint, CheckpointConfig
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    metadata = _TrainingRunMetadata()
+    metadata.checkpoint_manager = _CheckpointManager(CheckpointConfig(num_to_keep=2))
+    for i in indices:
+        path = folder / trial_id / f"checkpoint_{i:06d}"
+        path.mkdir(parents=True, exist_ok=True)
+        metadata.checkpoint_manager.register_checkpoint(_TrainingResult(
+            Checkpoint(str(path), filesystem=pafs.LocalFileSystem()), {"training_iteration": i + 1}))
+    return [json.dumps({"trial_id": trial_id}), metadata.get_json_state()]
+
+
+def test_a_saved_state_naming_deleted_checkpoints_falls_back_to_kept_ones_or_none(tmp_path):
+    """Ray deletes checkpoints beyond ``num_to_keep`` when a newer one registers, and its saved
+    state may be older than the deletion: ``forget_lost_checkpoints`` points such a trial at the
+    newest of its recorded checkpoints still there, or at none (Tune then starts it afresh), and
+    leaves the others alone. What Ray restores from the rewritten entries says the same."""
+    import json
+
+    from ray.tune.experiment import Trial
+
+    from vertstudy.study.compat import forget_lost_checkpoints
+
+    state = {"trial_data": [_saved_trial(t, tmp_path, [0, 1, 2]) for t in ("a", "b", "c")]}
+    assert not (tmp_path / "a" / "checkpoint_000000").exists()  # Ray deleted it (num_to_keep=2)
+    before = json.loads(json.dumps(state))
+    (tmp_path / "b" / "checkpoint_000002").rmdir()  # the latest lost, the one before kept
+    for name in ("checkpoint_000001", "checkpoint_000002"):  # every recorded one lost
+        (tmp_path / "c" / name).rmdir()
+    (tmp_path / "c" / "checkpoint_000003").mkdir()  # a newer one the state does not name: not used
+
+    def exists(trial_id: str, name: str) -> bool:
+        return (tmp_path / trial_id / name).is_dir()
+
+    changed = forget_lost_checkpoints(state, exists)
+    assert changed == [("b", "checkpoint_000002", "checkpoint_000001"), ("c", "checkpoint_000002", "")]
+    assert state["trial_data"][0] == before["trial_data"][0]
+    restored = {}
+    for entry in state["trial_data"]:
+        trial = Trial("vertstudy_compat_check", stub=True, trial_id=json.loads(entry[0])["trial_id"])
+        trial.restore_run_metadata(entry[1])
+        restored[trial.trial_id] = trial.checkpoint and Path(trial.checkpoint.path).name
+    assert restored == {"a": "checkpoint_000002", "b": "checkpoint_000001", "c": None}
+    assert forget_lost_checkpoints(state, exists) == []  # nothing left to forget

@@ -21,6 +21,10 @@ changes it fails there, loudly, instead of mixing studies or dropping callbacks 
 - **Trial ids of one's own** (reproducible studies, :mod:`vertstudy.study.ordered`): Tune draws
   them at random; :func:`stable_search_generator` and :func:`stable_variant_generator` name the
   trials ``<prefix><number>`` instead, for Optuna searches and grids.
+- **Checkpoints Ray's saved state names but the storage lost**: Tune deletes a trial's
+  checkpoints beyond ``num_to_keep`` as soon as a newer one registers, but saves its experiment
+  state only now and then; a driver killed in between leaves a state that names deleted
+  checkpoints, and Tune's restore of such a trial fails. :func:`forget_lost_checkpoints`.
 - **Letting a held trial go on**: a scheduler that answered a result with ``NOOP`` (the trial's
   thread stays blocked in its report) lets it train on with :func:`continue_training`.
 """
@@ -252,6 +256,45 @@ def _stable_search_generator_class():
     StableIdSearchGenerator.__module__ = __name__
     StableIdSearchGenerator.__qualname__ = "StableIdSearchGenerator"  # picklable by name
     return StableIdSearchGenerator
+
+
+def forget_lost_checkpoints(state: dict, exists) -> list[tuple[str, str, str]]:
+    """Make Ray's saved experiment state ``state`` (its parsed JSON, changed in place) name only
+    checkpoints that are still there. ``exists(trial_id, name)``: whether the trial's checkpoint
+    folder ``name`` (``checkpoint_NNNNNN``) is on the storage.
+
+    A trial whose latest recorded checkpoint is gone resumes from the newest one of its recorded
+    checkpoints that is left, or, when none is, from the start: either way it replays the epochs
+    the state lacks, so its scheduler sees every report again (a newer folder on the storage is
+    not used: the killed driver may have stopped the trial at it, and the state does not say).
+    Returns ``(trial id, lost checkpoint, the one it resumes from or '')`` per trial changed."""
+    import json
+
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    changed = []
+    for entry in state.get("trial_data", []):
+        if not (isinstance(entry, list) and len(entry) == 2):
+            continue
+        trial_id = str(json.loads(entry[0]).get("trial_id", ""))
+        metadata = _TrainingRunMetadata.from_json_state(entry[1])
+        manager = metadata.checkpoint_manager
+        latest = getattr(manager, "_latest_checkpoint_result", None)
+        if latest is None or latest.checkpoint is None:
+            continue
+
+        def name(result) -> str:
+            return result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+
+        if exists(trial_id, name(latest)):
+            continue
+        kept = [r for r in manager._checkpoint_results if r.checkpoint is not None and exists(trial_id, name(r))]
+        manager._checkpoint_results = kept
+        manager._latest_checkpoint_result = max(kept, key=name) if kept else None
+        metadata.checkpoint_manager = manager  # (re-set: the metadata caches its JSON)
+        entry[1] = metadata.get_json_state()
+        changed.append((trial_id, name(latest), name(manager._latest_checkpoint_result) if kept else ""))
+    return changed
 
 
 def continue_training(controller, trial) -> None:

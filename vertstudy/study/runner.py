@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -441,6 +442,7 @@ def _resume(study_dir: str, spec: StudySpec, data: StudyData, address: str | Non
     _quiet_ray()
     _ensure_ray(address)
     discard_unrecorded_trials(study_dir)
+    repair_lost_checkpoints(study_dir)
     if not storage.exists(storage.uri_join(study_dir, "cases.parquet")):  # killed before run_study wrote them
         write_baseline(spec, study_dir, data)
     sync_tables(spec, study_dir, meta)  # trials the stopped driver saw end but did not write; compacted
@@ -499,6 +501,42 @@ def discard_unrecorded_trials(study_dir: str) -> list[str]:
             if folder.is_dir() and not folder.name.startswith(".") and folder.name not in known:
                 shutil.rmtree(folder, ignore_errors=True)
     return discarded
+
+
+def repair_lost_checkpoints(study_dir: str) -> list[tuple[str, str, str]]:
+    """Before Tune restores the study: its saved experiment state stops naming checkpoints that
+    are gone from the storage (deleted by ``num_to_keep`` after the killed driver's last save,
+    :func:`vertstudy.study.compat.forget_lost_checkpoints`), so those trials replay from an
+    older kept checkpoint or from epoch 1 instead of failing. The state file is rewritten
+    atomically, only when something changed. Returns what changed, each also said on stderr."""
+    import pyarrow.fs as pafs
+
+    from vertstudy.study.compat import forget_lost_checkpoints
+    from vertstudy.study.results import newest_state_file, read_state
+
+    fs, path = newest_state_file(study_dir)
+    if path is None:
+        return []
+    state = read_state(fs, path)
+    trials = path.rsplit("/", 1)[0]
+
+    def exists(trial_id: str, name: str) -> bool:
+        return fs.get_file_info(storage.join(trials, trial_id, name)).type != pafs.FileType.NotFound
+
+    changed = forget_lost_checkpoints(state, exists)
+    if changed:
+        text = json.dumps(state).encode("utf-8")
+
+        def write(f, tmp: str) -> None:
+            with f.open_output_stream(tmp) as out:
+                out.write(text)
+
+        storage.write_atomic(storage.uri_join(experiment_dir(study_dir), path.rsplit("/", 1)[-1]), write)
+        for trial_id, lost, now in changed:
+            then = f"resumes from {now}" if now else "starts again from epoch 1"
+            print(f"vertstudy: trial {trial_id}: its {lost} is gone from the storage (Ray deleted it after the "
+                  f"driver's last save); it {then} and replays the epochs since", file=sys.stderr, flush=True)
+    return changed
 
 
 def reconcile_optuna(spec: StudySpec, study_dir: str) -> int:
