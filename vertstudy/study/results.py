@@ -80,7 +80,22 @@ def _latest_checkpoint(fs, trial_dir: str, results: list[dict[str, Any]]) -> str
 
 
 def read_trial(study_dir: str, trial_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(sampled params, results in report order) of one trial."""
+    """(sampled params, results in report order) of one trial: the epoch reports its newest
+    recorded checkpoint carries (:func:`reported_at`), then ``result.json``'s. Ray copies
+    ``result.json`` to the storage in the background, so a killed driver can leave it without a
+    report whose checkpoint the trial went on from, never reported again; the checkpoint still has
+    it. Where both hold an epoch, ``result.json``'s comes later and wins (:func:`split_results`).
+    Only a checkpoint ``result.json`` names counts: one no result names may have been written by
+    an attempt no driver heard from (a killed driver's trial still running for a moment)."""
+    params, results = read_trial_files(study_dir, trial_id)
+    if not any(r.get("checkpoint_dir_name") for r in results):
+        return params, results
+    fs, base = storage.resolve(experiment_dir(study_dir))
+    return params, reported_at(fs, _latest_checkpoint(fs, storage.join(base, trial_id), results)) + results
+
+
+def read_trial_files(study_dir: str, trial_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(sampled params, ``result.json``'s results in report order) of one trial, as Ray stored them."""
     import pyarrow.fs as pafs
 
     fs, base = storage.resolve(experiment_dir(study_dir))
@@ -112,7 +127,7 @@ def trial_error(study_dir: str, trial_id: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _read_state(fs, path: str, attempts: int = 5) -> dict:
+def read_state(fs, path: str, attempts: int = 5) -> dict:
     """Ray's experiment state JSON. Ray copies it to the storage in the background while it may
     be rewriting its local copy, so a read can meet a torn copy; the next copy repairs it."""
     for attempt in range(attempts):
@@ -128,18 +143,25 @@ def _read_state(fs, path: str, attempts: int = 5) -> dict:
     return {}
 
 
-def newest_state(study_dir: str) -> dict:
-    """Ray's latest saved experiment state of the study (its JSON); empty before the first save."""
+def newest_state_file(study_dir: str) -> tuple[Any, str | None]:
+    """(the study storage's filesystem, the path in it of Ray's latest saved experiment state
+    file, or None before the first save)."""
     import pyarrow.fs as pafs
 
     fs, base = storage.resolve(experiment_dir(study_dir))
     if fs.get_file_info(base).type == pafs.FileType.NotFound:
-        return {}
+        return fs, None
     states = sorted(
         i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=False))
         if Path(i.path).name.startswith("experiment_state") and i.path.endswith(".json")
     )
-    return _read_state(fs, states[-1]) if states else {}
+    return fs, (states[-1] if states else None)
+
+
+def newest_state(study_dir: str) -> dict:
+    """Ray's latest saved experiment state of the study (its JSON); empty before the first save."""
+    fs, path = newest_state_file(study_dir)
+    return read_state(fs, path) if path else {}
 
 
 def experiment_states(study_dir: str) -> dict[str, str]:
@@ -168,7 +190,7 @@ def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error
     from vertstudy.config import flat_config
     from vertstudy.study.space import trial_config
 
-    params, results = read_trial(study_dir, trial_id)
+    params, results = read_trial_files(study_dir, trial_id)
     if ended_by == "error" and not error:
         error = trial_error(study_dir, trial_id)
     if live:
