@@ -88,3 +88,23 @@ def test_a_stopped_multi_objective_trial_is_pruned_without_intermediate_values(t
 ])
 def test_tpe_starts_modelling_early_enough_for_the_study(tmp_path, fields, expected):
     assert tpe_settings(tiny_spec("search", tmp_path, **fields)) == expected
+
+
+def test_a_trial_told_by_a_killed_driver_is_not_told_again(tmp_path, study_dir):
+    """A driver killed after telling Optuna that a trial was pruned, but before saving its
+    searcher's state: the resumed searcher (the older state) meets the trial's stop again and
+    keeps Optuna's record instead of failing on the finished trial (CI once saw `study resume`
+    die of UpdateFinishedTrialError this way)."""
+    spec = tiny_spec("search", tmp_path / "st", num_samples=2, search={"algorithm": "optuna-tpe"})
+    search = searcher(spec, str(study_dir))
+    for tid in ("a", "b"):
+        assert search.suggest(tid) is not None
+    search.on_trial_result("a", epoch(40.0, 1))
+    search.save(str(tmp_path / "searcher.pkl"))  # the state the killed driver saved
+    search.on_trial_complete("a", epoch(35.0, 2))  # then told Optuna: pruned at epoch 2
+    again = searcher(spec, str(study_dir))
+    again.restore(str(tmp_path / "searcher.pkl"))
+    again.on_trial_complete("a", epoch(35.0, 2))  # the resumed trial is stopped at the same rung
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{study_dir}/optuna.db")
+    a = min(study.get_trials(), key=lambda t: t.number)
+    assert a.state == optuna.trial.TrialState.PRUNED and a.intermediate_values == {1: 40.0, 2: 35.0}

@@ -62,9 +62,15 @@ class ResumableOptunaSearch(OptunaSearch):
             "training_iteration")
         if value is None or step is None or trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        import optuna
+
         with warnings.catch_warnings():  # a step reported already is kept as it was, silently
             warnings.simplefilter("ignore")
-            self._ot_trials[trial_id].report(float(value), int(step))
+            try:
+                self._ot_trials[trial_id].report(float(value), int(step))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # told by a killed driver after it saved this searcher's state: its record stands
+                mark_completed(self, trial_id)
 
 
 class ReproducibleOptunaSearch(ResumableOptunaSearch):
@@ -185,6 +191,10 @@ class ReproducibleOptunaSearch(ResumableOptunaSearch):
                 if ot.state != running:
                     self._completed_trials.add(trial_id)
             self._numbers[trial_id] = trial_number(trial_id)
+        told = {t.number for t in self._ot_study.get_trials(deepcopy=False) if t.state != running}
+        for trial_id, ot in self._ot_trials.items():  # told by the killed driver after this state's save
+            if ot.number in told:
+                mark_completed(self, trial_id)
         ended = {t for t, status in known.items() if status in ("TERMINATED", "ERROR")}
         results = {t: read_trial(study_dir, t)[1] for t in known}
         progress = {}
@@ -209,7 +219,6 @@ class ReproducibleOptunaSearch(ResumableOptunaSearch):
             if ids[k] in ended:
                 clock.finish(k)
         self._clock = clock
-        told = {t.number for t in self._ot_study.get_trials(deepcopy=False) if t.state != running}
         self._deferred = {}
         for trial_id in sorted(ended, key=trial_number):
             if trial_id in self._ot_trials and self._ot_trials[trial_id].number not in told:
