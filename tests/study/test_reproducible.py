@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pyarrow.parquet as pq
@@ -145,6 +146,21 @@ def reference(ray_cluster, storage):
     return spec, run_study(spec, progress=False)
 
 
+def _drop_epoch_2_reports(study_dir) -> list[str]:
+    """Remove the epoch-2 report from the ``result.json`` of every trial that reported later
+    epochs (as a killed driver's background copy can); returns those trials' ids."""
+    dropped = []
+    for results in sorted((study_dir / "ray").glob("*/result.json")):
+        lines = results.read_text(encoding="utf-8").splitlines()
+        records = [json.loads(ln) if ln.strip() else {} for ln in lines]
+        kept = [ln for ln, r in zip(lines, records, strict=True)
+                if not (r.get("phase") == "epoch" and r.get("epoch") == 2)]
+        if len(kept) < len(lines) and any(r.get("phase") == "epoch" and r.get("epoch", 0) > 2 for r in records):
+            results.write_text("\n".join(kept) + "\n", encoding="utf-8")
+            dropped.append(results.parent.name)
+    return dropped
+
+
 def test_an_epoch_missing_from_rays_copied_results_comes_from_the_checkpoint(reference, tmp_path):
     """Ray copies ``result.json`` to the storage in the background: a driver killed before a copy
     can leave it without an epoch whose checkpoint the resumed trial went on from, so that epoch
@@ -159,15 +175,7 @@ def test_an_epoch_missing_from_rays_copied_results_comes_from_the_checkpoint(ref
     _, a = reference
     copy = tmp_path / "again"
     shutil.copytree(a.study_dir, copy)
-    dropped = []
-    for results in sorted((copy / "ray").glob("*/result.json")):
-        lines = results.read_text(encoding="utf-8").splitlines()
-        records = [json.loads(ln) if ln.strip() else {} for ln in lines]
-        kept = [ln for ln, r in zip(lines, records, strict=True)
-                if not (r.get("phase") == "epoch" and r.get("epoch") == 2)]
-        if len(kept) < len(lines) and any(r.get("phase") == "epoch" and r.get("epoch", 0) > 2 for r in records):
-            results.write_text("\n".join(kept) + "\n", encoding="utf-8")
-            dropped.append(results.parent.name)
+    dropped = _drop_epoch_2_reports(copy)
     assert dropped, "no trial of the reference study reported epochs after epoch 2"
     assert list((copy / "ray").glob(f"{dropped[0]}/checkpoint_*/attempt-*/{REPORTED}"))
     exported = subprocess.run([*CLI, "export", str(copy)], capture_output=True, text=True, timeout=300)
@@ -175,6 +183,35 @@ def test_an_epoch_missing_from_rays_copied_results_comes_from_the_checkpoint(ref
     epochs = pq.read_table(copy / "epochs.parquet").to_pylist()
     assert set(dropped) <= {r["trial_id"] for r in epochs if r["epoch"] == 2}
     assert same(a.study_dir, str(copy))
+
+
+def test_a_resumed_scheduler_learns_an_epoch_missing_from_rays_copied_results(reference, tmp_path):
+    """The reproducible ASHA of a resumed driver rebuilds its rung records from the trials'
+    stored reports: an epoch-2 report that ``result.json`` lost comes from the checkpoint, so
+    rung 2 holds the epoch-2 values, not the epoch-3 ones (CI once saw a trial go on past the
+    rung where the reference stopped it this way)."""
+    import shutil
+
+    from ray.tune.experiment import Trial
+
+    from vertstudy.study.search import scheduler
+
+    spec, a = reference
+    copy = tmp_path / "again"
+    shutil.copytree(a.study_dir, copy)
+    assert _drop_epoch_2_reports(copy)
+
+    def records(study_dir) -> dict:
+        asha = scheduler(spec, str(study_dir))
+        for trial_id in sorted(p.name for p in (study_dir / "ray").iterdir() if p.is_dir() and p.name[0] != "."):
+            trial = Trial("vertstudy_scheduler_check", stub=True, trial_id=trial_id)
+            trial.status = Trial.TERMINATED
+            asha._learn(trial)
+        return asha._records
+
+    rebuilt = records(copy)
+    assert 2 in rebuilt and rebuilt[2], "no trial of the reference study reached rung 2: the test shows nothing"
+    assert rebuilt == records(Path(a.study_dir))
 
 
 @pytest.mark.slow
@@ -219,8 +256,9 @@ def test_a_study_run_twice_gives_the_same_tables_whatever_the_timing(reference, 
     assert all(line.isascii() for line in table + lines)  # stdout may be a pipe that takes ASCII only
 
 
-def run_and_kill(spec, ray_cluster, tmp_path, study_dir) -> None:
-    """``study run`` of ``spec`` in a driver of its own, SIGKILLed once two trials have ended."""
+def run_and_kill(spec, ray_cluster, tmp_path, study_dir, ended: int = 2, also=None) -> None:
+    """``study run`` of ``spec`` in a driver of its own, SIGKILLed once ``ended`` trials have
+    ended and ``also(study_dir)`` holds (when given)."""
     path = tmp_path / f"{spec.name}.yaml"
     path.write_text(yaml.safe_dump(spec.model_dump(mode="json")), encoding="utf-8")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -230,27 +268,32 @@ def run_and_kill(spec, ray_cluster, tmp_path, study_dir) -> None:
     try:
         while time.time() < deadline:
             trials = study_dir / "trials.parquet"
-            if trials.exists() and pq.read_table(trials).num_rows >= 2:
+            done = pq.read_table(trials).num_rows if trials.exists() else 0
+            if done >= ended and (also is None or also(study_dir)):
                 break
             assert driver.poll() is None, driver.stdout.read().decode()
             time.sleep(0.3)
         else:
-            pytest.fail("two trials did not end within 300 s")
+            pytest.fail(f"{ended} trials did not end within 300 s" + ("" if also is None else f" ({also.__name__})"))
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     assert pq.read_table(study_dir / "trials.parquet").num_rows < 6, "the study ended before the kill"
 
 
-def resume_and_compare(a, ray_cluster, study_dir) -> None:
-    """``study resume`` exits 0 and gives the reference's tables."""
+def resume_and_compare(a, ray_cluster, study_dir) -> str:
+    """``study resume`` exits 0 and gives the reference's tables; returns what it printed."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     resumed = subprocess.run([*CLI, "resume", str(study_dir), "--address", ray_cluster, "--no-progress"], env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    printed = resumed.stdout + resumed.stderr
     # where a trial's checkpoint lives may differ: Tune numbers the results a resumed trial
     # reports again anew, and a trial held at a rung when the driver died may keep none
-    assert same(a.study_dir, str(study_dir), also_aside=("checkpoint",))
+    try:
+        same(a.study_dir, str(study_dir), also_aside=("checkpoint",))
+    except AssertionError as exc:  # what the resume said (which trials it replayed, which failed)
+        raise AssertionError(f"{exc}\n--- study resume printed:\n{printed[-8000:]}") from None
     for t in comparable_rows(str(study_dir), "trials"):
         if t["status"] == "completed":  # its held-out rows came from this checkpoint's best.pt
             assert (study_dir / "ray" / t["checkpoint"] / "best.pt").exists() or any(
@@ -259,6 +302,7 @@ def resume_and_compare(a, ray_cluster, study_dir) -> None:
     # it picks when the killed driver's local copy of the folder is still there)
     folders = sorted(p.name for p in (study_dir / "ray").iterdir() if p.is_dir() and not p.name.startswith("."))
     assert folders == [stable_trial_id("again", n) for n in range(6)]
+    return printed
 
 
 CLI = [sys.executable, "-m", "vertstudy.cli", "study"]
@@ -310,6 +354,57 @@ def _drop_last_searcher_trial(study_dir) -> str:
     gen_path.write_bytes(pickle.dumps(gen))
     pkl_path.write_bytes(pickle.dumps(searcher))
     return last
+
+
+def _recorded_checkpoints(study_dir) -> dict[str, list[str]]:
+    """``{trial id: its checkpoint folders named in Ray's newest saved state}`` of the trials the
+    state has not seen end."""
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    state = json.loads(_newest(study_dir, "experiment_state-*.json").read_text(encoding="utf-8"))
+    out = {}
+    for entry in state["trial_data"]:
+        trial = json.loads(entry[0])
+        manager = _TrainingRunMetadata.from_json_state(entry[1]).checkpoint_manager
+        if trial["status"] not in ("TERMINATED", "ERROR") and manager.latest_checkpoint_result is not None:
+            out[trial["trial_id"]] = sorted(
+                r.checkpoint.path.rstrip("/").rsplit("/", 1)[-1] for r in manager._checkpoint_results)
+    return out
+
+
+def a_live_trial_has_a_saved_checkpoint(study_dir) -> bool:
+    return any((study_dir / "ray").glob("experiment_state-*.json")) and bool(_recorded_checkpoints(study_dir))
+
+
+def _delete_recorded_checkpoints(study_dir) -> str:
+    """Ray's saved state names checkpoints that Ray has since deleted (``num_to_keep``: it deletes
+    the older ones when a newer one registers, and saves its state only now and then): every
+    checkpoint folder the state names for an unfinished trial, and the older ones, are removed
+    (CI once lost a trial this way). Returns one such trial's id."""
+    import shutil
+
+    recorded = _recorded_checkpoints(study_dir)
+    for trial_id, names in recorded.items():
+        for folder in (study_dir / "ray" / trial_id).glob("checkpoint_*"):
+            if folder.name <= names[-1]:
+                shutil.rmtree(folder)
+    return min(recorded, key=trial_number)
+
+
+@pytest.mark.slow
+def test_a_resume_whose_saved_state_names_deleted_checkpoints_keeps_the_promise(reference, ray_cluster, storage,
+                                                                               tmp_path):
+    """Ray's saved state a few epochs behind its checkpoints: the checkpoints it names for the
+    trials still running were deleted by ``num_to_keep`` before the driver was killed. The
+    resumed trials replay from epoch 1 (the study says so) and the tables are the same."""
+    _, a = reference
+    spec = tiny_spec("again", storage / "lost-checkpoints", **FIELDS)
+    study_dir = storage / "lost-checkpoints" / "again"
+    run_and_kill(spec, ray_cluster, tmp_path, study_dir, ended=0, also=a_live_trial_has_a_saved_checkpoint)
+    dropped = _delete_recorded_checkpoints(study_dir)
+    assert not (study_dir / "ray" / dropped / "checkpoint_000000").exists()
+    printed = resume_and_compare(a, ray_cluster, study_dir)
+    assert f"trial {dropped}: its checkpoint_" in printed and "starts again from epoch 1" in printed, printed
 
 
 @pytest.mark.slow
