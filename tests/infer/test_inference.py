@@ -227,7 +227,8 @@ def test_predict_case_maps_to_lps_and_original_index(tiny_model, small_phantom):
     model, cfg = tiny_model
     # the paper decoder: an untrained model votes everywhere, which the sequence decoder rightly rejects
     pred = predict_case(model, cfg, small_phantom,
-                        InferConfig(stride=(8, 8, 8), threshold=0.05, min_votes=2, decoder="kmeans"))
+                        InferConfig(stride=(8, 8, 8), threshold=0.05, min_votes=2, decoder="kmeans",
+                                    kmeans_threshold=None))
     assert pred.vertebrae and pred.tiles > 1 and pred.votes >= len(pred.vertebrae)
     assert [v.index for v in pred.vertebrae] == sorted(v.index for v in pred.vertebrae)
     image, geo = small_phantom.image, pred.geometry
@@ -302,3 +303,28 @@ def test_whole_ct_validation_tiles_at_half_a_crop_unless_told_otherwise():
     same = load_config({"data.crop.crop_size": (48, 32, 32), "infer.stride": (12, 8, 8),
                         "train.whole_ct_tiles_per_crop": 0})
     assert validation_infer(same) == same.infer
+
+
+def test_the_kmeans_decoder_keeps_its_own_vote_threshold_and_centre_weight():
+    """``infer.kmeans_threshold`` / ``kmeans_centre_weight``: K-means clusters only the votes at
+    least that likely (here 6 votes of probability 0.6, far from the spine, outweigh 3 of 0.95 at
+    0.5 but are dropped at 0.9) and weights its centroids by that power of centrality; null
+    fields fall back to ``infer.threshold`` / ``centre_weight``, and the sequence decoder is not
+    affected."""
+    from vertstudy.infer.decoders import decode_votes
+    from vertstudy.infer.tiling import TileOutputs
+
+    good = np.array([[40.0, 20, 20], [41.0, 20, 20], [40.5, 21, 20]])
+    stray = np.array([[40.0, 60, 60], [40.0, 61, 60], [41.0, 60, 61], [40.5, 60, 60], [40, 60, 61], [41, 61, 60]])
+    votes = Votes(np.full(9, 4), np.vstack([good, stray]), np.array([0.95] * 3 + [0.6] * 6),
+                  np.array([1.0, 0.5, 0.5, 1, 1, 1, 1, 1, 1]))
+    tiles = TileOutputs(np.zeros((1, 3), np.int64), np.zeros((1, NUM_CLASSES, 3)), np.zeros((1, NUM_CLASSES)))
+    paper = InferConfig(decoder="kmeans", kmeans_threshold=None, kmeans_centre_weight=None, centre_weight=0.0)
+    own = InferConfig(decoder="kmeans", kmeans_threshold=0.9, kmeans_centre_weight=8.0, centre_weight=0.0)
+    at_paper = decode_votes(votes, tiles, (48, 32, 32), paper, 4.0)[4]
+    at_own = decode_votes(votes, tiles, (48, 32, 32), own, 4.0)[4]
+    assert at_paper.centre_zyx[1] > 50  # the stray cluster outweighs the spine's
+    assert at_own.votes == 3 and at_own.centre_zyx[1] < 21
+    assert at_own.centre_zyx[0] == pytest.approx(40.0, abs=0.01)  # the central vote dominates (1 vs 0.5^8)
+    assert Votes.at_least(votes, None) is votes and len(votes.at_least(0.9)) == 3
+    assert InferConfig().kmeans_threshold == 0.9 and InferConfig().kmeans_centre_weight == 8.0

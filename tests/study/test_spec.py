@@ -349,6 +349,7 @@ def test_a_resumed_study_keeps_the_defaults_it_began_with(tmp_path):
     # fields added since the study began are pinned to the values that behave as the code did then
     assert stored.base_config.infer.tiles_per_crop == 2 and today["infer.tiles_per_crop"] == 4
     assert stored.base_config.train.whole_ct_tiles_per_crop == 0 and stored.base_config.infer.centre_weight == 0
+    assert stored.base_config.infer.kmeans_threshold is None and stored.base_config.infer.kmeans_centre_weight is None
     recorded = {**then, "infer.tiles_per_crop": 3}  # a study that recorded the field keeps its value
     (study_dir / DEFAULTS_FILE).write_text(json.dumps(recorded), encoding="utf-8")
     assert load_study_dir(str(study_dir))[0].base_config.infer.tiles_per_crop == 3

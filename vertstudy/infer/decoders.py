@@ -219,13 +219,16 @@ def decode_votes(
 ) -> dict[int, ClassResult]:
     """Votes -> one :class:`ClassResult` per predicted class, by ``infer_cfg.decoder``.
 
-    ``kmeans``: the paper's per-class clustering (:func:`cluster_all`). ``sequence``:
+    ``kmeans``: the paper's per-class clustering (:func:`cluster_all`) of the votes at least
+    ``infer_cfg.kmeans_threshold`` likely, centres weighted by ``kmeans_centre_weight``. ``sequence``:
     :func:`vertstudy.infer.decoders.decode_sequence` with the checkpoint's spine ``prior``
     (:class:`vertstudy.model.prior.SpinePrior`; ``None``: the population prior of the shipped
     real spine shapes). Centres in canonical voxels.
     """
-    if infer_cfg.decoder == "kmeans":
-        return cluster_all(votes, infer_cfg.min_votes, merge_mm / spacing_mm, tiles.loc_only, infer_cfg.centre_weight)
+    if infer_cfg.decoder == "kmeans":  # its own vote threshold and centre weight (infer.kmeans_*)
+        votes = votes.at_least(infer_cfg.kmeans_threshold)
+        power = infer_cfg.centre_weight if infer_cfg.kmeans_centre_weight is None else infer_cfg.kmeans_centre_weight
+        return cluster_all(votes, infer_cfg.min_votes, merge_mm / spacing_mm, tiles.loc_only, power)
     from vertstudy.infer.decoders import decode_sequence, tiles_containing
 
     prior = population_prior() if prior is None else prior

@@ -58,6 +58,15 @@ class Votes:
             return self.weights
         return self.weights * self.centre_depth() ** power
 
+    def at_least(self, probability: float | None) -> Votes:
+        """The votes whose weight (probability) is at least ``probability`` (``None``: all)."""
+        if probability is None:
+            return self
+        keep = self.weights >= probability
+        if keep.all():
+            return self
+        return Votes(self.classes[keep], self.points_zyx[keep], self.weights[keep], self.centre_depth()[keep])
+
     def of_class(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """``(points (M, 3), weights (M,))`` of class ``index``, in vote order."""
         keep = self.classes == index

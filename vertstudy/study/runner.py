@@ -392,6 +392,8 @@ DEFAULTS_FILE = "defaults.json"
 ADDED_FIELDS: dict[str, Any] = {
     "infer.tiles_per_crop": 2,  # tiles every half crop
     "infer.centre_weight": 0.0,  # centroids weighted by probability alone
+    "infer.kmeans_threshold": None,  # K-means with infer.threshold
+    "infer.kmeans_centre_weight": None,  # and infer.centre_weight
     "train.whole_ct_tiles_per_crop": 0,  # whole-CT validations tiled as infer.stride
 }
 
