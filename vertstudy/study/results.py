@@ -87,18 +87,18 @@ def read_trial(study_dir: str, trial_id: str) -> tuple[dict[str, Any], list[dict
     it. Where both hold an epoch, ``result.json``'s comes later and wins (:func:`split_results`).
     Only a checkpoint ``result.json`` names counts: one no result names may have been written by
     an attempt no driver heard from (a killed driver's trial still running for a moment)."""
-    params, results = read_trial_files(study_dir, trial_id)
+    fs, base = storage.resolve(experiment_dir(study_dir))
+    params, results = _trial_files(fs, base, trial_id)
     if not any(r.get("checkpoint_dir_name") for r in results):
         return params, results
-    fs, base = storage.resolve(experiment_dir(study_dir))
     return params, reported_at(fs, _latest_checkpoint(fs, storage.join(base, trial_id), results)) + results
 
 
-def read_trial_files(study_dir: str, trial_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(sampled params, ``result.json``'s results in report order) of one trial, as Ray stored them."""
+def _trial_files(fs, base: str, trial_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(sampled params, ``result.json``'s results in report order) of one trial, as Ray stored
+    them under the experiment folder ``base`` on the filesystem ``fs``."""
     import pyarrow.fs as pafs
 
-    fs, base = storage.resolve(experiment_dir(study_dir))
     tdir = storage.join(base, trial_id)
 
     def text(name: str) -> str:
@@ -190,13 +190,13 @@ def outcome(spec: StudySpec, study_dir: str, trial_id: str, ended_by: str, error
     from vertstudy.config import flat_config
     from vertstudy.study.space import trial_config
 
-    params, results = read_trial_files(study_dir, trial_id)
+    fs, base = storage.resolve(experiment_dir(study_dir))
+    params, results = _trial_files(fs, base, trial_id)
     if ended_by == "error" and not error:
         error = trial_error(study_dir, trial_id)
     if live:
         results = results + list(live)
         params = params or dict(live[-1].get("config") or {})
-    fs, base = storage.resolve(experiment_dir(study_dir))
     checkpoint = _latest_checkpoint(fs, storage.join(base, trial_id), results)  # the newest the driver heard of
     # the epochs that checkpoint holds come first, so a report missing from result.json (schema.REPORTED)
     # is still counted and one that is there wins
