@@ -30,6 +30,7 @@ from vertstudy.study.ordered import (
     trial_number,
     trial_seed,
 )
+from vertstudy.study.tables import read_table
 
 
 def test_stable_ids_name_the_study_and_the_number():
@@ -267,8 +268,7 @@ def run_and_kill(spec, ray_cluster, tmp_path, study_dir, ended: int = 2, also=No
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
-            trials = study_dir / "trials.parquet"
-            done = pq.read_table(trials).num_rows if trials.exists() else 0
+            done = read_table(str(study_dir), "trials").num_rows  # the driver replaces it as we read
             if done >= ended and (also is None or also(study_dir)):
                 break
             assert driver.poll() is None, driver.stdout.read().decode()

@@ -18,6 +18,7 @@ import yaml
 
 from tests.study.conftest import tiny_study
 from vertstudy.cli import main
+from vertstudy.study.tables import read_table
 
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
 
@@ -105,8 +106,7 @@ def test_driver_killed_mid_study_then_resumed(ray_cluster, storage, tmp_path):
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            trials = study_dir / "trials.parquet"
-            if trials.exists() and pq.read_table(trials).num_rows >= 1:
+            if read_table(str(study_dir), "trials").num_rows >= 1:  # the driver replaces it as we read
                 break
             assert driver.poll() is None, driver.stdout.read().decode()
             time.sleep(0.5)

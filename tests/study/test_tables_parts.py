@@ -142,6 +142,46 @@ def test_read_table_while_the_study_runs_reads_the_parts(tmp_path):
     assert pq.read_table(Path(study) / "epochs.parquet").equals(expected["epochs"])
 
 
+WRITER = """
+import sys, time
+from vertstudy.study.tables import add_trials, read_table
+sys.path.insert(0, sys.argv[2])
+from test_tables_parts import META, outcome
+study, end = sys.argv[1], time.time() + float(sys.argv[3])
+n = 0
+while time.time() < end:  # trials.parquet replaced again and again, its size changing each time
+    n += 1
+    add_trials(study, "s", [outcome(n % 7)], META, drop={f"t{k:03d}" for k in range(n % 7 + 1, 7)})
+print(n)
+"""
+
+
+def test_a_table_replaced_while_it_is_read_is_read_whole(tmp_path):
+    """Another process (the study's driver) replaces ``trials.parquet`` over and over while this
+    one reads it (``study status``, a test polling a running study): every read gets a whole
+    table, old or new. (pyarrow's ``pq.read_table(path)`` took the size of one file and the
+    bytes of the next: CI once failed on "Page was smaller (7) than expected (12)".)"""
+    import subprocess
+    import sys
+    import time
+
+    study = fresh_study(tmp_path / "s")
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, study, str(Path(__file__).parent), "6"],
+                              stdout=subprocess.PIPE, text=True)
+    reads, sizes = 0, set()
+    try:
+        while not any((Path(study) / PARTS / "epochs").glob("*.parquet")):
+            time.sleep(0.05)
+        end = time.time() + 4
+        while time.time() < end:
+            sizes.add(read_table(study, "trials").num_rows)
+            reads += 1
+    finally:
+        out, _ = writer.communicate(timeout=60)
+    assert writer.returncode == 0
+    assert int(out) > 20 and reads > 100 and len(sizes) > 2  # the file did change under the reads
+
+
 def test_a_part_written_after_a_compaction_replaces_the_trials_rows(tmp_path):
     """Resume after a compaction: an errored trial retried and completed replaces its rows,
     a new trial adds its own, and a trial dropped at compaction leaves every table."""

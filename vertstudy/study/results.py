@@ -232,14 +232,13 @@ def held_out_rows_at(fs, checkpoint: str | None) -> list[dict[str, Any]]:
     """The held-out rows a trial wrote beside its final report (:data:`schema.HELD_OUT` in the
     checkpoint folder ``checkpoint``, a path on the study storage's filesystem ``fs``); none if absent."""
     import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
 
     if not checkpoint:
         return []
     path = storage.join(checkpoint, HELD_OUT)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return []
-    table = pq.read_table(path, filesystem=fs)
+    table = storage.read_parquet(fs, path)
     return [{k: v for k, v in row.items() if k not in ("study", "trial_id")} for row in table.to_pylist()]
 
 

@@ -39,7 +39,7 @@ from vertstudy.study.schema import (
     trial_row,
     vertebra_rows,
 )
-from vertstudy.study.storage import join, resolve, uri_join, write_atomic
+from vertstudy.study.storage import join, read_parquet, resolve, uri_join, write_atomic
 
 REFRESHED = ("trials", "epochs", "vertebrae")  # grow whenever a trial ends
 PART_SUFFIX = ".parquet"
@@ -177,7 +177,7 @@ def _trial_ids(fs, base: str) -> set[str]:
     path = join(base, "trials.parquet")
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return set()
-    return set(pq.read_table(path, columns=["trial_id"], filesystem=fs)["trial_id"].to_pylist())
+    return set(read_parquet(fs, path, columns=["trial_id"])["trial_id"].to_pylist())
 
 
 def add_trials(study_dir: str, study: str, outcomes: Iterable[TrialOutcome], meta: dict[str, Any],
@@ -198,20 +198,15 @@ def add_trials(study_dir: str, study: str, outcomes: Iterable[TrialOutcome], met
     write_table(study_dir, "trials", _by_trial(merge_tables([old, *fresh], "trials")))
 
 
-def _read_part(fs, path: str) -> pa.Table:
-    with fs.open_input_file(path) as f:  # a file's reader alone: pq.read_table sets up a dataset each time
-        return pq.ParquetFile(f).read(use_threads=False)
-
-
 def _read_parts(fs, paths: list[str]) -> list[pa.Table]:
     """The tables of ``paths``, in order; read on a few threads (a part is small: the time of a
     read is mostly opening it, and on an object store, waiting for it)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if len(paths) < 4:
-        return [_read_part(fs, p) for p in paths]
+        return [read_parquet(fs, p) for p in paths]
     with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
-        return list(pool.map(lambda p: _read_part(fs, p), paths))
+        return list(pool.map(lambda p: read_parquet(fs, p), paths))
 
 
 def read_table(study_dir: str, name: str) -> pa.Table:
@@ -223,7 +218,7 @@ def read_table(study_dir: str, name: str) -> pa.Table:
     path = join(base, f"{name}.parquet")
     parts = list_parts(study_dir, name) if name in PARTED else {}
     exists = fs.get_file_info(path).type != pafs.FileType.NotFound
-    table = pq.read_table(path, filesystem=fs) if exists else None
+    table = read_parquet(fs, path) if exists else None
     if not parts:
         return table if table is not None else to_table([])
     ended = _trial_ids(fs, base)
