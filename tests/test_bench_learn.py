@@ -100,13 +100,25 @@ def test_whole_ct_validation_is_timed_and_can_be_turned_off(runs) -> None:
 
 
 def test_resumed_run_records_the_epochs_it_evaluated(tmp_path) -> None:
-    """A time budget trains 1 epoch, then resumes to ``max_epochs`` (here 4): with every 3rd,
-    epochs 1 (end of the first run), 3 and 4 (the resumed run's last) are evaluated, 2 is not."""
-    figures = bench_learn(**TINY, minutes=60.0, max_epochs=4, whole_ct_every=3, workdir=tmp_path)
-    assert figures["epochs"] == 4 and figures["whole_ct_validations"] == 3
-    assert [p[0] for p in figures["val_ct_curve"]] == [1, 3, 4]
+    """A time budget trains 2 epochs (the pace is the second's: the first carries the warm-up),
+    then resumes to ``max_epochs`` (here 5): with every 3rd, epochs 1, 2 (the end of the first
+    run), 3 and 5 (the resumed run's last) are evaluated, 4 is not."""
+    figures = bench_learn(**TINY, minutes=60.0, max_epochs=5, whole_ct_every=3, workdir=tmp_path)
+    assert figures["epochs"] == 5 and figures["whole_ct_validations"] == 4
+    assert [p[0] for p in figures["val_ct_curve"]] == [1, 2, 3, 5]
     minutes = [p[1] for p in figures["val_ct_curve"]]
     assert minutes == sorted(minutes) and minutes[-1] == pytest.approx(figures["epochs_s"] / 60, abs=1e-3)
+
+
+def test_a_cosine_schedule_is_sized_from_its_first_epoch() -> None:
+    """Cosine rates depend on the number of epochs, so a time budget fixes it after 1 epoch;
+    the other schedules are sized after 2."""
+    from vertstudy.bench.learn import learn_config, warm_epochs
+
+    def cfg(kind):
+        return learn_config(0.125, (16, 16, 16), 8.0, 1e-3, 0, 0, {"train.schedule.kind": kind}, 0)
+
+    assert [warm_epochs(cfg(k)) for k in ("plateau", "step", "cosine")] == [2, 2, 1]
 
 
 def test_whole_ct_validation_does_not_change_what_is_trained(tmp_path) -> None:
