@@ -110,6 +110,17 @@ def test_resumed_run_records_the_epochs_it_evaluated(tmp_path) -> None:
     assert minutes == sorted(minutes) and minutes[-1] == pytest.approx(figures["epochs_s"] / 60, abs=1e-3)
 
 
+def test_a_budget_sized_from_a_slow_second_epoch_is_topped_up() -> None:
+    """The pace after the warm epochs is their mean: 30 minutes sized from a 5 s second epoch
+    (360 epochs) that then ran at 4 s left 6 minutes, 90 epochs more; nothing once under 2 % is left."""
+    from vertstudy.bench.learn import top_up
+
+    history = [{"wall_s": 7.0}, {"wall_s": 5.0}] + [{"wall_s": 4.0}] * 358  # 1,444 s of 1,800
+    assert top_up(history, 30.0, 2) == 89  # 356 s left at 4.0 s
+    assert top_up(history + [{"wall_s": 4.0}] * 89, 30.0, 2) == 0  # 0 s left: done
+    assert top_up([{"wall_s": 7.0}, {"wall_s": 5.0}], 30.0, 2) == 0  # no paced epoch yet
+
+
 def test_a_cosine_schedule_is_sized_from_its_first_epoch() -> None:
     """Cosine rates depend on the number of epochs, so a time budget fixes it after 1 epoch;
     the other schedules are sized after 2."""
