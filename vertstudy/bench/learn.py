@@ -130,6 +130,11 @@ def warm_epochs(cfg: Config) -> int:
     return 1 if cfg.train.schedule.kind == "cosine" else 2
 
 
+def _with_epochs(cfg: Config, epochs: int) -> Config:
+    """``cfg`` with ``train.epochs`` set to ``epochs``."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+
+
 def _train_for(cfg: Config, train: list, val: list, out: Path, minutes: float | None, max_epochs: int,
                progress: bool, crops: int | None = None, whole_ct: TimedWholeCT | None = None):
     """Train :func:`warm_epochs`, then resume up to the epochs that fit ``minutes`` of training
@@ -145,18 +150,16 @@ def _train_for(cfg: Config, train: list, val: list, out: Path, minutes: float | 
     if crops is not None:
         per_epoch = len(train) * cfg.data.crop.crops_per_case
         epochs = max(1, math.ceil(crops / per_epoch))
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
-        return run(cfg, train, val, out, **kw), time.perf_counter() - t0
+        return run(_with_epochs(cfg, epochs), train, val, out, **kw), time.perf_counter() - t0
     warm = warm_epochs(cfg)
-    first = run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": warm})}), train, val, out, **kw)
+    first = run(_with_epochs(cfg, warm), train, val, out, **kw)
     if first.status != "completed":
         return first, time.perf_counter() - t0
     per_epoch = first.history[-1]["wall_s"]  # training + crop validation, without whole CTs, set-up, checkpoints
     epochs = int(min(max_epochs, max(warm + 1, math.floor(minutes * 60.0 / per_epoch))))
     result = first
     for _ in range(1 + TOP_UPS):
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
-        result = run(cfg, train, val, out, resume=result.last_checkpoint, **kw)
+        result = run(_with_epochs(cfg, epochs), train, val, out, resume=result.last_checkpoint, **kw)
         more = top_up(result.history, minutes, warm) if warm > 1 and result.status == "completed" else 0
         if more < 1 or epochs >= max_epochs:
             break
