@@ -18,10 +18,18 @@ import numpy as np
 import pytest
 import torch
 
-from vertstudy.bench.learn import bench_learn, format_table, minutes_to_rate, whole_ct_curve
+from vertstudy.bench.learn import (
+    bench_learn,
+    format_table,
+    minutes_to_rate,
+    plot_learning,
+    read_learn_figures,
+    whole_ct_curve,
+)
 from vertstudy.checkpoint import load_checkpoint
 from vertstudy.cli import main
 from vertstudy.data.cache import load_entry
+from vertstudy.errors import InputError
 
 TINY = {"train_cases": 3, "val_cases": 1, "test_cases": 1, "width": 0.125, "crop_size": (16, 16, 16),
         "spacing_mm": 8.0, "progress": False, "overrides": {"model.lstm_hidden": 8}}
@@ -54,7 +62,7 @@ def runs(tmp_path_factory) -> dict:
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf):
                 code = main(["bench", "learn", *TINY_CLI, "--crops", "8", "--phantom-seed", str(phantom_seed),
-                             "--seed", str(seed), "--workdir", str(work), "--json"])
+                             "--seed", str(seed), "--workdir", str(work), "--json", "--plot", str(work / "curve.png")])
             assert code == 0
             figures = json.loads(buf.getvalue().strip().splitlines()[-1])
         else:
@@ -178,6 +186,7 @@ def test_minutes_to_85_is_none_when_never_reached() -> None:
         (("--test-cases", "0"), "--test-cases"),
         (("--val-cases", "3"), "--val-cases"),
         (("--whole-ct-every", "0", "--set", "train.select_on=val_ct"), "--whole-ct-every"),
+        (("--plot", "curves.txt"), "--plot"),
     ],
 )
 def test_cli_rejects_bad_values_in_one_line(args, option, tmp_path) -> None:
@@ -188,6 +197,63 @@ def test_cli_rejects_bad_values_in_one_line(args, option, tmp_path) -> None:
     assert len(error_lines) == 1 and option in error_lines[0], run.stderr
     assert args[1] in error_lines[0]
     assert not (tmp_path / "w").exists()
+
+
+def test_plot_draws_the_run_and_saved_runs_together(runs, tmp_path) -> None:
+    """--plot writes this run's whole-CT validation curve; `bench plot` draws saved runs together."""
+    import matplotlib.image
+
+    figures = runs["p1t0"]["figures"]
+    own = Path(figures["plot"])
+    assert own.name == "curve.png" and not list(own.parent.glob(".curve.png*"))  # no temporary left
+    image = matplotlib.image.imread(own)
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
+    # the same run drawn again: the same bytes (the figures are byte-reproducible)
+    assert plot_learning(tmp_path / "again.png", [figures]).read_bytes() == own.read_bytes()
+    saved = []
+    for name in ("p0t0", "p1t0"):  # as a user saves them: a BOM, CRLF and a blank line
+        saved.append(tmp_path / f"{name}.json")
+        saved[-1].write_bytes(b"\xef\xbb\xbf" + json.dumps(runs[name]["figures"]).encode() + b"\r\n\r\n")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["bench", "plot", *map(str, saved), "--out", str(tmp_path / "both.png")]) == 0
+    both = matplotlib.image.imread(tmp_path / "both.png")
+    assert buf.getvalue().strip() == str(tmp_path / "both.png")
+    assert both.shape == image.shape and not np.array_equal(both, image)  # the other run's line is drawn
+
+
+@pytest.mark.parametrize("args, words", [
+    (("missing.json", "--out", "c.png"), ["missing.json", "no such file"]),
+    (("log.txt", "--out", "c.png"), ["log.txt", "val_ct_curve"]),
+    (("log.txt", "--out", "c.svg"), ["--out", "c.svg", ".png"]),
+])
+def test_bench_plot_refuses_bad_input_in_one_line(args, words, tmp_path) -> None:
+    (tmp_path / "log.txt").write_text("epoch 1 loss 3.2\n", encoding="utf-8")
+    run = subprocess.run([sys.executable, "-m", "vertstudy.cli", "bench", "plot", *args], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    [line] = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert all(w in line for w in words), line
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".c.*"))
+
+
+def test_earlier_runs_are_read_from_what_json_printed(tmp_path) -> None:
+    good = {"train_seed": 1, "val_ct_curve": [[1, 0.1, 0.25], [5, 0.5, 0.9]]}
+    log = tmp_path / "log.txt"
+    log.write_text("training...\r\n\r\n" + json.dumps(good) + "\r\n\r\n", encoding="utf-8-sig")
+    assert read_learn_figures(log) == good
+    for name, text, problem in (("none.json", None, "no such file"),
+                                ("empty.json", "", "val_ct_curve"),
+                                ("table.txt", "epoch  train min\n1  0.1", "val_ct_curve"),
+                                ("other.json", json.dumps({"trials": 3}), "val_ct_curve"),
+                                ("cut.json", json.dumps(good)[:-8], "val_ct_curve"),
+                                ("bad-point.json", json.dumps({"val_ct_curve": [[1, "x", 0.2]]}), "val_ct_curve")):
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text, encoding="utf-8")
+        with pytest.raises(InputError, match=problem) as err:
+            read_learn_figures(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_best_pt_is_chosen_on_whole_ct_validation_when_it_runs(runs) -> None:

@@ -158,12 +158,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_diagnose(args: argparse.Namespace) -> int:
     import tempfile
 
-    from vertstudy.infer.diagnose import diagnose_checkpoint, format_decomposition
+    from vertstudy.infer.diagnose import diagnose_checkpoint, format_decomposition, format_sweep
 
+    sweep = _sweep_grid(args.sweep) if args.sweep else None
     cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="vertstudy-diagnose-"))
     try:
         figures = diagnose_checkpoint(Path(args.checkpoint), Path(args.data), cache, fmt=args.format,
-                                      device=args.device, near_mm=args.near_mm, progress=not args.json)
+                                      device=args.device, near_mm=args.near_mm, progress=not args.json, sweep=sweep)
     finally:
         if not args.cache:
             import shutil
@@ -173,8 +174,29 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         print(json.dumps(figures))
     else:
         print(f"{figures['checkpoint']}: {figures['cases']} cases, {figures['vertebrae']} vertebrae\n")
-        print(format_decomposition(figures))
+        print(format_sweep(figures["sweep"]) if sweep is not None else format_decomposition(figures))
     return 0
+
+
+def _sweep_grid(items: list[str]) -> dict[str, list]:
+    """``["infer.kmeans_threshold=0.5,0.9", "infer.decoder=kmeans"]`` -> ``{field: [values]}``,
+    each value YAML-parsed (``null`` is None); a field given twice is refused."""
+    import yaml
+
+    grid: dict[str, list] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not values.strip():
+            raise ConfigError(f"--sweep {item!r}: expected FIELD=V1,V2,..., e.g. --sweep "
+                              "infer.kmeans_threshold=0.5,0.9")
+        if key in grid:
+            raise ConfigError(f"--sweep {key}: given twice; list all its values once, separated by commas")
+        try:
+            grid[key] = [yaml.safe_load(v.strip()) for v in values.split(",")]
+        except yaml.YAMLError:
+            raise ConfigError(f"--sweep {item!r}: a value is not valid YAML") from None
+    return grid
 
 
 def _add_predict_command(top: argparse._SubParsersAction) -> None:
@@ -209,6 +231,13 @@ def _add_diagnose_command(top: argparse._SubParsersAction) -> None:
     p.add_argument("--near-mm", type=_positive_float, default=40.0,
                    help="a tile is near the spine when its centre is this close to it (default 40)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default auto)")
+    p.add_argument("--sweep", action="append", metavar="FIELD=V1,V2,...",
+                   help="instead of the decomposition, label the cases with every combination of these inference "
+                        "fields (decoder, threshold, min_votes, centre_weight, kmeans_threshold, "
+                        "kmeans_centre_weight, seq_*; the network runs once per case) and rank them by id rate; "
+                        "repeatable, e.g. --sweep infer.kmeans_threshold=0.5,0.7,0.9 --sweep "
+                        "infer.kmeans_centre_weight=0,1,8. Sweep on training or validation CTs, not on the cases "
+                        "you report")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.set_defaults(func=cmd_diagnose)
 
@@ -699,17 +728,45 @@ def _learn_arguments(p: argparse.ArgumentParser) -> None:
                         "and to choose best.pt (default 5; 0: never, and best.pt by the validation crop loss)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="a config field for this run, e.g. --set loss.map_reg=none (repeatable)")
+    p.add_argument("--plot", metavar="PNG",
+                   help="draw the whole-CT validation curve (id rate against training minutes) into this PNG "
+                        "(`vertstudy bench plot` draws several saved runs together)")
+
+
+def _png_to_write(option: str, name: str) -> Path:
+    """``name`` as the PNG an option names, checked before any work: ends in .png, in a folder
+    this user can write to (created when missing). ``ConfigError`` naming the option otherwise."""
+    if not name.lower().endswith(".png"):
+        raise ConfigError(f"{option} {name!r}: expected a file name ending in .png")
+    folder = next(p for p in Path(name).resolve().parents if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ConfigError(f"{option} {name!r}: {folder} is not a folder this user can write to")
+    return Path(name)
 
 
 def _run_learn(args: argparse.Namespace, workdir: Path | None, progress: bool) -> dict:
-    from vertstudy.bench.learn import bench_learn
+    from vertstudy.bench.learn import bench_learn, plot_learning
 
-    return bench_learn(
+    plot = _png_to_write("bench learn: --plot", args.plot) if args.plot is not None else None
+    figures = bench_learn(
         train_cases=args.train_cases, val_cases=args.val_cases, test_cases=args.test_cases, minutes=args.minutes,
         width=args.width, crop_size=tuple(args.crop), spacing_mm=args.spacing_mm, lr=args.lr,
         phantom_seed=args.phantom_seed, seed=args.seed, workdir=workdir, progress=progress, crops=args.crops,
         overrides=_overrides(args.set), whole_ct_every=args.whole_ct_every,
     )
+    if plot is not None:
+        figures["plot"] = str(plot_learning(plot, [figures]))
+    return figures
+
+
+def cmd_bench_plot(args: argparse.Namespace) -> int:
+    """``vertstudy bench plot``: the whole-CT validation curves of saved ``bench learn --json`` runs."""
+    from vertstudy.bench.learn import plot_learning, read_learn_figures
+
+    out = _png_to_write("bench plot: --out", args.out)
+    runs = [read_learn_figures(Path(name)) for name in args.runs]
+    print(plot_learning(out, runs))
+    return 0
 
 
 def _overrides(items: list[str] | None) -> dict:
@@ -872,6 +929,14 @@ def _add_bench_commands(top: argparse._SubParsersAction) -> None:
         p.add_argument("--workdir", help=b.workdir_help)
         p.add_argument("--json", action="store_true", help="print one JSON object of the figures")
         p.set_defaults(func=functools.partial(cmd_bench, b))
+    p = bench_sub.add_parser(
+        "plot", help="draw saved bench learn runs' whole-CT validation curves together",
+        description="Draw the whole-CT validation curves (identification rate against training minutes, 85 %% "
+                    "marked) of `vertstudy bench learn` runs whose --json output was saved, one line per run, into "
+                    "one PNG. A file may hold a log that ends with the JSON line.")
+    p.add_argument("runs", nargs="+", metavar="RUN_JSON", help="what `vertstudy bench learn --json` printed")
+    p.add_argument("--out", required=True, metavar="PNG", help="the PNG to write (replaced whole)")
+    p.set_defaults(func=cmd_bench_plot)
 
 
 # -- parser --------------------------------------------------------------------------------

@@ -251,7 +251,8 @@ class InferConfig(StrictModel):
         0.9, gt=0, lt=1,
         description="K-means decoder: class probability a vote needs (votes below infer.threshold are never cast, "
         "so the higher of the two applies); null: infer.threshold (0.5, the paper's). Chosen on the 24 training "
-        "and validation phantoms of two bench learn checkpoints, their 12 held-out phantoms labelled once: "
+        "and validation phantoms of two bench learn checkpoints (`vertstudy diagnose --sweep`), their 12 held-out "
+        "phantoms labelled once: "
         "68.5 -> 81.5 % and 65.0 -> 77.2 % with kmeans_centre_weight 8",
     )
     kmeans_centre_weight: float | None = Field(

@@ -36,10 +36,14 @@ K-means beside it) with ``best.pt``, and scored with
 (``zyx_vox * spacing_mm``; the mapping to the scanner's space is a rigid one per case, so the
 distances are the same). Baseline: every class present in a held-out case is predicted at
 that class's mean canonical position (mm) over the training pool's cases that contain it.
+
+``--plot`` draws the whole-CT validation curve into a PNG (:func:`plot_learning`), and ``vertstudy
+bench plot`` draws the curves of saved ``--json`` outputs together (:func:`read_learn_figures`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -51,7 +55,7 @@ import torch
 from vertstudy.bench import format_figures, prepared_phantoms, work_folder
 from vertstudy.config import Config
 from vertstudy.data.cache import CachedCase
-from vertstudy.errors import VertstudyError
+from vertstudy.errors import InputError, VertstudyError
 from vertstudy.infer.evaluate import baseline_case_rows, checkpoint_case_rows
 
 
@@ -367,6 +371,42 @@ def _figures(cfg: Config, result, train_s: float, n_train: int, n_val: int, n_te
         "minutes_to_85": minutes_to_rate(curve),
         "val_ct_curve": [[p["epoch"], round(p["train_min"], 3), round(p["val_ct_id_rate"], 4)] for p in curve],
     }
+
+
+def read_learn_figures(path: Path) -> dict:
+    """The figures an earlier run printed with ``bench learn --json`` into ``path`` (UTF-8, a BOM,
+    CRLF and blank lines accepted; the last JSON line counts, so a log that ends with it will do).
+    Raises ``InputError`` naming the file when it is missing or holds no run's
+    ``val_ct_curve``."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(path, "no such file (expected what `vertstudy bench learn --json` printed)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"cannot be read as UTF-8 text ({exc.__class__.__name__})") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    try:
+        figures = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        figures = None
+    curve = figures.get("val_ct_curve") if isinstance(figures, dict) else None
+    if not isinstance(curve, list) or not all(
+        isinstance(p, list) and len(p) == 3 and all(isinstance(v, (int, float)) for v in p) for p in curve
+    ):
+        raise InputError(path, "is not what `vertstudy bench learn --json` prints: its last line must be one JSON "
+                               "object with val_ct_curve, a list of [epoch, training minutes, id rate]")
+    return figures
+
+
+def plot_learning(path: Path, runs: list[dict]) -> Path:
+    """Draw the runs' whole-CT validation curves (:func:`vertstudy.report.figures.learning`) into
+    the PNG ``path``, written whole or not at all; returns ``path``."""
+    from vertstudy.atomic import atomic_path
+    from vertstudy.report.figures import learning
+
+    with atomic_path(path, suffix=".png") as tmp:
+        learning(tmp, runs, TARGET_ID_RATE)
+    return path
 
 
 def format_table(figures: dict) -> str:

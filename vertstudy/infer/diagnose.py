@@ -22,10 +22,18 @@ centre on the same crops (what the network must beat).
 
 Figures are flat: ``{variant}_{decoder}_{id_rate | loc_error_mm | false_per_case}``,
 ``{variant}_tiles_per_case``, and the ``crop_*`` figures.
+
+The decoder sweep (:func:`sweep_decoders`, ``vertstudy diagnose --sweep``) reuses the same
+single network pass per case to label the cases under every combination of the inference
+fields that act after the network (:data:`SWEEP_FIELDS`: vote threshold, decoder, K-means vote
+threshold and centre weight, the sequence decoder's radius, score and spacing weight): how the
+K-means setting ``infer.kmeans_threshold`` 0.9 / ``kmeans_centre_weight`` 8 was chosen, on
+training and validation phantoms, never on the held-out ones.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,9 +41,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vertstudy.config import Config
+from vertstudy.config import Config, InferConfig
 from vertstudy.data.cache import CachedCase
 from vertstudy.data.crops import crop_targets, extract_crop, spine_curve, validation_origins
+from vertstudy.errors import ConfigError
 from vertstudy.infer.evaluate import truth_mm
 from vertstudy.train.metrics import match_case, summarize
 
@@ -226,29 +235,134 @@ def format_decomposition(figures: dict, decoders: Sequence[str] = DECODERS, pref
     return "\n".join(lines)
 
 
-def diagnose_checkpoint(checkpoint, data_dir, cache_dir, fmt: str = "auto", device: str = "auto",
-                        near_mm: float = NEAR_MM, progress: bool = False) -> dict:
-    """``vertstudy diagnose``: prepare the cases under ``data_dir`` (with landmarks) into
-    ``cache_dir`` at the checkpoint's preprocessing, then :func:`diagnose` them.
+#: the inference fields a decoder sweep varies: they act on the network's outputs (votes and
+#: decoding), so one pass of the network over a case serves every combination
+SWEEP_FIELDS = ("decoder", "threshold", "min_votes", "centre_weight", "kmeans_threshold", "kmeans_centre_weight",
+                "seq_radius_mm", "seq_min_score", "seq_pair_weight")
+#: the most combinations one sweep decodes
+MAX_SWEEP = 1000
 
-    Returns the figures plus ``checkpoint``, ``cases`` and ``vertebrae``. Raises ``InputError``
-    naming the checkpoint or the folder when either is unusable or no case has landmarks.
-    """
+
+def sweep_configs(infer: InferConfig, grid: dict[str, Sequence]) -> list[tuple[dict, InferConfig]]:
+    """Every combination of ``grid`` (field of :data:`SWEEP_FIELDS`, with or without ``infer.``,
+    -> values) as ``(combination, infer with it)``, in the grid's order. Raises ``ConfigError``
+    naming the field and value that is not accepted, or a grid of more than :data:`MAX_SWEEP`."""
+    from vertstudy.config import validated
+
+    fields = {}
+    for key, values in grid.items():
+        name = key.removeprefix("infer.")
+        if name not in SWEEP_FIELDS:
+            raise ConfigError(f"--sweep {key}: a sweep varies only inference fields that act after the network (one "
+                              f"pass of it serves every combination); accepted: "
+                              f"{', '.join('infer.' + f for f in SWEEP_FIELDS)}")
+        if not values:
+            raise ConfigError(f"--sweep {key}: no value given; e.g. --sweep infer.{name}=A,B,C")
+        fields[name] = list(values)
+    combos = [dict(zip(fields, vals)) for vals in itertools.product(*fields.values())]
+    if len(combos) > MAX_SWEEP:
+        raise ConfigError(f"--sweep: {len(combos)} combinations; at most {MAX_SWEEP} (fewer values per field)")
+    base = infer.model_dump()
+    return [(c, validated(InferConfig, "--sweep", **{**base, **c})) for c in combos]
+
+
+def sweep_decoders(model: torch.nn.Module, cfg: Config, cases: list[CachedCase], grid: dict[str, Sequence],
+                   prior=None, progress: bool = False) -> list[dict]:
+    """Label ``cases`` whole once per combination of inference fields in ``grid`` (see
+    :func:`sweep_configs`; the rest as in ``cfg.infer``), the network run once per case, and
+    score each in canonical mm (:func:`vertstudy.train.metrics.match_case`). Returns one row per
+    combination: its fields (``infer.`` names), ``id_rate`` (0-1), ``loc_error_mm``,
+    ``false_per_case`` and ``as_configured`` (the combination is the checkpoint's own
+    setting), best first (highest id rate, then lowest error). Choose on cases the figures you
+    report never saw (training or validation CTs), as an issue would choose a hyperparameter."""
+    from vertstudy.infer.decoders import decode_votes
+    from vertstudy.infer.tiling import run_network, tile_origins
+    from vertstudy.infer.votes import tile_votes
+    from vertstudy.progress import progress_counter
+
+    configs = sweep_configs(cfg.infer, grid)
+    crop = tuple(int(c) for c in cfg.data.crop.crop_size)
+    rows: list[list] = [[] for _ in configs]
+    with progress_counter(progress, len(cases), f"decoding {len(configs)} ways") as advance:
+        for case in cases:
+            spacing = case.geometry.spacing_mm
+            volume = np.asarray(case.volume(mmap=False), dtype=np.float32)
+            origins = tile_origins(volume.shape, crop, cfg.infer.stride)
+            body = cfg.infer.body_fraction if cfg.infer.skip_empty_tiles else None
+            tiles = run_network(model, volume, case.pad_value, crop, origins, cfg.infer.batch_size, body)
+            truth = truth_mm(case)
+            votes_at: dict[float, object] = {}
+            for i, (_, infer) in enumerate(configs):
+                if infer.threshold not in votes_at:
+                    votes_at[infer.threshold] = tile_votes(tiles, crop, infer.threshold, volume.shape)
+                classes = decode_votes(votes_at[infer.threshold], tiles, crop, infer, spacing, prior)
+                rows[i].extend(match_case({k: r.centre_zyx * spacing for k, r in classes.items()}, truth))
+            advance()
+    n = max(len(cases), 1)
+    out = []
+    for (combo, _), rs in zip(configs, rows):
+        s = summarize(rs)
+        own = all(getattr(cfg.infer, k) == v for k, v in combo.items())
+        out.append({**{f"infer.{k}": v for k, v in combo.items()}, "id_rate": float(s["id_rate"]),
+                    "loc_error_mm": float(s["loc_error_mm_mean"]), "false_per_case": float(s["n_false"]) / n,
+                    "as_configured": own})
+    return sorted(out, key=lambda r: (-np.nan_to_num(r["id_rate"], nan=-1.0), np.nan_to_num(r["loc_error_mm"],
+                                                                                               nan=np.inf)))
+
+
+def format_sweep(rows: list[dict]) -> str:
+    """The sweep's rows as a Markdown table, best first; ``*`` marks the checkpoint's own setting."""
+    fields = [k for k in rows[0] if k.startswith("infer.")] if rows else []
+    lines = ["| " + " | ".join([*fields, "id rate", "mean error", "false / case", ""]) + " |",
+             "|---" * (len(fields) + 4) + "|"]
+    for r in rows:
+        cells = [("null" if r[f] is None else f"{r[f]:g}" if isinstance(r[f], float) else str(r[f])) for f in fields]
+        cells += [f"{100 * r['id_rate']:.1f} %", f"{r['loc_error_mm']:.2f} mm", f"{r['false_per_case']:.2f}",
+                  "* as configured" if r["as_configured"] else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def prepared_cases(cfg: Config, data_dir, cache_dir, fmt: str = "auto", progress: bool = False) -> list[CachedCase]:
+    """The cases under ``data_dir`` that have landmarks, prepared into ``cache_dir`` at the
+    preprocessing of ``cfg`` (a checkpoint's), by case id. Raises ``InputError`` naming the folder
+    when it is not one or no case has landmarks."""
     from pathlib import Path
 
     from vertstudy.data.prepare import prepare_dataset
     from vertstudy.errors import InputError
-    from vertstudy.model.load import load_checkpoint_model
-    from vertstudy.model.prior import load_spine_prior
 
-    checkpoint, data_dir = Path(checkpoint), Path(data_dir)
-    model, cfg = load_checkpoint_model(checkpoint, device)
+    data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise InputError(data_dir, "not a folder; expected a folder of CTs with landmark files")
     result = prepare_dataset(data_dir, Path(cache_dir), fmt=fmt, prep=cfg.data.prep, progress=progress)
     cases = [c for c in sorted(result.cases, key=lambda c: c.case_id) if len(c.indices)]
     if not cases:
-        raise InputError(data_dir, "no case with landmarks; the decomposition needs the true centroids")
-    figures = diagnose(model, cfg, cases, load_spine_prior(checkpoint), near_mm=near_mm)
-    return {"checkpoint": str(checkpoint), "cases": len(cases),
-            "vertebrae": int(sum(len(c.indices) for c in cases)), **figures}
+        raise InputError(data_dir, "no case with landmarks; scoring needs the true centroids")
+    return cases
+
+
+def diagnose_checkpoint(checkpoint, data_dir, cache_dir, fmt: str = "auto", device: str = "auto",
+                        near_mm: float = NEAR_MM, progress: bool = False, sweep: dict | None = None) -> dict:
+    """``vertstudy diagnose``: prepare the cases under ``data_dir`` (with landmarks) into
+    ``cache_dir`` at the checkpoint's preprocessing (:func:`prepared_cases`), then
+    :func:`diagnose` them, or with ``sweep`` (field -> values) :func:`sweep_decoders` instead.
+
+    Returns the figures (or ``sweep``: the sweep's rows) plus ``checkpoint``, ``cases`` and
+    ``vertebrae``. Raises ``InputError`` naming the checkpoint or the folder when either is
+    unusable, and ``ConfigError`` for a bad ``sweep`` before any case is prepared.
+    """
+    from pathlib import Path
+
+    from vertstudy.model.load import load_checkpoint_model
+    from vertstudy.model.prior import load_spine_prior
+
+    checkpoint = Path(checkpoint)
+    model, cfg = load_checkpoint_model(checkpoint, device)
+    if sweep is not None:
+        sweep_configs(cfg.infer, sweep)  # a bad field or value fails before the cases are prepared
+    cases = prepared_cases(cfg, data_dir, cache_dir, fmt, progress)
+    head = {"checkpoint": str(checkpoint), "cases": len(cases), "vertebrae": int(sum(len(c.indices) for c in cases))}
+    if sweep is not None:
+        return {**head, "sweep": sweep_decoders(model, cfg, cases, sweep, load_spine_prior(checkpoint), progress)}
+    return {**head, **diagnose(model, cfg, cases, load_spine_prior(checkpoint), near_mm=near_mm)}

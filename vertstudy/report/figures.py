@@ -351,3 +351,36 @@ def cost(path: Path, costs: list[dict]) -> Path:
         ax.set_title("best error reached against compute spent")
         ax.legend(loc="best", title="study")
         return _save(fig, path)
+
+
+def learning(path: Path, runs: list[dict], target: float = 0.85) -> Path:
+    """Whole-CT validation identification rate (%) against training minutes (the whole-CT
+    validations left out) of one or more ``vertstudy bench learn`` runs, one line each, with the
+    ``target`` rate dashed and each run's first minute at it marked. ``runs``: bench learn's
+    figures (``val_ct_curve``: ``[epoch, training minutes, id rate in 0-1]`` per evaluation;
+    ``train_seed``, ``phantom_seed``, ``config`` and the held-out ``test_id_rate`` /
+    ``test_loc_error_mm`` name the line when present)."""
+    with matplotlib.rc_context(STYLE):
+        fig = _figure(7.0, 4.2)
+        ax = fig.subplots()
+        for run in runs:
+            curve = np.asarray(run.get("val_ct_curve") or [], dtype=float).reshape(-1, 3)
+            label = f"train seed {run.get('train_seed', '?')}, phantom seed {run.get('phantom_seed', '?')}"
+            rate, error = run.get("test_id_rate"), run.get("test_loc_error_mm")
+            if isinstance(rate, (int, float)) and math.isfinite(rate):
+                label += f": held out {100 * rate:.1f} %"
+                label += f" / {error:.2f} mm" if isinstance(error, (int, float)) and math.isfinite(error) else ""
+            (line,) = ax.plot(curve[:, 1], 100 * curve[:, 2], marker="o", ms=2.5, lw=1.2, label=label)
+            reached = curve[curve[:, 2] >= target]
+            if len(reached):
+                ax.plot(reached[0, 1], 100 * reached[0, 2], marker="*", ms=11, color=line.get_color(), zorder=3)
+        ax.axhline(100 * target, ls="--", lw=1, color=BASELINE, label=f"{100 * target:.0f} % (star: first reached)")
+        ax.set_xlabel("training minutes (whole-CT validations left out)")
+        ax.set_ylabel("validation id. rate, whole CTs (%)")
+        ax.set_ylim(0, 100)
+        ax.set_xlim(left=0)
+        ax.legend(loc="lower right")
+        configs = sorted({str(r["config"]) for r in runs if r.get("config")})
+        title = "bench learn: whole-CT validation during training"
+        ax.set_title(title + (f"\n{configs[0]}" if len(configs) == 1 else ""))
+        return _save(fig, path)
