@@ -158,7 +158,7 @@ def diagnose_cases(
 ) -> Diagnosis:
     """:func:`diagnose` with the per-case rows of every decoder (see :class:`Diagnosis`)."""
     from vertstudy.infer.decoders import decode_votes
-    from vertstudy.infer.tiling import run_network, tile_origins
+    from vertstudy.infer.tiling import tile_volume
     from vertstudy.infer.votes import tile_votes
 
     crop = tuple(int(c) for c in cfg.data.crop.crop_size)
@@ -170,9 +170,7 @@ def diagnose_cases(
         spacing = case.geometry.spacing_mm
         volume = np.asarray(case.volume(mmap=False), dtype=np.float32)
         t0 = time.perf_counter()
-        origins = tile_origins(volume.shape, crop, cfg.infer.stride)
-        body = cfg.infer.body_fraction if cfg.infer.skip_empty_tiles else None
-        tiles = run_network(model, volume, case.pad_value, crop, origins, cfg.infer.batch_size, body)
+        tiles = tile_volume(model, volume, case.pad_value, crop, cfg.infer)
         infer_s += time.perf_counter() - t0
         near = near_tiles(case, tiles.origins, crop, near_mm)
         truth = truth_mm(case)
@@ -276,7 +274,7 @@ def sweep_decoders(model: torch.nn.Module, cfg: Config, cases: list[CachedCase],
     setting), best first (highest id rate, then lowest error). Choose on cases the figures you
     report never saw (training or validation CTs), as an issue would choose a hyperparameter."""
     from vertstudy.infer.decoders import decode_votes
-    from vertstudy.infer.tiling import run_network, tile_origins
+    from vertstudy.infer.tiling import tile_volume
     from vertstudy.infer.votes import tile_votes
     from vertstudy.progress import progress_counter
 
@@ -287,9 +285,7 @@ def sweep_decoders(model: torch.nn.Module, cfg: Config, cases: list[CachedCase],
         for case in cases:
             spacing = case.geometry.spacing_mm
             volume = np.asarray(case.volume(mmap=False), dtype=np.float32)
-            origins = tile_origins(volume.shape, crop, cfg.infer.stride)
-            body = cfg.infer.body_fraction if cfg.infer.skip_empty_tiles else None
-            tiles = run_network(model, volume, case.pad_value, crop, origins, cfg.infer.batch_size, body)
+            tiles = tile_volume(model, volume, case.pad_value, crop, cfg.infer)
             truth = truth_mm(case)
             votes_at: dict[float, object] = {}
             for i, (_, infer) in enumerate(configs):

@@ -141,3 +141,14 @@ def run_network(
     else:
         probs_arr = np.concatenate(probs) if probs else np.zeros((0, NUM_CLASSES))
     return TileOutputs(origins, coords_arr, probs_arr, skipped)
+
+
+def tile_volume(model: torch.nn.Module, volume: np.ndarray, pad_value: float, crop_size: Sequence[int],
+                infer_cfg) -> TileOutputs:
+    """Steps 1-2 of inference on one volume as ``infer_cfg`` (:class:`vertstudy.config.InferConfig`)
+    sets them: tiles at ``infer_cfg.stride`` (:func:`tile_origins`), those without body skipped
+    when ``skip_empty_tiles`` (below ``body_fraction``), the rest through :func:`run_network` in
+    batches of ``batch_size``. ``volume`` (Z, Y, X) float32 canonical, z-scored."""
+    origins = tile_origins(volume.shape, crop_size, infer_cfg.stride)
+    body = infer_cfg.body_fraction if infer_cfg.skip_empty_tiles else None
+    return run_network(model, volume, pad_value, crop_size, origins, infer_cfg.batch_size, body)

@@ -16,7 +16,7 @@ from vertstudy.config import Config, InferConfig
 from vertstudy.data.case import Case
 from vertstudy.data.preprocess import Geometry, Prepared, preprocess
 from vertstudy.infer.decoders import decode_votes
-from vertstudy.infer.tiling import run_network, tile_origins
+from vertstudy.infer.tiling import tile_volume
 from vertstudy.infer.votes import MERGE_MM, ClassResult, tile_votes
 
 #: the public entry points; the rest serve them and the other inference modules
@@ -51,9 +51,7 @@ def predict_volume_details(
     the model's training crop (z, y, x), each divisible by 8; the model runs on its own device.
     ``prior``: the checkpoint's :class:`~vertstudy.model.prior.SpinePrior` (sequence decoder).
     """
-    origins = tile_origins(volume.shape, crop_size, infer_cfg.stride)
-    body = infer_cfg.body_fraction if infer_cfg.skip_empty_tiles else None
-    tiles = run_network(model, volume, pad_value, crop_size, origins, infer_cfg.batch_size, body)
+    tiles = tile_volume(model, volume, pad_value, crop_size, infer_cfg)
     votes = tile_votes(tiles, crop_size, infer_cfg.threshold, volume.shape)
     classes = decode_votes(votes, tiles, crop_size, infer_cfg, spacing_mm, prior, merge_mm)
     return VolumeResult(classes=classes, tiles=len(tiles.origins), votes=len(votes), loc_only=tiles.loc_only,
